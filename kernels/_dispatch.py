@@ -1,0 +1,101 @@
+"""Choosing the implementation path of a kernel call.
+
+Every public kernel takes ``impl``: ``"triton"`` (fused Triton kernels), ``"torch"`` (a
+memory-frugal pure-PyTorch path, used on CPU and wherever Triton is missing) or
+``"reference"`` (the plain, obviously-correct specification). Precedence:
+
+1. an explicit ``impl`` other than ``"auto"`` wins;
+2. then the environment variable ``SONARLLM_KERNEL_IMPL``;
+3. then auto-detection: Triton for CUDA tensors; Triton for CPU tensors when the Triton
+   interpreter is on (``TRITON_INTERPRET=1``, which must be set before ``kernels`` is
+   imported); ``"torch"`` otherwise.
+
+An explicit request that cannot run raises; auto-detection never silently downgrades a CUDA
+tensor (it warns once if Triton cannot be imported there).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Literal
+
+import torch
+
+KernelImpl = Literal["auto", "triton", "torch", "reference"]
+IMPLS: tuple[str, ...] = ("auto", "triton", "torch", "reference")
+ENV_VAR = "SONARLLM_KERNEL_IMPL"
+
+
+def is_interpreter() -> bool:
+    """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_import_error() -> str | None:
+    """Why ``import triton`` fails here, or None when it works (cached)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def triton_available() -> bool:
+    """True when Triton can be imported."""
+    return triton_import_error() is None
+
+
+@functools.cache
+def _warn_no_triton_on_cuda(op: str) -> None:
+    warnings.warn(
+        f"{op}: CUDA tensors but Triton cannot be imported ({triton_import_error()}); "
+        "using the chunked PyTorch path. Install triton, or pass impl='torch' to silence this.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def check_impl_name(impl: str, source: str = "impl") -> None:
+    """Raise ValueError unless ``impl`` is one of IMPLS."""
+    if impl not in IMPLS:
+        raise ValueError(f"{source} must be one of {IMPLS}, got {impl!r}")
+
+
+def resolve_impl(impl: str, device: torch.device, op: str) -> str:
+    """Return the concrete path ("triton", "torch" or "reference") for a call on ``device``.
+
+    Args:
+        impl: the caller's request, one of IMPLS.
+        device: the device of the call's tensors.
+        op: the public operation name, used in messages.
+    """
+    check_impl_name(impl)
+    if impl == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env:
+            check_impl_name(env, source=f"environment variable {ENV_VAR}")
+            impl = env
+    if impl == "auto":
+        if device.type == "cuda":
+            if triton_available():
+                return "triton"
+            _warn_no_triton_on_cuda(op)
+            return "torch"
+        if device.type == "cpu" and is_interpreter() and triton_available():
+            return "triton"
+        return "torch"
+    if impl == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{op}: impl='triton' but Triton cannot be imported ({triton_import_error()})")
+        if device.type == "cpu" and not is_interpreter():
+            raise RuntimeError(
+                f"{op}: impl='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
+                "in the environment before `kernels` is imported"
+            )
+        if device.type not in ("cuda", "cpu"):
+            raise RuntimeError(f"{op}: impl='triton' does not support device {device}")
+    return impl

@@ -1,0 +1,254 @@
+"""The chunked autograd Function shared by the "torch" and "triton" fused cross-entropy paths.
+
+Non-ignored rows are processed in chunks; a backend computes, per chunk, the log-sum-exp of
+the logits and, when asked, the gradient, without ever holding more than one chunk of logits.
+
+Schedule (Liger-style, two GEMM-equivalents): when a gradient is needed, the gradient of the
+loss is computed during the forward, while the chunk's logits exist, and the backward only
+scales it by the incoming gradient. The logits are recomputed in the backward only when that
+cannot work: reduction="none" with a trainable weight or bias (the per-token incoming gradient
+must weight each token before the sum over tokens that forms dW), and a gradient flowing into
+the returned log-sum-exp. A frozen weight (SONAR's case) does no weight-gradient work at all.
+
+Per valid row i, with loss weight c_i and log-sum-exp weight d_i, the logit gradient is::
+
+    dz_ij = (alpha_i * p_ij - beta_i * [j == y_i] - gamma_i) * softcap'(raw_ij)
+    alpha_i = c_i * (1 + 2 * z_loss * lse_i) + d_i,  beta_i = c_i * (1 - ls),  gamma_i = c_i * ls / V
+
+Backends implement ``chunk_rows(n_rows, vocab, dtype)`` and ``chunk(...)`` (see ChunkBackend).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class FLCEParams:
+    """The non-tensor options of one call (one argument for the autograd Function)."""
+
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+    z_loss: float
+    softcap: float | None
+    return_lse: bool
+
+
+@dataclass
+class ChunkResult:
+    """Per-row outputs of one chunk: lse, target logit, and the sum of logits over the vocabulary
+    (only with label smoothing) — all float32 or float64 — plus the hidden gradient when asked."""
+
+    lse_C: torch.Tensor
+    target_logit_C: torch.Tensor
+    sum_logit_C: torch.Tensor | None
+    dh_CD: torch.Tensor | None
+
+
+class ChunkBackend(Protocol):
+    def chunk_rows(self, n_rows: int, vocab: int, dtype: torch.dtype) -> int:
+        """How many rows one chunk holds."""
+
+    def chunk(
+        self,
+        h_CD: torch.Tensor,
+        w_VD: torch.Tensor,
+        b_V: torch.Tensor | None,
+        y_C: torch.Tensor,
+        params: FLCEParams,
+        *,
+        loss_scale_C: torch.Tensor | None,
+        lse_scale_C: torch.Tensor | None,
+        want_dh: bool,
+        dw_acc_VD: torch.Tensor | None,
+        db_acc_V: torch.Tensor | None,
+    ) -> ChunkResult:
+        """Log-sum-exp of one chunk; with ``loss_scale_C`` or ``lse_scale_C`` also the gradient:
+        returned for hidden (``want_dh``), added into the float32 accumulators for weight/bias."""
+
+
+def _chunks(n_valid: int, rows_per_chunk: int):
+    for start in range(0, n_valid, rows_per_chunk):
+        yield start, min(start + rows_per_chunk, n_valid)
+
+
+def _gather(x: torch.Tensor, rows_N: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
+    if rows_N is None:
+        return x[start:stop]
+    return x.index_select(0, rows_N[start:stop])
+
+
+def _run_chunks(
+    backend: ChunkBackend,
+    h_ND: torch.Tensor,
+    w_VD: torch.Tensor,
+    b_V: torch.Tensor | None,
+    y_N: torch.Tensor,
+    rows_N: torch.Tensor | None,
+    n_valid: int,
+    params: FLCEParams,
+    *,
+    loss_scale_N: torch.Tensor | None,
+    lse_scale_N: torch.Tensor | None,
+    want_dh: bool,
+    want_dw: bool,
+    want_db: bool,
+):
+    """Run every chunk; return per-valid-row stats and the gradients (dh over all N rows)."""
+    acc_dtype = torch.promote_types(h_ND.dtype, torch.float32)
+    device = h_ND.device
+    lse_M = torch.empty(n_valid, dtype=acc_dtype, device=device)
+    target_M = torch.empty_like(lse_M)
+    sum_M = torch.empty_like(lse_M) if params.label_smoothing > 0 else None
+    grad = loss_scale_N is not None or lse_scale_N is not None
+    dh_ND = torch.zeros_like(h_ND) if grad and want_dh else None
+    dw_VD = torch.zeros(w_VD.shape, dtype=acc_dtype, device=device) if grad and want_dw else None
+    db_V = torch.zeros(w_VD.shape[0], dtype=acc_dtype, device=device) if grad and want_db else None
+
+    rows_per_chunk = backend.chunk_rows(n_valid, w_VD.shape[0], h_ND.dtype)
+    for start, stop in _chunks(n_valid, rows_per_chunk):
+        res = backend.chunk(
+            _gather(h_ND, rows_N, start, stop),
+            w_VD,
+            b_V,
+            _gather(y_N, rows_N, start, stop),
+            params,
+            loss_scale_C=None if loss_scale_N is None else loss_scale_N[start:stop],
+            lse_scale_C=None if lse_scale_N is None else lse_scale_N[start:stop],
+            want_dh=dh_ND is not None,
+            dw_acc_VD=dw_VD,
+            db_acc_V=db_V,
+        )
+        lse_M[start:stop] = res.lse_C
+        target_M[start:stop] = res.target_logit_C
+        if sum_M is not None:
+            sum_M[start:stop] = res.sum_logit_C
+        if dh_ND is not None:
+            if rows_N is None:
+                dh_ND[start:stop] = res.dh_CD
+            else:
+                dh_ND.index_copy_(0, rows_N[start:stop], res.dh_CD.to(dh_ND.dtype))
+    return lse_M, target_M, sum_M, dh_ND, dw_VD, db_V
+
+
+def _scatter_rows(values_M: torch.Tensor, rows_N: torch.Tensor | None, n_rows: int) -> torch.Tensor:
+    if rows_N is None:
+        return values_M
+    out_N = values_M.new_zeros(n_rows)
+    return out_N.index_copy_(0, rows_N, values_M)
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    """Chunked fused linear cross-entropy. Inputs are already validated and flattened."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        h_ND: torch.Tensor,
+        w_VD: torch.Tensor,
+        b_V: torch.Tensor | None,
+        y_N: torch.Tensor,
+        rows_N: torch.Tensor | None,
+        n_valid: int,
+        denom: torch.Tensor,
+        params: FLCEParams,
+        backend: ChunkBackend,
+        grad_enabled: bool,
+    ):
+        # needs_input_grad ignores torch.no_grad(), so the caller passes the grad mode it saw.
+        want_dh = grad_enabled and ctx.needs_input_grad[0]
+        want_dw = grad_enabled and ctx.needs_input_grad[1]
+        want_db = grad_enabled and b_V is not None and ctx.needs_input_grad[2]
+        any_grad = want_dh or want_dw or want_db
+        per_token = params.reduction == "none"
+        grad_in_forward = any_grad and not (per_token and (want_dw or want_db))
+        acc_dtype = torch.promote_types(h_ND.dtype, torch.float32)
+        n_rows, vocab = h_ND.shape[0], w_VD.shape[0]
+
+        loss_scale_N = None
+        if grad_in_forward:
+            scale = (1.0 / denom) if params.reduction == "mean" else torch.ones((), device=h_ND.device)
+            loss_scale_N = scale.to(acc_dtype).expand(n_valid)
+        lse_M, target_M, sum_M, dh_ND, dw_VD, db_V = _run_chunks(
+            backend, h_ND, w_VD, b_V, y_N, rows_N, n_valid, params,
+            loss_scale_N=loss_scale_N, lse_scale_N=None,
+            want_dh=want_dh, want_dw=want_dw, want_db=want_db,
+        )  # fmt: skip
+
+        ls = params.label_smoothing
+        loss_M = lse_M - (1.0 - ls) * target_M + params.z_loss * lse_M.square()
+        if sum_M is not None:
+            loss_M = loss_M - ls * sum_M / vocab
+        loss_M = torch.where(torch.isfinite(lse_M), loss_M, torch.full_like(loss_M, float("nan")))
+        if per_token:
+            loss = _scatter_rows(loss_M, rows_N, n_rows)
+        elif params.reduction == "sum":
+            loss = loss_M.sum()
+        else:
+            loss = loss_M.sum() / denom.to(acc_dtype)
+        lse_N = _scatter_rows(lse_M, rows_N, n_rows)
+
+        ctx.params, ctx.backend, ctx.n_valid = params, backend, n_valid
+        ctx.grad_in_forward = grad_in_forward
+        ctx.wants = (want_dh, want_dw, want_db)
+        ctx.grad_dtypes = (w_VD.dtype, None if b_V is None else b_V.dtype)
+        ctx.set_materialize_grads(False)
+        need_inputs = any_grad and (not grad_in_forward or params.return_lse)
+        saved = [dh_ND, dw_VD, db_V, denom]
+        saved += [h_ND, w_VD, b_V, y_N, rows_N] if need_inputs else [None] * 5
+        ctx.save_for_backward(*saved)
+        if not params.return_lse:
+            ctx.mark_non_differentiable(lse_N)
+        return loss, lse_N
+
+    @staticmethod
+    def backward(ctx, g_loss, g_lse):
+        dh_ND, dw_VD, db_V, denom, h_ND, w_VD, b_V, y_N, rows_N = ctx.saved_tensors
+        params, backend = ctx.params, ctx.backend
+        want_dh, want_dw, want_db = ctx.wants
+        per_token = params.reduction == "none"
+        grads = [None, None, None]
+        if g_loss is not None and ctx.grad_in_forward:
+            scale = g_loss.reshape(-1, 1) if per_token else g_loss
+            grads = [
+                None if dh_ND is None else (dh_ND * scale).to(dh_ND.dtype),
+                None if dw_VD is None else dw_VD * g_loss,
+                None if db_V is None else db_V * g_loss,
+            ]
+
+        # Recompute pass: per-token loss weights that reach dW/db, and/or a gradient into lse.
+        rec_loss = None
+        if g_loss is not None and not ctx.grad_in_forward:
+            rec_loss = g_loss.reshape(-1) if per_token else g_loss.expand(h_ND.shape[0])
+            if params.reduction == "mean":
+                rec_loss = rec_loss / denom
+        rec_lse = g_lse.reshape(-1) if (g_lse is not None and params.return_lse) else None
+        if (rec_loss is not None or rec_lse is not None) and ctx.n_valid > 0:
+            acc_dtype = torch.promote_types(h_ND.dtype, torch.float32)
+
+            def pick(x_N):
+                if x_N is None:
+                    return None
+                x_N = x_N.to(acc_dtype)
+                return x_N if rows_N is None else x_N.index_select(0, rows_N)
+
+            _, _, _, dh2, dw2, db2 = _run_chunks(
+                backend, h_ND, w_VD, b_V, y_N, rows_N, ctx.n_valid, params,
+                loss_scale_N=pick(rec_loss), lse_scale_N=pick(rec_lse),
+                want_dh=want_dh, want_dw=want_dw, want_db=want_db,
+            )  # fmt: skip
+            for i, extra in enumerate((dh2, dw2, db2)):
+                if extra is not None:
+                    grads[i] = extra if grads[i] is None else grads[i] + extra
+
+        dh, dw, db = grads
+        w_dtype, b_dtype = ctx.grad_dtypes
+        if dw is not None:
+            dw = dw.to(w_dtype)
+        if db is not None:
+            db = db.to(b_dtype)
+        return dh, dw, db, None, None, None, None, None, None, None

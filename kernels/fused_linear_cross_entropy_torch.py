@@ -1,0 +1,90 @@
+"""The "torch" path of fused linear cross-entropy: one chunk of rows at a time, in plain PyTorch.
+
+Used on CPU and wherever Triton is unavailable. A chunk's logits live in one float32 (float64
+for float64 inputs) buffer of at most ``CHUNK_BYTES`` (plus one more with softcap, for its
+derivative); every elementwise step after the GEMM runs in place on that buffer, so the
+memory high-water mark is independent of the number of tokens. The GEMMs run at the input
+dtype, as the reference's do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.fused_linear_cross_entropy_function import ChunkResult, FLCEParams
+
+CHUNK_BYTES = 256 * 2**20  # one chunk of float32 logits: 256 rows at V = 256,206
+
+
+class TorchChunkBackend:
+    """Per-chunk math in PyTorch (see ChunkBackend in fused_linear_cross_entropy_function)."""
+
+    def __init__(self, chunk_bytes: int | None = None):
+        self.chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+
+    def chunk_rows(self, n_rows: int, vocab: int, dtype: torch.dtype) -> int:
+        acc_size = torch.promote_types(dtype, torch.float32).itemsize
+        return max(1, min(n_rows, self.chunk_bytes // max(1, vocab * acc_size)))
+
+    def chunk(
+        self,
+        h_CD: torch.Tensor,
+        w_VD: torch.Tensor,
+        b_V: torch.Tensor | None,
+        y_C: torch.Tensor,
+        params: FLCEParams,
+        *,
+        loss_scale_C: torch.Tensor | None,
+        lse_scale_C: torch.Tensor | None,
+        want_dh: bool,
+        dw_acc_VD: torch.Tensor | None,
+        db_acc_V: torch.Tensor | None,
+    ) -> ChunkResult:
+        acc_dtype = torch.promote_types(h_CD.dtype, torch.float32)
+        vocab = w_VD.shape[0]
+        if b_V is None:
+            z_CV = torch.mm(h_CD, w_VD.t())
+        else:
+            z_CV = torch.addmm(b_V, h_CD, w_VD.t())
+        z_CV = z_CV.to(acc_dtype)  # no copy for float32/float64 inputs
+
+        finite_C = None
+        softcap_grad_CV = None
+        if params.softcap is not None:
+            c = params.softcap
+            finite_C = torch.isfinite(z_CV).all(dim=1)
+            z_CV.div_(c).tanh_()
+            if loss_scale_C is not None or lse_scale_C is not None:
+                softcap_grad_CV = 1.0 - z_CV.square()  # d(c*tanh(x/c))/dx = 1 - tanh^2
+            z_CV.mul_(c)
+
+        rows_C = torch.arange(z_CV.shape[0], device=z_CV.device)
+        target_C = z_CV[rows_C, y_C]
+        sum_C = z_CV.sum(dim=1) if params.label_smoothing > 0 else None
+        lse_C = torch.logsumexp(z_CV, dim=1)
+        bad_C = ~torch.isfinite(lse_C)
+        if finite_C is not None:
+            bad_C |= ~finite_C
+        lse_C = lse_C.masked_fill(bad_C, float("nan"))
+
+        dh_CD = None
+        if loss_scale_C is not None or lse_scale_C is not None:
+            p_CV = z_CV.sub_(lse_C[:, None]).exp_()  # softmax, in place of the logits
+            c_C = loss_scale_C if loss_scale_C is not None else torch.zeros_like(lse_C)
+            alpha_C = c_C * (1.0 + 2.0 * params.z_loss * lse_C)
+            if lse_scale_C is not None:
+                alpha_C = alpha_C + lse_scale_C
+            dz_CV = p_CV.mul_(alpha_C[:, None])
+            if params.label_smoothing > 0:
+                dz_CV.sub_((c_C * (params.label_smoothing / vocab))[:, None])
+            dz_CV[rows_C, y_C] -= c_C * (1.0 - params.label_smoothing)
+            if softcap_grad_CV is not None:
+                dz_CV.mul_(softcap_grad_CV)
+            dz_lp_CV = dz_CV.to(h_CD.dtype)
+            if want_dh:
+                dh_CD = torch.mm(dz_lp_CV, w_VD)
+            if dw_acc_VD is not None:
+                dw_acc_VD.addmm_(dz_CV.t(), h_CD.to(acc_dtype))
+            if db_acc_V is not None:
+                db_acc_V.add_(dz_CV.sum(dim=0))
+        return ChunkResult(lse_C, target_C, sum_C, dh_CD)

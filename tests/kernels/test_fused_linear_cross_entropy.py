@@ -1,0 +1,333 @@
+"""Parity of every fused linear cross-entropy path with the float64 ground truth, options,
+gradients, and bad input. On CPU the Triton kernels run under TRITON_INTERPRET=1 (set by the
+root conftest); the CUDA cases are marked ``gpu`` and skip without a GPU."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels.fused_linear_cross_entropy_torch as flce_torch
+from kernels import FusedLinearCrossEntropy, fused_linear_cross_entropy, fused_linear_cross_entropy_ref
+from kernels._dispatch import is_interpreter, triton_available
+from tests._numerics import assert_parity, flce_inputs
+
+HAS_CUDA = torch.cuda.is_available()
+TRITON_OK = triton_available() and (HAS_CUDA or is_interpreter())
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton cannot run here (no CUDA and no TRITON_INTERPRET=1)")
+gpu = pytest.mark.gpu
+
+
+def _device_cases():
+    """(device, path, dtype) combinations this machine can run."""
+    cases = [
+        pytest.param("cpu", "torch", torch.float32, id="cpu-torch-fp32"),
+        pytest.param("cpu", "torch", torch.bfloat16, id="cpu-torch-bf16"),
+        pytest.param("cpu", "triton", torch.float32, id="cpu-triton-fp32", marks=needs_triton),
+    ]
+    for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        for path in ("torch", "triton"):
+            marks = [gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
+            cases.append(pytest.param("cuda", path, dt, id=f"cuda-{path}-{name}", marks=marks))
+    return cases
+
+
+def _run(impl, h, w, y, b, *, trainable, upstream_seed=1, **opts):
+    """Forward + backward through one path; returns (loss, lse, dh, dw, db)."""
+    h = h.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(trainable)
+    b = None if b is None else b.detach().clone().requires_grad_(trainable)
+    out = fused_linear_cross_entropy(h, w, y, bias=b, impl=impl, **opts)
+    loss, lse = out if opts.get("return_lse") else (out, None)
+    g = torch.Generator().manual_seed(upstream_seed)
+    total = loss.sum() if loss.dim() == 0 else (loss * torch.rand(loss.shape, generator=g).to(loss)).sum()
+    if lse is not None:
+        total = total + (lse * torch.rand(lse.shape, generator=g).to(lse)).sum()
+    total.backward()
+    return (loss.detach(), None if lse is None else lse.detach(), h.grad, w.grad, None if b is None else b.grad)
+
+
+def _check_all(device, path, dtype, h64, w64, y, b64, *, trainable, **opts):
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)
+    y = y.to(device)
+    gold = _run("reference", h64.to(device), w64.to(device), y, None if b64 is None else b64.to(device), trainable=trainable, **opts)
+    ref = _run("reference", cast(h64), cast(w64), y, cast(b64), trainable=trainable, **opts)
+    fast = _run(path, cast(h64), cast(w64), y, cast(b64), trainable=trainable, **opts)
+    for i, name in enumerate(("loss", "lse", "d hidden", "d weight", "d bias")):
+        assert_parity(fast[i], ref[i], gold[i], dtype, f"{path} {name} {opts}", grad=i >= 2)
+    if not trainable:
+        assert fast[3] is None, "a frozen weight must not get a gradient"
+
+
+OPTION_SETS = [
+    pytest.param({}, id="plain"),
+    pytest.param({"label_smoothing": 0.1}, id="smoothing"),
+    pytest.param({"z_loss": 1e-3}, id="zloss"),
+    pytest.param({"softcap": 4.0}, id="softcap"),
+    pytest.param({"return_lse": True}, id="lse"),
+    pytest.param({"label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 7.0, "return_lse": True, "ignore_index": 5}, id="all"),
+]
+
+
+@pytest.mark.parametrize("device,path,dtype", _device_cases())
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opts", OPTION_SETS)
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+def test_parity_options(device, path, dtype, reduction, opts, trainable):
+    """Odd sizes (V = 1009, D = 96), ~20% ignored targets, peaky logits, bias when trainable."""
+    h, w, y, b = flce_inputs(37, 96, 1009, torch.float64, bias=trainable)
+    if opts.get("ignore_index") == 5:
+        y = torch.where(y == -100, torch.full_like(y, 5), y)
+    _check_all(device, path, dtype, h, w, y, b, trainable=trainable, reduction=reduction, **opts)
+
+
+@pytest.mark.parametrize("device,path,dtype", _device_cases())
+def test_parity_vocab_above_64k(device, path, dtype):
+    """V > 65,536: grid and index arithmetic must not wrap."""
+    h, w, y, b = flce_inputs(24, 32, 65_601, torch.float64)
+    y[0] = 65_600  # the last class
+    _check_all(device, path, dtype, h, w, y, b, trainable=False, reduction="mean")
+
+
+@pytest.mark.parametrize("device,path,dtype", _device_cases())
+def test_parity_many_chunks(device, path, dtype, monkeypatch):
+    """Chunks of a few rows and a split hidden-gradient GEMM exercise the chunk loop."""
+    import kernels.fused_linear_cross_entropy_triton as flce_triton
+
+    monkeypatch.setattr(flce_torch, "CHUNK_BYTES", 7 * 1009 * 4)
+    monkeypatch.setattr(flce_triton, "CHUNK_BYTES", 1)  # one block of rows per chunk
+    monkeypatch.setattr(flce_triton, "SPLIT", 2)
+    h, w, y, b = flce_inputs(150, 40, 1009, torch.float64, bias=True)
+    _check_all(device, path, dtype, h, w, y, b, trainable=True, reduction="mean", label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("device,path,dtype", _device_cases())
+def test_all_ignored_gives_zero_loss_and_zero_grads(device, path, dtype):
+    h, w, _, _ = flce_inputs(9, 16, 50, dtype, device=device)
+    y = torch.full((9,), -100, device=device)
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    for reduction in ("mean", "sum"):
+        h.grad = w.grad = None
+        loss = fused_linear_cross_entropy(h, w, y, reduction=reduction, impl=path)
+        assert loss.item() == 0.0 and not torch.isnan(loss)
+        loss.backward()
+        assert torch.count_nonzero(h.grad) == 0 and torch.count_nonzero(w.grad) == 0
+    loss = fused_linear_cross_entropy(h, w, y, reduction="none", impl=path)
+    assert loss.shape == (9,) and torch.count_nonzero(loss) == 0
+
+
+@pytest.mark.parametrize("device,path,dtype", _device_cases())
+def test_non_finite_hidden_gives_nan_loss(device, path, dtype):
+    h, w, y, _ = flce_inputs(8, 16, 60, dtype, ignore_frac=0.0, device=device)
+    h[2, 3] = float("nan")
+    h[5, 0] = float("inf")
+    for softcap in (None, 3.0):
+        per_token = fused_linear_cross_entropy(h, w, y, reduction="none", softcap=softcap, impl=path)
+        assert torch.isnan(per_token[2]) and torch.isnan(per_token[5]), per_token
+        assert torch.isfinite(per_token[[0, 1, 3, 4, 6, 7]]).all()
+        assert torch.isnan(fused_linear_cross_entropy(h, w, y, softcap=softcap, impl=path))
+
+
+@pytest.mark.parametrize("device,path,dtype", _device_cases())
+def test_non_contiguous_inputs(device, path, dtype):
+    """hidden as a transposed view of [2, 13, D], weight as every other row of a bigger matrix."""
+    h64, w64, y, b64 = flce_inputs(26, 24, 301, torch.float64)
+    h_src = h64.reshape(13, 2, 24).to(device=device, dtype=dtype)
+    h = h_src.transpose(0, 1)  # [2, 13, 24], not contiguous
+    w_big = torch.zeros(602, 24, dtype=dtype, device=device)
+    w_big[::2] = w64.to(device=device, dtype=dtype)
+    w = w_big[::2]
+    y2 = y.reshape(13, 2).t().to(device)
+    assert not h.is_contiguous() and not w.is_contiguous() and not y2.is_contiguous()
+    got = fused_linear_cross_entropy(h, w, y2, reduction="none", impl=path)
+    want = fused_linear_cross_entropy_ref(h.contiguous(), w.contiguous(), y2.contiguous(), reduction="none")
+    gold = fused_linear_cross_entropy_ref(h.double(), w.double(), y2, reduction="none")
+    assert_parity(got, want, gold, dtype, "non-contiguous loss")
+
+
+def test_reference_matches_plain_pytorch():
+    """The reference is F.cross_entropy on the materialised logits (independent formula)."""
+    h, w, y, b = flce_inputs(20, 12, 33, torch.float64, bias=True)
+    logits = h @ w.T + b
+    want = F.cross_entropy(logits, y, ignore_index=-100, label_smoothing=0.1)
+    got = fused_linear_cross_entropy_ref(h, w, y, bias=b, label_smoothing=0.1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    z = 0.01
+    lse = torch.logsumexp(logits, -1)
+    valid = y != -100
+    manual = ((lse - logits.gather(1, y.clamp_min(0)[:, None])[:, 0] + z * lse**2) * valid).sum() / valid.sum()
+    torch.testing.assert_close(fused_linear_cross_entropy_ref(h, w, y, bias=b, z_loss=z), manual)
+
+
+@pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_num_items_makes_micro_batches_add_up(path):
+    """Two micro-batches with num_items = the global count sum to the full-batch mean."""
+    h, w, y, _ = flce_inputs(40, 16, 97, torch.float32)
+    full_h = h.clone().requires_grad_(True)
+    fused_linear_cross_entropy(full_h, w, y, impl=path).backward()
+    count = int((y != -100).sum())
+    parts_h = h.clone().requires_grad_(True)
+    total = 0.0
+    for sl, n_items in ((slice(0, 15), count), (slice(15, 40), torch.tensor(count))):
+        loss = fused_linear_cross_entropy(parts_h[sl], w, y[sl], num_items=n_items, impl=path)
+        loss.backward()
+        total = total + loss.detach()
+    want = fused_linear_cross_entropy(h, w, y, impl="reference")
+    torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts_h.grad, full_h.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_return_lse_is_differentiable(path):
+    """z-loss built from the returned lse equals the built-in z_loss option, grads included."""
+    h, w, y, _ = flce_inputs(30, 16, 80, torch.float64 if path == "torch" else torch.float32)
+    z = 0.05
+    valid = y != -100
+    h1 = h.clone().requires_grad_(True)
+    loss, lse = fused_linear_cross_entropy(h1, w, y, return_lse=True, impl=path)
+    (loss + z * (lse.square() * valid).sum() / valid.sum()).backward()
+    h2 = h.clone().requires_grad_(True)
+    loss2 = fused_linear_cross_entropy(h2, w, y, z_loss=z, impl=path)
+    loss2.backward()
+    torch.testing.assert_close(loss + z * (lse.square() * valid).sum() / valid.sum(), loss2)
+    torch.testing.assert_close(h1.grad, h2.grad)
+    assert torch.count_nonzero(lse[~valid]) == 0
+
+
+class _CountingBackend(flce_torch.TorchChunkBackend):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def chunk(self, *args, **kwargs):
+        self.calls.append({k: kwargs[k] is not None for k in ("loss_scale_C", "dw_acc_VD", "db_acc_V")})
+        return super().chunk(*args, **kwargs)
+
+
+def test_frozen_weight_does_no_weight_gradient_work(monkeypatch):
+    """One pass over the chunks, gradient computed in it, no weight/bias accumulator."""
+    api = importlib.import_module("kernels.fused_linear_cross_entropy")  # the module, not the function
+    backend = _CountingBackend()
+    monkeypatch.setattr(api, "TorchChunkBackend", lambda: backend)
+    h, w, y, b = flce_inputs(12, 8, 40, torch.float32, bias=True)
+    h.requires_grad_(True)
+    loss = fused_linear_cross_entropy(h, w, y, bias=b, impl="torch")
+    loss.backward()
+    assert backend.calls == [{"loss_scale_C": True, "dw_acc_VD": False, "db_acc_V": False}]
+    assert w.grad is None and b.grad is None and h.grad is not None
+
+
+def test_no_grad_forward_computes_no_gradient(monkeypatch):
+    api = importlib.import_module("kernels.fused_linear_cross_entropy")  # the module, not the function
+    backend = _CountingBackend()
+    monkeypatch.setattr(api, "TorchChunkBackend", lambda: backend)
+    h, w, y, _ = flce_inputs(12, 8, 40, torch.float32)
+    with torch.no_grad():
+        fused_linear_cross_entropy(h.requires_grad_(True), w, y, impl="torch")
+    assert backend.calls == [{"loss_scale_C": False, "dw_acc_VD": False, "db_acc_V": False}]
+
+
+def test_module_matches_function():
+    h, w, y, b = flce_inputs(10, 8, 30, torch.float32, bias=True)
+    mod = FusedLinearCrossEntropy(reduction="sum", label_smoothing=0.1, impl="torch")
+    torch.testing.assert_close(
+        mod(h, w, y, bias=b),
+        fused_linear_cross_entropy(h, w, y, bias=b, reduction="sum", label_smoothing=0.1, impl="torch"),
+    )
+    assert "reduction='sum'" in repr(mod)
+
+
+def test_empty_batch():
+    w = torch.randn(7, 4)
+    h = torch.randn(0, 4, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long)
+    loss = fused_linear_cross_entropy(h, w, y, impl="torch")
+    assert loss.item() == 0.0
+    loss.backward()
+    assert h.grad.shape == (0, 4)
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+def _good():
+    return torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, 3, -100])
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda h, w, y: (h, torch.randn(10, 7), y), ValueError, "weight must have shape"),
+        (lambda h, w, y: (h, torch.randn(10), y), ValueError, "weight must have shape"),
+        (lambda h, w, y: (h, w, y[:3]), ValueError, "target must have hidden's leading shape"),
+        (lambda h, w, y: (h, w, y.float()), TypeError, "target must be an integer"),
+        (lambda h, w, y: (h, w, y > 0), TypeError, "target must be an integer"),
+        (lambda h, w, y: (h, w, torch.tensor([1, 2, 10, 0])), ValueError, r"target values must be in \[0, V\)"),
+        (lambda h, w, y: (h, w, torch.tensor([1, -1, 3, 0])), ValueError, r"target values must be in \[0, V\)"),
+        (lambda h, w, y: (h, w.double(), y), TypeError, "weight dtype"),
+        (lambda h, w, y: (h.int(), w, y), TypeError, "hidden must be float"),
+        (lambda h, w, y: (h.numpy(), w, y), TypeError, "hidden must be a torch.Tensor"),
+    ],
+)
+def test_bad_tensors_raise(mutate, exc, match):
+    h, w, y = mutate(*_good())
+    with pytest.raises(exc, match=match):
+        fused_linear_cross_entropy(h, w, y, impl="torch")
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"reduction": "avg"}, ValueError, "reduction must be one of"),
+        ({"impl": "cuda"}, ValueError, "impl must be one of"),
+        ({"label_smoothing": 1.0}, ValueError, "label_smoothing"),
+        ({"label_smoothing": -0.1}, ValueError, "label_smoothing"),
+        ({"z_loss": -1.0}, ValueError, "z_loss"),
+        ({"softcap": 0.0}, ValueError, "softcap"),
+        ({"num_items": 1.5}, TypeError, "num_items"),
+        ({"num_items": -2}, ValueError, "num_items"),
+        ({"num_items": 0}, ValueError, "num_items is 0"),
+        ({"num_items": torch.tensor([3])}, ValueError, "num_items"),
+        ({"bias": torch.randn(9)}, ValueError, "bias must have shape"),
+        ({"bias": torch.randn(10).double()}, TypeError, "bias dtype"),
+    ],
+)
+def test_bad_options_raise(kwargs, exc, match):
+    h, w, y = _good()
+    with pytest.raises(exc, match=match):
+        fused_linear_cross_entropy(h, w, y, **({"impl": "torch"} | kwargs))
+
+
+def test_bad_environment_impl_raises(monkeypatch):
+    monkeypatch.setenv("SONARLLM_KERNEL_IMPL", "fast")
+    with pytest.raises(ValueError, match="SONARLLM_KERNEL_IMPL"):
+        fused_linear_cross_entropy(*_good())
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a second device")
+@gpu
+def test_mixed_devices_raise():
+    h, w, y = _good()
+    with pytest.raises(ValueError, match="weight is on"):
+        fused_linear_cross_entropy(h.cuda(), w, y.cuda())
+
+
+def test_triton_on_float64_raises_clearly():
+    if not TRITON_OK:
+        pytest.skip("Triton cannot run here")
+    h, w, y = _good()
+    with pytest.raises(TypeError, match="float64"):
+        fused_linear_cross_entropy(h.double(), w.double(), y, impl="triton")
+
+
+@gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_sonar_scale_bf16_cuda(path):
+    """V = 256,206, D = 1024, 4,096 tokens, bf16, frozen weight: parity with the reference."""
+    h, w, y, _ = flce_inputs(4096, 1024, 256_206, torch.float64, peaky=False, ignore_frac=0.05)
+    _check_all("cuda", path, torch.bfloat16, h * 0.5, w, y, None, trainable=False, reduction="mean")
