@@ -1,0 +1,74 @@
+"""The SONAR-LLM decoder loss step: forward + backward to the predicted embeddings.
+
+"fused": packed sentences, closed-form cross-attention, fused linear cross-entropy (what
+``SonarTokenLoss`` does). "padded": the reference code's way — right-padded batch, full
+cross-attention over the one key, materialised [N, L, V] logits, ``F.cross_entropy``.
+Sentence lengths follow short stories (mean ~15 tokens, max 60). Reports target tokens/s and
+peak memory.
+
+    pytest bench/bench_sonar_loss.py --benchmark [--bench-size full]
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench._harness import machine_info, peak_memory_mb, sync
+from sonarllm.loss import SonarTargets, SonarTokenLoss
+from sonarllm.sonar import SonarDecoder, SonarTextConfig
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (decoder config, sentences, dtype)
+SIZES = {
+    ("cpu", "ci"): (SonarTextConfig(model_dim=128, num_layers=2, num_heads=2, ffn_dim=512, vocab_size=32_000), 64, torch.float32),
+    ("cpu", "full"): (SonarTextConfig(model_dim=256, num_layers=4, num_heads=4, ffn_dim=1024, vocab_size=256_206), 128, torch.float32),
+    ("cuda", "ci"): (SonarTextConfig(), 256, torch.bfloat16),
+    ("cuda", "full"): (SonarTextConfig(), 2048, torch.bfloat16),
+}
+
+
+def story_lengths(n: int, seed: int = 0) -> list[int]:
+    """Target-sequence lengths of short-story sentences: log-normal, mean ~15 tokens, in [4, 60]."""
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.empty(n).log_normal_(mean=2.58, std=0.5, generator=g)  # exp(2.58 + 0.5**2 / 2) = 15
+    return [int(x) for x in draws.round().clamp(4, 60)]
+
+
+def _padded_loss(dec: SonarDecoder, pred, seqs):
+    width = max(map(len, seqs))
+    tok = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=pred.device)
+    lab = torch.tensor([s[1:] + [3] + [-100] * (width - len(s)) for s in seqs], device=pred.device)
+    logits = dec.logits(dec.hidden_states_padded(pred, tok))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), lab.reshape(-1), ignore_index=-100)
+
+
+@pytest.mark.parametrize("provider", ["fused", "padded"])
+def test_sonar_loss_step(benchmark, bench_size, provider):
+    cfg, n, dtype = SIZES[(DEVICE, bench_size)]
+    torch.manual_seed(0)
+    dec = SonarDecoder(cfg).to(DEVICE, dtype)
+    for p in dec.parameters():  # scaled like a trained model so the softmax is not degenerate
+        torch.nn.init.normal_(p, std=0.02)
+    lengths = story_lengths(n)
+    g = torch.Generator().manual_seed(1)
+    seqs = [[3, 5] + torch.randint(10, cfg.vocab_size, (length - 3,), generator=g).tolist() + [3] for length in lengths]
+    pred = torch.randn(n, cfg.model_dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    targets = SonarTargets.from_target_sequences(seqs, 3, device=DEVICE)
+    loss_fn = SonarTokenLoss(dec)
+
+    def step():
+        pred.grad = None
+        loss = loss_fn(pred, targets) if provider == "fused" else _padded_loss(dec, pred, seqs)
+        loss.backward()
+        sync(DEVICE)
+
+    step()
+    benchmark.group = f"sonar-loss-{DEVICE}-{bench_size}-d{cfg.model_dim}-L{cfg.num_layers}-V{cfg.vocab_size}-N{n}"
+    benchmark.extra_info.update(machine_info(DEVICE))
+    benchmark.extra_info["peak_mem_mb"] = round(peak_memory_mb(step, DEVICE), 1)
+    benchmark.extra_info["target_tokens"] = targets.num_tokens
+    benchmark.extra_info["padded_tokens"] = n * max(lengths)
+    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=0)
+    benchmark.extra_info["target_tokens_per_s"] = round(targets.num_tokens / benchmark.stats.stats.median)
