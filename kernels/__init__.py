@@ -1,17 +1,22 @@
 """Fused kernels for SONAR-LLM, usable on their own: ``from kernels import fused_linear_cross_entropy``.
 
-Every kernel has a Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``), a chunked PyTorch
-path and a plain reference path, chosen by ``impl=`` (see ``kernels._dispatch``). This package
-never imports ``sonarllm``.
+Every kernel has a Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``), a PyTorch path and
+a plain reference path, chosen by ``impl=`` (see ``kernels._dispatch``). This package never
+imports ``sonarllm``.
 """
 
 from kernels._dispatch import KernelImpl
+from kernels.fused_embedding_projection import FusedEmbeddingProjection, fused_embedding_projection
+from kernels.fused_embedding_projection_ref import fused_embedding_projection_ref
 from kernels.fused_linear_cross_entropy import FusedLinearCrossEntropy, fused_linear_cross_entropy
 from kernels.fused_linear_cross_entropy_ref import fused_linear_cross_entropy_ref
 
 __all__ = [
     "KernelImpl",
+    "FusedEmbeddingProjection",
     "FusedLinearCrossEntropy",
+    "fused_embedding_projection",
+    "fused_embedding_projection_ref",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_ref",
 ]
