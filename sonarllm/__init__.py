@@ -1,7 +1,11 @@
 """SONAR-LLM: a concept transformer over SONAR sentence embeddings, trained with token
 cross-entropy through the frozen SONAR text decoder (arXiv 2508.05305)."""
 
+from sonarllm.config import SONARLLM_CONFIGS, SonarLLMConfig
 from sonarllm.loss import SonarTargets, SonarTokenLoss
+from sonarllm.model import KVCache, SonarLLM
+from sonarllm.mse_loss import NextSentenceMSELoss, next_sentence_mse
+from sonarllm.normalizer import SonarNormalizer
 from sonarllm.sonar import (
     SonarDecoder,
     SonarEncoder,
@@ -14,6 +18,13 @@ from sonarllm.sonar import (
 from sonarllm.sonar.pipeline import SonarPipeline
 
 __all__ = [
+    "KVCache",
+    "NextSentenceMSELoss",
+    "SONARLLM_CONFIGS",
+    "SonarLLM",
+    "SonarLLMConfig",
+    "SonarNormalizer",
+    "next_sentence_mse",
     "SonarDecoder",
     "SonarEncoder",
     "SonarPipeline",

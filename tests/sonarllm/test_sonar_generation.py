@@ -84,4 +84,4 @@ def test_live_beam_search_matches_fairseq2_on_new_embeddings():
     vocab = load("beam_search")["vocab_info"]
     want = reference.beam_search(ref, emb, [3, 301], vocab, beam_size=3, max_gen_len=(0, 12))
     got = beam_search(decoder(), emb, [3, 301], options=BeamSearchOptions(beam_size=3, max_gen_len=(0, 12)))
-    assert [[h.seq for h in row] for row in got] == [[w["seq"] for w in row] for row in want]
+    assert [[h.seq for h in row] for row in got] == [[[int(t) for t in w["seq"]] for w in row] for row in want]
