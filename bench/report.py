@@ -1,7 +1,7 @@
-"""Print a pytest-benchmark JSON file as one markdown table: median time, ratio to the fastest
+"""Print pytest-benchmark JSON files as one markdown table: median time, ratio to the fastest
 provider of its group, and the peak memory recorded in extra_info.
 
-    pytest bench --benchmark --benchmark-json=out.json && python -m bench.report out.json
+    pytest bench --benchmark --benchmark-json=out.json && python -m bench.report out.json [more.json ...]
 """
 
 from __future__ import annotations
@@ -27,14 +27,19 @@ def format_table(data: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m bench.report BENCHMARK_JSON", file=sys.stderr)
+    if not argv:
+        print("usage: python -m bench.report BENCHMARK_JSON [BENCHMARK_JSON ...]", file=sys.stderr)
         return 2
-    with open(argv[0]) as f:
-        data = json.load(f)
-    info = data.get("machine_info", {})
-    print(f"machine: {info.get('node', '?')} {info.get('cpu', {}).get('brand_raw', '')}".strip())
-    print(format_table(data))
+    merged = {"benchmarks": []}
+    for path in argv:
+        with open(path) as f:
+            data = json.load(f)
+        merged["benchmarks"] += data["benchmarks"]
+        info = data.get("machine_info", {})
+        extra = data["benchmarks"][0].get("extra_info", {}) if data["benchmarks"] else {}
+        print(f"{path}: {info.get('cpu', {}).get('brand_raw', '?')}; device {extra.get('device', '?')}; "
+              f"torch {extra.get('torch', '?')}; triton {extra.get('triton', '?')}")
+    print(format_table(merged))
     return 0
 
 
