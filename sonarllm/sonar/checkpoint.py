@@ -175,9 +175,15 @@ def load_state(model: torch.nn.Module, sd: dict, *, assign: bool = False) -> Non
     model.load_state_dict(sd, assign=assign)
 
 
-def _source_state(source, kind: str, trust: bool) -> dict:
-    if isinstance(source, dict):
-        return to_fairseq2_state_dict(source, kind)
+def _source_state(source, kind: str, trust: bool) -> tuple[dict, SonarTextConfig | None]:
+    """State dict in fairseq2 layout, and the config the checkpoint records (our files do)."""
+    if not isinstance(source, dict):
+        source = _read_source(source, kind, trust)
+    saved = source.get("sonar_config") if isinstance(source, dict) else None
+    return to_fairseq2_state_dict(source, kind), None if saved is None else SonarTextConfig.from_dict(saved)
+
+
+def _read_source(source, kind: str, trust: bool) -> dict:
     text = os.fspath(source)
     if not Path(text).exists():
         from sonarllm.sonar.download import ASSETS, fetch
@@ -186,12 +192,12 @@ def _source_state(source, kind: str, trust: bool) -> dict:
             if text in ASSETS and ASSETS[text].kind != kind:
                 raise CheckpointError(f"asset {text!r} is a SONAR {ASSETS[text].kind}, not a {kind}")
             text = os.fspath(fetch(text))
-    return to_fairseq2_state_dict(read_checkpoint_file(text, trust=trust), kind)
+    return read_checkpoint_file(text, trust=trust)
 
 
 def _build(cls, kind, source, config, device, dtype, trust, **kwargs):
-    sd = _source_state(source, kind, trust)
-    cfg = config if config is not None else infer_config(sd, kind)
+    sd, saved = _source_state(source, kind, trust)
+    cfg = config if config is not None else saved if saved is not None else infer_config(sd, kind)
     model = cls(cfg, **kwargs)
     load_state(model, sd)
     return model.to(device=device, dtype=dtype)
@@ -202,7 +208,8 @@ def load_sonar_decoder(source, *, config: str | SonarTextConfig | None = None, d
     """A frozen ``SonarDecoder`` from a file path, an asset name (``text_sonar_basic_decoder``,
     downloaded to the cache), a URL or a state dict, in any accepted layout.
 
-    ``config`` defaults to the sizes read off the weights; extra keyword arguments
+    ``config`` defaults to the one the checkpoint records (this package's files carry a
+    ``sonar_config`` entry), else to the sizes read off the weights; extra keyword arguments
     (``train_dropout``, ``kernel_impl``) go to ``SonarDecoder``.
     """
     return _build(SonarDecoder, "decoder", source, config, device, dtype, trust, **kwargs)

@@ -57,7 +57,7 @@ class SonarEncoder(nn.Module):
         weights_N = 1.0 / (batch.lengths.to(x_TD.dtype) + 1e-7)
         return sums_ND * weights_N[:, None], x_TD
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the embeddings are often fed to a model that trains
     def encode_tokens(
         self,
         seqs: Sequence[Sequence[int] | torch.Tensor],

@@ -10,9 +10,12 @@ model) is cut to fit by keeping its first tokens — so it loses its final </s> 
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -21,6 +24,45 @@ from sonarllm.sonar.decoder import SonarDecoder
 from sonarllm.sonar.encoder import SonarEncoder
 from sonarllm.sonar.generation import BeamSearchOptions, Hypothesis, beam_search
 from sonarllm.sonar.tokenizer import SonarTokenizer
+
+
+@dataclass(frozen=True)
+class SonarSpec:
+    """Where a SONAR space's files are: paths, asset names or URLs (``None`` when not needed).
+
+    Stored as ``sonar.json`` beside prepared data and trained models, so that training,
+    evaluation and generation use the same tokenizer, encoder and decoder. Relative paths are
+    relative to the JSON file.
+    """
+
+    tokenizer: str
+    encoder: str | None = None
+    decoder: str | None = None
+    lang: str = "eng_Latn"
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SonarSpec:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"SONAR description not found: {path} (written by data preparation and training)")
+        try:
+            values = json.loads(path.read_text())
+            spec = cls(**values)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ValueError(f"{path} is not a valid SONAR description: {exc}") from exc
+
+        def resolve(p):
+            if p is None or "://" in p or os.path.isabs(p) or not (path.parent / p).exists():
+                return p
+            return str((path.parent / p).resolve())
+
+        return cls(resolve(spec.tokenizer), resolve(spec.encoder), resolve(spec.decoder), spec.lang)
 
 
 class SonarPipeline:
@@ -49,6 +91,13 @@ class SonarPipeline:
         enc = None if encoder is None else load_sonar_encoder(encoder, device=device, dtype=dtype, kernel_impl=kernel_impl)
         dec = None if decoder is None else load_sonar_decoder(decoder, device=device, dtype=dtype, kernel_impl=kernel_impl)
         return cls(tok, enc, dec)
+
+    @classmethod
+    def from_spec(cls, spec: SonarSpec, *, encoder: bool = True, decoder: bool = True, device=None, dtype=None,
+                  kernel_impl: str = "auto") -> SonarPipeline:  # fmt: skip
+        """Load what ``spec`` names (skipping the encoder or decoder when not asked for)."""
+        return cls.from_files(spec.tokenizer, spec.encoder if encoder else None, spec.decoder if decoder else None,
+                              device=device, dtype=dtype, kernel_impl=kernel_impl)  # fmt: skip
 
     def tokenize_sources(self, texts: Sequence[str], lang: str | None = None, on_long: str = "truncate") -> list[list[int]]:
         """Source-mode token ids, cut to the encoder's length as ``on_long`` says."""

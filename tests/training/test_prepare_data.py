@@ -1,0 +1,91 @@
+"""Data preparation: shards, manifest, resume, checksum failures, and the shard reader."""
+
+import json
+
+import pytest
+import torch
+
+from sonarllm.sonar.pipeline import SonarPipeline, SonarSpec
+from sonarllm.text import EOS_SENTENCE
+from training import prepare_data
+from training.shards import ShardedDocuments, ShardError, sha256_file
+from tests.training.conftest import tiny_corpus
+
+
+def _args(corpus, out, *extra):
+    return prepare_data.parse_args(["--source", str(corpus), "--out", str(out), "--eval-documents", "4",
+                                    "--shard-documents", "5", "--toy-vocab-size", "200", "--quiet", *extra])
+
+
+def test_prepared_data_matches_the_sonar_it_names(prepared):
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["totals"]["train"]["documents"] == 48
+    assert manifest["totals"]["eval"]["documents"] == 16
+    for shard in manifest["shards"]:
+        assert sha256_file(prepared / shard["name"]) == shard["sha256"]
+    docs = ShardedDocuments(prepared, "train")
+    pipe = SonarPipeline.from_spec(SonarSpec.load(prepared / "sonar.json"), decoder=False, kernel_impl="torch")
+    doc = docs[3]
+    text = pipe.tokenizer.decode(doc.tokens[-1])
+    assert text == EOS_SENTENCE  # every document ends with the end sentence
+    sentences = [pipe.tokenizer.decode(t) for t in doc.tokens]
+    torch.testing.assert_close(doc.embeddings, pipe.encode(sentences), atol=1e-5, rtol=1e-5)
+    assert all(t[0] == pipe.tokenizer.eos_idx and t[1] == pipe.tokenizer.lang_id("eng_Latn") for t in doc.tokens)
+    assert docs.sentence_token_counts(3) == [len(t) for t in doc.tokens]
+
+
+def test_rerun_resumes_verifies_and_rebuilds(tmp_path, caplog):
+    corpus = tiny_corpus(tmp_path / "c.jsonl", 20)
+    out = tmp_path / "data"
+    first = prepare_data.prepare(_args(corpus, out))
+    digests = {s["name"]: s["sha256"] for s in first["shards"]}
+    (out / "train-00001.safetensors").unlink()
+    with open(out / "train-00002.safetensors", "r+b") as f:  # corrupt a shard
+        f.seek(200)
+        f.write(b"\xff\xff\xff")
+    caplog.set_level("INFO", logger="sonarllm.prepare")
+    second = prepare_data.prepare(_args(corpus, out))
+    assert "shard train-00002.safetensors failed its checksum; rebuilding it" in caplog.text
+    assert "shard train-00000.safetensors verified, kept" in caplog.text
+    assert {s["name"]: s["sha256"] for s in second["shards"]} == digests  # deterministic rebuild
+
+
+def test_reader_names_a_corrupted_shard(tmp_path):
+    corpus = tiny_corpus(tmp_path / "c.jsonl", 12)
+    out = tmp_path / "data"
+    prepare_data.prepare(_args(corpus, out))
+    with open(out / "train-00001.safetensors", "r+b") as f:
+        f.seek(300)
+        f.write(b"\x00\x01")
+    with pytest.raises(ShardError, match="shard train-00001.safetensors failed its checksum"):
+        ShardedDocuments(out, "train")
+    (out / "train-00000.safetensors").unlink()
+    with pytest.raises(ShardError, match="shard train-00000.safetensors listed in the manifest is missing"):
+        ShardedDocuments(out, "train", verify=False)
+
+
+def test_changed_options_are_refused(tmp_path):
+    corpus = tiny_corpus(tmp_path / "c.jsonl", 12)
+    out = tmp_path / "data"
+    prepare_data.prepare(_args(corpus, out))
+    with pytest.raises(ValueError, match="prepared with different options \\(max_sentences\\)"):
+        prepare_data.prepare(_args(corpus, out, "--max-sentences", "4"))
+
+
+def test_inputs_formats_and_errors(tmp_path):
+    txt = tmp_path / "docs.txt"
+    txt.write_text("First story. It is short.\n\nSecond story here. With two sentences.\n\nThird. Fourth.\n")
+    docs = prepare_data.load_documents(txt, max_sentences=32, max_docs=None)
+    assert docs[0] == ["First story.", "It is short.", EOS_SENTENCE] and len(docs) == 3
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.txt").write_text("One. Two.")
+    (folder / "b.txt").write_text("Three.")
+    assert prepare_data.load_documents(folder, 1, None) == [["One.", EOS_SENTENCE], ["Three.", EOS_SENTENCE]]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok."}\nnot json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
+        prepare_data.load_documents(bad, 32, None)
+    assert prepare_data.main(["--source", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o"), "--quiet"]) == 1
+    with pytest.raises(SystemExit):
+        prepare_data.parse_args(["--out", "x", "--max-sentences", "0"])

@@ -1,0 +1,87 @@
+"""The DeepSpeed engine around the concept transformer.
+
+Only the concept transformer's trainable parameters go to ``deepspeed.initialize``; the frozen
+SONAR decoder stays outside the engine (replicated on every rank, never sharded or re-gathered,
+kernels.md §4). The optimizer is a client ``torch.optim.AdamW`` (no JIT-compiled DeepSpeed op);
+the schedule is linear warmup then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``.
+The DeepSpeed JSON supplies ZeRO settings only: batch sizes, precision and clipping always come
+from the training configuration, so no "auto" value is ever left for DeepSpeed to guess.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from training.config import ConfigError, TrainConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def _find_auto(obj, path=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _find_auto(v, f"{path}.{k}" if path else k)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _find_auto(v, f"{path}[{i}]")
+    elif obj == "auto":
+        yield path
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The full DeepSpeed configuration: ZeRO settings from the JSON template, the rest from cfg."""
+    template = Path(cfg.system.deepspeed_config or CONFIG_DIR / f"zero{cfg.system.zero_stage}.json")
+    try:
+        ds = json.loads(template.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"system.deepspeed_config: cannot read {template}: {exc}") from exc
+    autos = list(_find_auto(ds))
+    if autos:
+        raise ConfigError(f"system.deepspeed_config {template} leaves {', '.join(autos)} as \"auto\"; give numbers")
+    if cfg.system.deepspeed_config:
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        if stage != cfg.system.zero_stage:
+            raise ConfigError(f"system.zero_stage is {cfg.system.zero_stage} but {template} sets stage {stage}")
+    ds.setdefault("zero_optimization", {})["stage"] = cfg.system.zero_stage
+    loop = cfg.loop
+    ds.update({
+        "train_micro_batch_size_per_gpu": loop.micro_batch_documents,
+        "gradient_accumulation_steps": loop.grad_accum_steps,
+        "train_batch_size": loop.micro_batch_documents * loop.grad_accum_steps * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": cfg.system.precision == "bf16"},
+        "fp16": {"enabled": cfg.system.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    })  # fmt: skip
+    return ds
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Multiplier of the base lr at optimizer step s (0-based): warmup, then cosine."""
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.loop.max_steps, cfg.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
+    """deepspeed.initialize with the trainable parameters, AdamW and the schedule."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           model_parameters=params, config=build_ds_config(cfg, world_size))  # fmt: skip
+    return engine

@@ -1,0 +1,221 @@
+"""Prepare training data once: text -> documents -> sentences -> SONAR embeddings + target tokens.
+
+    python training/prepare_data.py --source corpus.jsonl --out data/mycorpus [--sonar toy|basic|sonar.json]
+    sonarllm prepare ...                                       # the same
+
+Each document becomes at most ``--max-sentences`` sentences plus "End of sequence." (documents
+with fewer than two items are dropped). Sentences are embedded with the SONAR encoder (batched,
+with a progress bar) and tokenised in SONAR's target mode (``[</s>, lang, pieces, </s>]``, cut to
+``--max-target-tokens``). The last ``--eval-documents`` documents form the held-out split.
+
+``--sonar toy`` (the default) trains a small SentencePiece model on the corpus and writes a
+seeded random toy SONAR encoder/decoder; ``--sonar basic`` uses the released SONAR files
+(downloaded to the cache); a path to a ``sonar.json`` uses the files it names.
+
+Re-running resumes: shards already written are verified against their SHA-256 and kept; a
+missing or corrupted shard (reported by name) is rebuilt. Changing an option that alters the
+data of an existing directory is refused.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import this repository's packages, not training/'s files
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import hashlib
+import logging
+import os
+
+import torch
+
+from sonarllm.corpus import read_documents
+from sonarllm.sonar.pipeline import SonarPipeline, SonarSpec
+from sonarllm.sonar.toy import build_toy_sonar, train_toy_tokenizer
+from sonarllm.sonar.tokenizer import SonarTokenizer
+from sonarllm.text import EOS_SENTENCE, document_sentences
+from training.shards import FORMAT_VERSION, MANIFEST, ShardError, read_manifest, sha256_file, write_json_atomic, write_shard
+
+log = logging.getLogger("sonarllm.prepare")
+DEFAULT_SOURCE = Path(__file__).resolve().parent / "example" / "stories.jsonl.gz"
+BASIC_SONAR = SonarSpec("sonar_tokenizer", "text_sonar_basic_encoder", "text_sonar_basic_decoder")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sonarllm prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", default=str(DEFAULT_SOURCE), help="corpus: .txt, .jsonl (optionally .gz) or a directory of .txt files")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--sonar", default="toy", help="'toy', 'basic' or a path to a sonar.json")
+    p.add_argument("--lang", default="eng_Latn", help="SONAR language code of the corpus")
+    p.add_argument("--max-sentences", type=int, default=32, help="sentences kept per document (before the end sentence)")
+    p.add_argument("--max-target-tokens", type=int, default=256, help="cut target token sequences to this length")
+    p.add_argument("--eval-documents", type=int, default=100, help="documents held out for evaluation")
+    p.add_argument("--shard-documents", type=int, default=1000, help="documents per shard")
+    p.add_argument("--embedding-dtype", choices=("float32", "float16"), default="float32")
+    p.add_argument("--toy-vocab-size", type=int, default=1000)
+    p.add_argument("--toy-seed", type=int, default=0)
+    p.add_argument("--max-docs", type=int, default=None, help="use only the first N documents")
+    p.add_argument("--device", default="auto", help="device for the SONAR encoder")
+    p.add_argument("--max-tokens", type=int, default=16_384, help="tokens per encoder batch")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    for name in ("max_sentences", "max_target_tokens", "shard_documents", "toy_vocab_size", "max_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.eval_documents < 0:
+        p.error("--eval-documents must be >= 0")
+    if args.max_target_tokens < 4:
+        p.error("--max-target-tokens must be >= 4 (</s>, language tag, a piece, </s>)")
+    return args
+
+
+def _source_digest(source: Path) -> str:
+    """SHA-256 over the corpus file(s), so a changed corpus is noticed."""
+    if source.is_file():
+        return sha256_file(source)
+    h = hashlib.sha256()
+    for f in sorted(p for p in source.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(source)).encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def load_documents(source: Path, max_sentences: int, max_docs: int | None) -> list[list[str]]:
+    """Sentence lists (with the end sentence) of every document with at least two items."""
+    docs = []
+    for text in read_documents(source):
+        sentences = document_sentences(text, max_sentences=max_sentences)
+        if len(sentences) >= 2:
+            docs.append(sentences)
+        if max_docs is not None and len(docs) >= max_docs:
+            break
+    if not docs:
+        raise ValueError(f"{source} holds no document with at least one sentence")
+    return docs
+
+
+def resolve_sonar(args, out: Path, train_docs: list[list[str]]) -> SonarSpec:
+    """The SONAR to use, building the toy one (deterministically) when asked."""
+    if args.sonar == "toy":
+        spm_path = out / "sonar" / "toy_spm.model"
+        if not spm_path.exists():
+            sentences = [s for doc in train_docs for s in doc][:200_000]
+            train_toy_tokenizer(sentences, spm_path, vocab_size=args.toy_vocab_size)
+        enc, dec = out / "sonar" / "toy_encoder.pt", out / "sonar" / "toy_decoder.pt"
+        if not (enc.exists() and dec.exists()):
+            build_toy_sonar(SonarTokenizer(spm_path), out / "sonar", seed=args.toy_seed)
+        spec = SonarSpec("sonar/toy_spm.model", "sonar/toy_encoder.pt", "sonar/toy_decoder.pt", args.lang)
+    elif args.sonar == "basic":
+        spec = SonarSpec(BASIC_SONAR.tokenizer, BASIC_SONAR.encoder, BASIC_SONAR.decoder, args.lang)
+    else:
+        spec = SonarSpec.load(args.sonar)
+        spec = SonarSpec(spec.tokenizer, spec.encoder, spec.decoder, args.lang)
+    spec.save(out / "sonar.json")
+    return SonarSpec.load(out / "sonar.json")
+
+
+def _identity(spec: SonarSpec) -> dict:
+    """What identifies the SONAR that made the data: file digests, or asset names."""
+    ident = {}
+    for field in ("tokenizer", "encoder", "decoder"):
+        value = getattr(spec, field)
+        ident[field] = sha256_file(value) if value and os.path.isfile(value) else value
+    return ident
+
+
+def _encode_shard(pipe: SonarPipeline, docs: list[list[str]], lang: str, max_target: int, dtype, max_tokens, progress):
+    sentences = [s for doc in docs for s in doc]
+    emb = pipe.encode(sentences, lang=lang, max_tokens=max_tokens, progress=progress).to(dtype).cpu()
+    seqs = pipe.tokenizer.encode(sentences, lang=lang, mode="target")
+    eos = pipe.tokenizer.eos_idx
+    seqs = [s if len(s) <= max_target else s[: max_target - 1] + [eos] for s in seqs]
+    sentence_offsets = [0]
+    for doc in docs:
+        sentence_offsets.append(sentence_offsets[-1] + len(doc))
+    token_offsets = [0]
+    for s in seqs:
+        token_offsets.append(token_offsets[-1] + len(s))
+    return emb, sentence_offsets, [t for s in seqs for t in s], token_offsets
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    """Run (or resume) preparation; returns the manifest."""
+    source, out = Path(args.source), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    docs = load_documents(source, args.max_sentences, args.max_docs)
+    n_eval = min(args.eval_documents, len(docs) // 2)
+    train_docs, eval_docs = docs[: len(docs) - n_eval], docs[len(docs) - n_eval :]
+    spec = resolve_sonar(args, out, train_docs)
+    options = {
+        "source": str(source.resolve()), "source_sha256": _source_digest(source), "lang": args.lang,
+        "max_sentences": args.max_sentences, "max_target_tokens": args.max_target_tokens,
+        "eval_documents": n_eval, "shard_documents": args.shard_documents, "max_docs": args.max_docs,
+        "embedding_dtype": args.embedding_dtype, "eos_sentence": EOS_SENTENCE, "sonar": _identity(spec),
+    }  # fmt: skip
+    manifest_path = out / MANIFEST
+    manifest = read_manifest(out) if manifest_path.exists() else None
+    if manifest is not None and manifest["options"] != options:
+        changed = sorted(k for k in options if manifest["options"].get(k) != options[k])
+        raise ShardError(
+            f"{out} was prepared with different options ({', '.join(changed)}); use a new --out directory "
+            f"or delete {manifest_path}"
+        )
+    done = {s["name"]: s for s in manifest["shards"]} if manifest else {}
+    plan = []
+    for split, split_docs in (("train", train_docs), ("eval", eval_docs)):
+        for i, start in enumerate(range(0, len(split_docs), args.shard_documents)):
+            plan.append((f"{split}-{i:05d}.safetensors", split, split_docs[start : start + args.shard_documents]))
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    pipe = None
+    shards = []
+    for name, split, shard_docs in plan:
+        path = out / name
+        entry = done.get(name)
+        if entry is not None and path.is_file():
+            if sha256_file(path) == entry["sha256"]:
+                log.info("shard %s verified, kept", name)
+                shards.append(entry)
+                continue
+            log.warning("shard %s failed its checksum; rebuilding it", name)
+        if pipe is None:
+            pipe = SonarPipeline.from_spec(spec, decoder=False, device=device)
+        emb, so, tokens, to = _encode_shard(pipe, shard_docs, args.lang, args.max_target_tokens,
+                                            getattr(torch, args.embedding_dtype), args.max_tokens, not args.quiet)  # fmt: skip
+        digest = write_shard(path, emb, so, tokens, to)
+        shards.append({"name": name, "split": split, "documents": len(shard_docs), "sentences": so[-1],
+                       "tokens": len(tokens), "sha256": digest, "bytes": path.stat().st_size})  # fmt: skip
+        log.info("shard %s written (%d documents)", name, len(shard_docs))
+        write_json_atomic(manifest_path, _manifest(options, shards, emb.shape[1]))
+    embedding_dim = pipe.encoder.config.model_dim if pipe else (manifest or {}).get("embedding_dim")
+    manifest = _manifest(options, shards, embedding_dim, complete=True)
+    write_json_atomic(manifest_path, manifest)
+    return manifest
+
+
+def _manifest(options: dict, shards: list[dict], embedding_dim: int, complete: bool = False) -> dict:
+    totals = {split: {k: sum(s[k] for s in shards if s["split"] == split) for k in ("documents", "sentences", "tokens")}
+              for split in ("train", "eval")}  # fmt: skip
+    return {"format_version": FORMAT_VERSION, "complete": complete, "embedding_dim": embedding_dim,
+            "options": options, "totals": totals, "shards": shards}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        manifest = prepare(args)
+    except (ShardError, ValueError, FileNotFoundError, OSError) as exc:
+        print(f"sonarllm prepare: error: {exc}", file=sys.stderr)
+        return 1
+    t = manifest["totals"]
+    print(f"prepared {args.out}: train {t['train']['documents']} documents / {t['train']['sentences']} sentences / "
+          f"{t['train']['tokens']} tokens; eval {t['eval']['documents']} documents")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Prepared-data shards: SONAR embeddings and target tokens of documents, with a manifest.
+
+A prepared directory holds::
+
+    manifest.json            options, SONAR identity, totals, one entry per shard (with SHA-256)
+    sonar.json               the SonarSpec of the tokenizer/encoder/decoder used
+    sonar/                   the toy SONAR files, when the toy SONAR was built
+    train-00000.safetensors  ...  eval-00000.safetensors
+
+Each shard (safetensors) holds, for its documents::
+
+    embeddings       [sentences, E]      sentence embeddings (float32 or float16)
+    sentence_offsets [documents + 1]     int64, document d's sentences are rows [o[d], o[d+1])
+    tokens           [tokens]            int32, SONAR target-mode ids [</s>, lang, ..., </s>] of every sentence
+    token_offsets    [sentences + 1]     int64
+
+Reading is lazy (safetensors memory-maps the file; a document's rows are sliced on demand), so a
+rank touches only the documents it trains on. Every shard's SHA-256 is checked against the
+manifest before use; a mismatch names the shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class ShardError(ValueError):
+    """Prepared data that is missing, corrupted or inconsistent."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"no prepared data in {directory} ({MANIFEST} missing): run training/prepare_data.py first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"{path} is corrupted ({exc})") from exc
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{path} has format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+    return manifest
+
+
+def write_shard(path: Path, embeddings: torch.Tensor, sentence_offsets, tokens, token_offsets) -> str:
+    """Write one shard atomically; returns its SHA-256."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        "embeddings": embeddings.contiguous(),
+        "sentence_offsets": torch.as_tensor(sentence_offsets, dtype=torch.int64),
+        "tokens": torch.as_tensor(tokens, dtype=torch.int32),
+        "token_offsets": torch.as_tensor(token_offsets, dtype=torch.int64),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates the file private; give it the usual permissions
+    digest = sha256_file(tmp)
+    os.replace(tmp, path)
+    return digest
+
+
+@dataclass
+class Document:
+    """One document: its sentence embeddings [S, E] and the target-mode token ids of each sentence."""
+
+    embeddings: torch.Tensor
+    tokens: list[list[int]]
+
+
+class ShardedDocuments:
+    """Random access to the documents of one split of a prepared directory.
+
+    Args:
+        directory: the prepared directory.
+        split: "train" or "eval".
+        verify: check every shard's SHA-256 against the manifest first.
+    """
+
+    def __init__(self, directory: str | os.PathLike, split: str, *, verify: bool = True):
+        from safetensors import safe_open
+
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        entries = [s for s in self.manifest["shards"] if s["split"] == split]
+        if not entries:
+            raise ShardError(f"{self.directory} has no {split!r} shards")
+        self._files, self._sentence_offsets, self._token_offsets = [], [], []
+        doc_index = []
+        for i, entry in enumerate(entries):
+            path = self.directory / entry["name"]
+            if not path.is_file():
+                raise ShardError(f"shard {entry['name']} listed in the manifest is missing from {self.directory}")
+            if verify and sha256_file(path) != entry["sha256"]:
+                raise ShardError(
+                    f"shard {entry['name']} failed its checksum (the file changed or is corrupted); "
+                    f"re-run data preparation to rebuild it"
+                )
+            handle = safe_open(str(path), framework="pt")
+            self._files.append(handle)
+            self._sentence_offsets.append(handle.get_tensor("sentence_offsets"))
+            self._token_offsets.append(handle.get_tensor("token_offsets"))
+            doc_index += [(i, d) for d in range(entry["documents"])]
+        self._doc_index = doc_index
+        self.embedding_dim = int(self.manifest["embedding_dim"])
+
+    def __len__(self) -> int:
+        return len(self._doc_index)
+
+    def num_sentences(self, doc: int) -> int:
+        shard, d = self._doc_index[doc]
+        o = self._sentence_offsets[shard]
+        return int(o[d + 1] - o[d])
+
+    def sentence_token_counts(self, doc: int) -> list[int]:
+        """Length of each sentence's target-mode token sequence."""
+        shard, d = self._doc_index[doc]
+        so, to = self._sentence_offsets[shard], self._token_offsets[shard]
+        return (to[so[d] + 1 : so[d + 1] + 1] - to[so[d] : so[d + 1]]).tolist()
+
+    def __getitem__(self, doc: int) -> Document:
+        shard, d = self._doc_index[doc]
+        f, so, to = self._files[shard], self._sentence_offsets[shard], self._token_offsets[shard]
+        first, last = int(so[d]), int(so[d + 1])
+        embeddings = f.get_slice("embeddings")[first:last]
+        flat = f.get_slice("tokens")[int(to[first]) : int(to[last])].tolist()
+        bounds = (to[first : last + 1] - to[first]).tolist()
+        return Document(embeddings, [flat[bounds[i] : bounds[i + 1]] for i in range(last - first)])

@@ -1,0 +1,310 @@
+"""Train SONAR-LLM with DeepSpeed ZeRO: ``deepspeed training/train.py [--config FILE] [--section.key value ...]``.
+
+The defaults run the embedded example end to end on one CPU: the example stories are prepared
+once (sentences, toy SONAR embeddings and target tokens, ``data/example``), the ``toy`` concept
+transformer trains through the frozen toy SONAR decoder, evaluates on held-out stories, writes
+checkpoints, ``metrics.jsonl``, ``loss.png`` and the final model (``runs/example/final``), which
+``sonarllm generate --model runs/example/final`` loads. With a real SONAR and corpus the same
+command scales up through the configuration only (training/configs/*.toml).
+
+Also runnable as ``torchrun --nproc_per_node N training/train.py`` or ``python training/train.py``.
+On CPU it uses gloo, on CUDA NCCL. Each micro-batch's loss is its token sum divided by the
+number of label tokens of the whole optimizer step over all ranks, so gradient accumulation and
+data parallelism average exactly like one big batch. SIGINT/SIGTERM stop at the next step with
+a checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import this repository's packages, not training/'s files
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import json
+import os
+import signal
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+
+from training.config import ConfigError, TrainConfig, load_config, parse_cli
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_env() -> None:
+    """``python training/train.py``: a world of one, without MPI discovery."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+class Trainer:
+    """One training run (every rank builds one)."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        from sonarllm.config import SonarLLMConfig
+        from sonarllm.loss import SonarTokenLoss
+        from sonarllm.model import SonarLLM
+        from sonarllm.mse_loss import NextSentenceMSELoss
+        from sonarllm.normalizer import SonarNormalizer
+        from sonarllm.sonar.pipeline import SonarPipeline, SonarSpec
+        from training.checkpoint import Checkpointer
+        from training.data import StepSchedule
+        from training.engine import build_engine
+        from training.metrics import MetricsLog
+        from training.shards import ShardedDocuments
+
+        self.cfg, self.device = cfg, device
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.run_dir = Path(cfg.run.output_dir)
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.system.precision]
+        prepared = self._ensure_prepared()
+        self.spec = SonarSpec.load(prepared / "sonar.json")
+        self.train_docs = ShardedDocuments(prepared, "train", verify=cfg.data.verify_checksums)
+        self.eval_docs = ShardedDocuments(prepared, "eval", verify=cfg.data.verify_checksums)
+
+        pipe = SonarPipeline.from_spec(self.spec, encoder=False, device=device, kernel_impl=cfg.model.kernel_impl)
+        self.eos_idx = pipe.tokenizer.eos_idx
+        decoder = pipe.decoder.to(dtype=self.dtype)  # frozen, replicated, outside the engine
+        self.token_loss = SonarTokenLoss(decoder, pipe.tokenizer, duplicate_eos=cfg.data.duplicate_eos,
+                                         kernel_impl=cfg.model.kernel_impl)  # fmt: skip
+
+        mcfg = SonarLLMConfig.from_name(cfg.model.preset, **cfg.model.overrides)
+        mcfg = mcfg.replace(objective=cfg.model.objective, kernel_impl=cfg.model.kernel_impl)
+        for what, width in (("the prepared embeddings", self.train_docs.embedding_dim),
+                            ("the SONAR decoder", decoder.config.model_dim)):  # fmt: skip
+            if width != mcfg.sonar_dim:
+                raise ConfigError(
+                    f"model.preset {cfg.model.preset!r} works in {mcfg.sonar_dim}-d SONAR space but {what} "
+                    f"is {width}-d; set model.overrides.sonar_dim or use the matching data.sonar"
+                )
+        torch.manual_seed(cfg.run.seed)
+        model = SonarLLM(mcfg)
+        model.gradient_checkpointing = cfg.model.gradient_checkpointing
+        if mcfg.use_normalizer:
+            sample = torch.cat([self.train_docs[d].embeddings for d in range(min(len(self.train_docs), 2000))])
+            model.set_normalizer(SonarNormalizer(mcfg.sonar_dim).fit(sample.float()))
+        self.engine = build_engine(model, cfg, self.world)
+        self.mse_loss = NextSentenceMSELoss.for_model(self.engine.module) if cfg.model.objective == "mse" else None
+        self.schedule = StepSchedule(self.train_docs, micro=cfg.loop.micro_batch_documents, accum=cfg.loop.grad_accum_steps,
+                                     world=self.world, seed=cfg.run.seed, duplicate_eos=cfg.data.duplicate_eos)  # fmt: skip
+        self.metrics = MetricsLog(self.run_dir, enabled=self.rank == 0)
+        self.ckpt = Checkpointer(self.run_dir, cfg.loop.keep_checkpoints, rank=self.rank, local_rank=self.local_rank)
+        self.stop_requested = False
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    def _ensure_prepared(self) -> Path:
+        """Prepare the data once (rank 0), unless a complete preparation is already there."""
+        from training import prepare_data
+        from training.shards import MANIFEST
+
+        prepared = Path(self.cfg.data.prepared_dir)
+        manifest = prepared / MANIFEST
+        complete = manifest.is_file() and json.loads(manifest.read_text()).get("complete", False)
+        if not complete and self.rank == 0:
+            d = self.cfg.data
+            args = prepare_data.parse_args([
+                "--source", d.source, "--out", str(prepared), "--sonar", d.sonar, "--lang", d.lang,
+                "--max-sentences", str(d.max_sentences), "--eval-documents", str(d.eval_documents),
+                "--device", self.device.type,
+            ] + ([] if self.cfg.system.progress else ["--quiet"]))  # fmt: skip
+            prepare_data.prepare(args)
+        dist.barrier()
+        return prepared
+
+    def resume(self) -> int:
+        """The step to start from (0, or the step after the checkpoint loaded)."""
+        from training.checkpoint import Checkpointer
+
+        choice = self.cfg.run.resume
+        path = self.ckpt.latest() if choice == "auto" else None if choice == "never" else Path(choice)
+        if choice == "never" and self.ckpt.latest() is not None:
+            raise ConfigError(
+                f"run.resume is 'never' but {self.run_dir} already holds checkpoints; choose another "
+                "run.output_dir or resume with run.resume auto"
+            )
+        if path is None:
+            return 0
+        client = Checkpointer.load(self.engine, path)
+        self.metrics.truncate_after(client["step"])
+        if self.rank == 0:
+            print(f"resumed from {path} (step {client['step']})", flush=True)
+        return client["step"]
+
+    # --- one optimizer step -----------------------------------------------------------------------
+
+    def _loss(self, batch, num_items) -> torch.Tensor:
+        pred_TE = self.engine(batch.embeds_TE, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
+        pred_NE = pred_TE[batch.pred_index_N]
+        if self.mse_loss is not None:
+            return self.mse_loss(pred_NE, batch.target_embeds_NE, num_items=num_items)
+        return self.token_loss(pred_NE, batch.targets, num_items=num_items)
+
+    def _batch(self, doc_ids):
+        from training.data import collate
+
+        docs = [self.train_docs[d] if isinstance(d, int) else d for d in doc_ids]
+        return collate(docs, eos_idx=self.eos_idx, duplicate_eos=self.cfg.data.duplicate_eos).to(self.device, self.dtype)
+
+    def train_step(self, step: int) -> dict:
+        self.engine.train()
+        labels, sentences = self.schedule.step_counts(step)
+        num_items = sentences if self.mse_loss is not None else labels
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for m in range(self.cfg.loop.grad_accum_steps):
+            batch = self._batch(self.schedule.micro_documents(step, m, self.rank))
+            loss = self._loss(batch, num_items)
+            # DeepSpeed averages gradients over ranks; the loss is already a global mean: undo it.
+            self.engine.backward(loss * self.world, scale_wrt_gas=False)
+            self.engine.step()
+            total += loss.detach().double()
+        dist.all_reduce(total)
+        return {"loss": total.item(), "tokens": labels, "sentences": sentences}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Held-out objective over at most loop.eval_max_documents documents (all ranks)."""
+        from training.data import collate
+
+        self.engine.eval()
+        n = min(len(self.eval_docs), self.cfg.loop.eval_max_documents)
+        micro = self.cfg.loop.micro_batch_documents
+        rounds = -(-n // (micro * self.world))
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for k in range(rounds):  # the same number of forwards on every rank (ZeRO-3 gathers per forward)
+            start = (k * self.world + self.rank) * micro
+            ids = list(range(start, min(start + micro, n)))
+            weight = 1.0 if ids else 0.0
+            batch = collate([self.eval_docs[d] for d in (ids or [0])], eos_idx=self.eos_idx,
+                            duplicate_eos=self.cfg.data.duplicate_eos).to(self.device, self.dtype)  # fmt: skip
+            count = batch.pred_index_N.numel() if self.mse_loss is not None else batch.targets.num_tokens
+            sums += torch.tensor([self._loss(batch, 1).double().item() * weight, count * weight], device=self.device, dtype=torch.float64)
+        dist.all_reduce(sums)
+        return (sums[0] / sums[1]).item()
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def _save(self, step: int) -> None:
+        from training.checkpoint import rng_state
+
+        self.ckpt.save(self.engine, step, {"rng": rng_state()})
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def run(self) -> int:
+        from tqdm.auto import tqdm
+
+        from training.checkpoint import export_model
+
+        loop = self.cfg.loop
+        start = self.resume()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: setattr(self, "stop_requested", True))
+        bar = tqdm(total=loop.max_steps, initial=start, disable=self.rank != 0 or not self.cfg.system.progress,
+                   desc="train", unit="step", dynamic_ncols=True)  # fmt: skip
+        step, last_saved, window = start, start, []
+        t0 = time.perf_counter()
+        while step < loop.max_steps:
+            tic = time.perf_counter()
+            lr = self.engine.get_lr()[0]
+            out = self.train_step(step) | {"lr": lr}
+            step += 1
+            dt = time.perf_counter() - tic
+            window.append((out, dt))
+            bar.update(1)
+            bar.set_postfix(loss=f"{out['loss']:.4f}", tok_s=f"{out['tokens'] / dt:.0f}")
+            if step % loop.log_every == 0 or step == loop.max_steps:
+                secs = sum(w[1] for w in window)
+                self.metrics.write({
+                    "step": step, "loss": sum(w[0]["loss"] for w in window) / len(window),
+                    "lr": out["lr"], "tokens_per_s": sum(w[0]["tokens"] for w in window) / secs,
+                    "sentences_per_s": sum(w[0]["sentences"] for w in window) / secs,
+                    "elapsed_s": time.perf_counter() - t0,
+                })  # fmt: skip
+                window = []
+            if step % loop.eval_every == 0 or step == loop.max_steps:
+                eval_loss = self.evaluate()
+                self.metrics.write({"step": step, "eval_loss": eval_loss})
+                self.metrics.plot()
+                if self.rank == 0:
+                    bar.write(f"step {step}: train loss {out['loss']:.4f}, eval loss {eval_loss:.4f}")
+            if step % loop.checkpoint_every == 0:
+                self._save(step)
+                last_saved = step
+            if self.cfg.run.stop_after and step - start >= self.cfg.run.stop_after:
+                break
+            if self._should_stop():
+                break
+        bar.close()
+        if step != last_saved:
+            self._save(step)
+        if step >= loop.max_steps:
+            export_model(self.engine, self.run_dir / "final", self.spec, rank=self.rank)
+            if self.rank == 0:
+                print(f"done: {step} steps in {time.perf_counter() - t0:.0f}s; model in {self.run_dir / 'final'}; "
+                      f"metrics in {self.metrics.path}", flush=True)  # fmt: skip
+            return 0
+        if self.rank == 0:
+            print(f"stopped at step {step}; checkpoint saved in {self.ckpt.root}", flush=True)
+        return 130 if self.stop_requested else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        from training.config import known_keys
+
+        print("configuration keys:\n  " + "\n  ".join(known_keys()))
+        return 0
+    try:
+        path, overrides = parse_cli(argv)
+        cfg = load_config(path, overrides)
+    except ConfigError as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 2
+    use_cuda = cfg.system.device == "cuda" or (cfg.system.device == "auto" and torch.cuda.is_available())
+    if cfg.system.device == "cuda" and not torch.cuda.is_available():
+        print("train.py: error: system.device is 'cuda' but no CUDA device is available", file=sys.stderr)
+        return 2
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _single_process_env()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    try:
+        if dist.get_rank() == 0:
+            Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
+            tmp = Path(cfg.run.output_dir) / "config.json.tmp"
+            tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            os.replace(tmp, Path(cfg.run.output_dir) / "config.json")
+        return Trainer(cfg, device).run()
+    except ConfigError as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
