@@ -1,0 +1,450 @@
+"""The ``sonarllm`` command: generate, evaluate, and the data / training entry points.
+
+    sonarllm generate --model DIR --prompt "Once upon a time, ..." [--stream] [--json]
+    sonarllm evaluate --model DIR --data held_out.jsonl [--json results.json]
+    sonarllm prepare ...   # delegated to training.prepare_data.main
+    sonarllm train ...     # delegated to training.train.main
+
+Conventions: ``--help`` on every command; exit status 0 on success, 2 for a bad command line
+(argparse's errors, an empty prompt), 1 for a runtime error (missing or incompatible model
+directory, missing SONAR file, corrupted checkpoint, missing optional dependency, ...), which is
+reported as one line on stderr without a traceback (set ``SONARLLM_DEBUG=1`` to get the
+traceback instead). ``--device auto`` picks CUDA when available, else the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+PROG = "sonarllm"
+DELEGATES = {
+    "prepare": ("training.prepare_data", "prepare a corpus: split, SONAR-encode and shard it"),
+    "train": ("training.train", "train a SONAR-LLM (DeepSpeed)"),
+}
+
+
+class UsageError(Exception):
+    """A command-line value that argparse cannot check (exit status 2)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument types (their errors are usage errors, exit status 2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _threshold(text: str) -> float | None:
+    if text.lower() in ("none", "off"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number in [-1, 1] or 'none', got {text!r}"
+        ) from None
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [-1, 1] or 'none', got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {text!r}"
+        ) from None
+    return text
+
+
+def resolve_device(name: str):
+    """``auto`` -> cuda when available, else cpu; an unavailable CUDA device is an error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="trained model directory (config.json, model.safetensors, sonar.json)",
+    )
+    p.add_argument(
+        "--device",
+        type=_device,
+        default="auto",
+        help="'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'",
+    )
+    p.add_argument(
+        "--beam-size",
+        type=_positive_int,
+        default=5,
+        help="SONAR decoder beam size, 1 = greedy (default: 5)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=None,
+        help="most tokens per decoded sentence (default: SONAR's limit)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=_non_negative_float,
+        default=0.0,
+        help="embedding-space noise: pred + T * rms(pred) * N(0, I) (default: 0)",
+    )
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="noise seed (default: 0)")
+    p.add_argument(
+        "--lang", default=None, help="SONAR language code (default: the model's, eng_Latn)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="SONAR-LLM: generate text, evaluate a model, prepare data, train."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser(
+        "generate",
+        help="continue prompts sentence by sentence",
+        description="Continue each prompt sentence by sentence until the model "
+        "predicts the end sentence or --max-sentences is reached.",
+    )
+    _add_model_args(gen)
+    gen.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a prompt (repeat for several)",
+    )
+    gen.add_argument(
+        "--prompts-file",
+        metavar="FILE",
+        help="a file with one prompt per line (blank lines skipped); '-' = stdin",
+    )
+    gen.add_argument(
+        "--max-sentences",
+        type=_positive_int,
+        default=32,
+        help="most sentences per document, prompt + generated (default: 32)",
+    )
+    gen.add_argument(
+        "--eos-threshold",
+        type=_threshold,
+        default=0.98,
+        help="stop when cos(sentence, 'End of sequence.') >= this; 'none' disables (default: 0.98)",
+    )
+    gen.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=32,
+        help="prompts generated together (default: 32)",
+    )
+    gen.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="print each sentence as soon as it is generated",
+    )
+    gen.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="held-out cross-entropy, next-sentence ROUGE-L / BLEU",
+        description="Evaluate a model on held-out documents: token cross-entropy "
+        "through the SONAR decoder, cosine of predicted and true next embeddings, "
+        "next-sentence ROUGE-L and BLEU after 2-sentence and half-document "
+        "prefixes.",
+    )
+    _add_model_args(ev)
+    ev.add_argument(
+        "--data",
+        required=True,
+        metavar="PATH",
+        help="held-out documents: .txt (blank-line separated), .jsonl, optionally "
+        ".gz, or a directory of .txt files",
+    )
+    ev.add_argument("--text-field", default="text", help="JSON field of a .jsonl corpus")
+    ev.add_argument(
+        "--max-docs",
+        type=_positive_int,
+        default=512,
+        help="evaluate the first N documents (default: 512, the paper's)",
+    )
+    ev.add_argument(
+        "--batch-size", type=_positive_int, default=16, help="documents per batch (default: 16)"
+    )
+    ev.add_argument(
+        "--max-sentences",
+        type=_positive_int,
+        default=32,
+        help="sentences kept per document (default: 32)",
+    )
+    ev.add_argument(
+        "--no-nlg",
+        action="store_true",
+        help="skip the decoded ROUGE-L / BLEU metrics (cross-entropy and cosine only)",
+    )
+    ev.add_argument(
+        "--duplicate-eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="label convention of the cross-entropy, as the model was trained: the paper's "
+        "extra </s> label (default) or not",
+    )
+    ev.add_argument(
+        "--json",
+        metavar="OUT",
+        help="also write the results as JSON to OUT ('-' = stdout, no table)",
+    )
+
+    for name, (module, text) in DELEGATES.items():
+        sub.add_parser(
+            name, help=f"{text} (runs {module}; see 'sonarllm {name} --help')", add_help=False
+        )
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file is not None:
+        if args.prompts_file == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            path = Path(args.prompts_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"prompts file not found: {path}")
+            lines = path.read_text(encoding="utf-8").splitlines()
+        prompts += [line for line in lines if line.strip()]
+    return prompts
+
+
+def _check_prompts(prompts: list[str]) -> None:
+    from sonarllm.text import split_sentences
+
+    if not prompts:
+        raise UsageError("no prompt given: use --prompt TEXT or --prompts-file FILE")
+    for i, text in enumerate(prompts):
+        if not split_sentences(text):
+            raise UsageError(f"prompt #{i + 1} is empty: a prompt needs at least one sentence")
+
+
+def _check_sonar_files(model_dir: Path) -> None:
+    """Name a missing SONAR file before loading starts (a local path in sonar.json that does not
+    exist would otherwise be taken for an asset name to download)."""
+    from sonarllm.bundle import SPEC_NAME
+    from sonarllm.sonar.download import ASSETS
+    from sonarllm.sonar.pipeline import SonarSpec
+
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory not found: {model_dir}")
+    spec = SonarSpec.load(model_dir / SPEC_NAME)
+    for field in ("tokenizer", "encoder", "decoder"):
+        value = getattr(spec, field)
+        if value is None or value in ASSETS or "://" in value:
+            continue
+        path = Path(value) if os.path.isabs(value) else model_dir / value
+        if not path.exists():
+            raise FileNotFoundError(
+                f"SONAR {field} file not found: {path} (named in {model_dir / SPEC_NAME})"
+            )
+
+
+def _load(args):
+    from sonarllm.bundle import load_bundle
+
+    model_dir = Path(args.model)
+    _check_sonar_files(model_dir)
+    return load_bundle(model_dir, device=resolve_device(args.device))
+
+
+def cmd_generate(args) -> int:
+    from sonarllm.generate import GenerationOptions, generate, stream
+
+    prompts = _read_prompts(args)
+    _check_prompts(prompts)
+    options = GenerationOptions(
+        max_sentences=args.max_sentences,
+        eos_threshold=args.eos_threshold,
+        beam_size=args.beam_size,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        lang=args.lang,
+        batch_size=args.batch_size,
+    )
+    bundle = _load(args)
+    if args.stream:
+        for item in stream(bundle.model, bundle.pipeline, prompts, options):
+            if args.json:
+                line = json.dumps({"index": item.index, "sentence": item.sentence})
+            else:
+                line = item.sentence if len(prompts) == 1 else f"[{item.index}] {item.sentence}"
+            print(line, flush=True)
+        return 0
+    for i, result in enumerate(generate(bundle.model, bundle.pipeline, prompts, options)):
+        if args.json:
+            print(json.dumps({"index": i, **result.to_dict()}), flush=True)
+        else:
+            print(result.text, flush=True)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from sonarllm import metrics
+    from sonarllm.corpus import read_documents
+    from sonarllm.evaluate import EvalOptions, evaluate, format_table
+
+    options = EvalOptions(
+        max_documents=args.max_docs,
+        batch_size=args.batch_size,
+        beam_size=args.beam_size,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        max_sentences=args.max_sentences,
+        nlg=not args.no_nlg,
+        duplicate_eos=args.duplicate_eos,
+        lang=args.lang,
+    )
+    if options.nlg:
+        metrics.check_available()  # fail before the model loads
+    data = Path(args.data)
+    if not data.exists():
+        raise FileNotFoundError(f"evaluation data not found: {data}")
+    bundle = _load(args)
+    documents = read_documents(data, text_field=args.text_field)
+    results = evaluate(bundle.model, bundle.pipeline, documents, options)
+    results["model"], results["data"] = str(args.model), str(data)
+    text = json.dumps(results, indent=2)
+    if args.json == "-":
+        print(text)
+        return 0
+    print(format_table(results))
+    if args.json is not None:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, out)
+        print(f"results written to {out}")
+    return 0
+
+
+def _delegate(name: str, argv: list[str]) -> int:
+    module_name = DELEGATES[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(
+            f"'{PROG} {name}' needs {module_name} and the training extra "
+            f"(pip install 'sonarllm[train]'): {exc}"
+        ) from exc
+    try:
+        code = module.main(argv)
+    except SystemExit as exc:  # argparse inside the delegate
+        code = exc.code
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 1
+
+
+def _error(command: str | None, exc: BaseException) -> None:
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    where = f"{PROG} {command}" if command else PROG
+    print(f"{where}: error: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``sonarllm`` command line; returns the exit status (0, 1 or 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else None
+    debug = os.environ.get("SONARLLM_DEBUG", "") not in ("", "0")
+    try:
+        if command in DELEGATES:
+            return _delegate(command, argv[1:])
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help (0) or a usage error (2)
+            return exc.code if isinstance(exc.code, int) else 2
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        run = {"generate": cmd_generate, "evaluate": cmd_evaluate}[args.command]
+        return run(args)
+    except UsageError as exc:
+        _error(command, exc)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        _error(command, exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

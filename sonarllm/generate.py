@@ -1,0 +1,397 @@
+"""Text generation with a trained SONAR-LLM, one sentence at a time (docs/sonar-llm.md §5).
+
+    prompt text --split_sentences--> sentences --SONAR encoder--> embeddings [n, E]
+    loop:  concept transformer (KV cache) --> predicted next embedding [E]
+           (+ optional Gaussian noise, ``GenerationOptions.temperature``)
+           --SONAR decoder beam search--> sentence --SONAR encoder--> re-encoded embedding [E]
+           stop if cos(re-encoded, e("End of sequence.")) >= eos_threshold (not emitted)
+           else emit the sentence and append the *re-encoded* vector to the context
+
+as the reference ``generate.py`` does, with two differences: the context is kept in a KV cache
+(``SonarLLM.prefill`` / ``step``) instead of re-running the whole prefix every step (the
+reference's behaviour is ``recompute=True``, kept to test that both agree), and a batch of
+prompts of different lengths runs together: ragged prefill, one ``step`` per generated sentence
+for the prompts still running, ``KVCache.select`` to drop finished ones.
+
+Counting (``max_sentences``, default 32, the paper's T_max): prompt sentences plus generated
+sentences never exceed ``max_sentences``; a prompt that already has that many gets nothing. (The
+reference loop ``while len(sents) <= 32`` lets a document reach 33 sentences; we use the paper's
+"32 sentences" and the training data's cap.)
+
+Noise (``temperature`` T >= 0, default 0 = deterministic): before decoding, each predicted
+embedding p [E] becomes ``p + T * rms(p) * z`` with ``rms(p) = sqrt(mean_i p_i^2)`` and
+``z ~ N(0, I_E)`` (float32), so T is the noise-to-signal ratio per dimension (the noise norm is
+about ``T * ||p||``). z is drawn on the CPU from a generator private to each prompt, seeded
+with ``seed * 1_000_003 + prompt index``: results depend on (seed, prompt index) only, not on
+the device, on batching, or on when other prompts finish. The noisy vector is only decoded;
+the context gets the re-encoded sentence as always.
+
+Pure steps in gpt-fast style: ``split_prompts``, ``prefill``, ``predict_next`` (KV cache) or
+``predict_recomputed`` (full forward), ``perturb``, ``decode_sentences``, ``should_stop``;
+``stream`` runs the loop and yields sentences as they are produced, ``generate`` collects them.
+
+Shape legend: B prompts still running, E SONAR dim, T packed prompt sentences.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from sonarllm.model import KVCache, SonarLLM
+from sonarllm.sonar.generation import BeamSearchOptions
+from sonarllm.sonar.pipeline import SonarPipeline
+from sonarllm.text import EOS_SENTENCE, MAX_SENTENCES, split_sentences
+
+STOP_EOS = "eos"
+STOP_MAX_SENTENCES = "max_sentences"
+_SEED_STRIDE = 1_000_003  # prompt i of seed s draws from a generator seeded s * stride + i
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How ``generate`` / ``stream`` run (see the module docstring for the exact semantics)."""
+
+    max_sentences: int = MAX_SENTENCES
+    """Most sentences in a finished document, prompt + generated (the paper's T_max = 32)."""
+    eos_threshold: float | None = 0.98
+    """Stop a prompt when cos(re-encoded sentence, embedding of ``eos_sentence``) >= this (that
+    sentence is not emitted); in [-1, 1]. None disables the test (stop at max_sentences only)."""
+    eos_sentence: str = EOS_SENTENCE
+    """The end sentence the model was trained to predict last ("End of sequence.")."""
+    beam_size: int = 5
+    """SONAR decoder beam size (1 = greedy); the reference uses fairseq2's default 5."""
+    max_tokens: int | None = None
+    """Most tokens per decoded sentence, its final </s> included (``BeamSearchOptions
+    max_gen_len=(0, max_tokens)``). None keeps SONAR's pipeline default (fairseq2's
+    ``max_gen_len=(1, 128)``, bounded by the decoder's positions)."""
+    temperature: float = 0.0
+    """Embedding-space noise: p + T * rms(p) * z, z ~ N(0, I). 0 = deterministic decoding."""
+    seed: int = 0
+    """Seed of the noise generators (prompt i uses ``seed * 1_000_003 + i``)."""
+    lang: str | None = None
+    """SONAR language code of prompts and outputs (None: the tokenizer's default, eng_Latn)."""
+    batch_size: int = 32
+    """Prompts generated together (results do not depend on it)."""
+    recompute: bool = False
+    """Re-run the full forward over the context every step instead of the KV cache (the
+    reference's way; slower, kept to test that both agree)."""
+
+    def __post_init__(self) -> None:
+        for name, low in (("max_sentences", 1), ("beam_size", 1), ("batch_size", 1)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                raise ValueError(f"GenerationOptions.{name} must be an int >= {low}, got {value!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise ValueError(
+                f"GenerationOptions.max_tokens must be None or an int >= 1, got {self.max_tokens!r}"
+            )
+        if self.eos_threshold is not None and (
+            not _is_real(self.eos_threshold) or not -1.0 <= self.eos_threshold <= 1.0
+        ):
+            raise ValueError(
+                "GenerationOptions.eos_threshold must be None or a number in [-1, 1], "
+                f"got {self.eos_threshold!r}"
+            )
+        if not _is_real(self.temperature) or self.temperature < 0:
+            raise ValueError(
+                "GenerationOptions.temperature must be a finite number >= 0, "
+                f"got {self.temperature!r}"
+            )
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"GenerationOptions.seed must be an int >= 0, got {self.seed!r}")
+        if not isinstance(self.eos_sentence, str) or not self.eos_sentence.strip():
+            raise ValueError(
+                f"GenerationOptions.eos_sentence must be a non-empty str, got {self.eos_sentence!r}"
+            )
+        if self.lang is not None and not isinstance(self.lang, str):
+            raise ValueError(f"GenerationOptions.lang must be None or a str, got {self.lang!r}")
+        if not isinstance(self.recompute, bool):
+            raise ValueError(f"GenerationOptions.recompute must be a bool, got {self.recompute!r}")
+
+    def beam_search_options(self) -> BeamSearchOptions:
+        """The SONAR decoder's beam search settings for these options."""
+        if self.max_tokens is None:
+            return BeamSearchOptions(beam_size=self.beam_size)
+        return BeamSearchOptions(beam_size=self.beam_size, max_gen_len=(0.0, self.max_tokens))
+
+
+@dataclass
+class GeneratedText:
+    """One prompt's result.
+
+    Attributes:
+        prompt_sentences: the prompt as split into sentences (the model's context).
+        sentences: generated sentences in order (the end sentence is never included).
+        scores: the decoder's beam score of each generated sentence (length-normalised
+            log-probability given the decoded embedding).
+        stop_reason: "eos" (the end sentence was predicted) or "max_sentences".
+    """
+
+    prompt_sentences: list[str]
+    sentences: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    stop_reason: str = STOP_MAX_SENTENCES
+
+    @property
+    def continuation(self) -> str:
+        """The generated sentences joined by single spaces (empty ones skipped)."""
+        return " ".join(s for s in self.sentences if s)
+
+    @property
+    def text(self) -> str:
+        """Prompt and continuation joined by single spaces, as the reference prints them."""
+        return " ".join(s for s in [*self.prompt_sentences, *self.sentences] if s)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "text": self.text}
+
+
+class StreamedSentence(NamedTuple):
+    """A sentence of prompt ``index`` (its position in the ``prompts`` list), as produced."""
+
+    index: int
+    sentence: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure steps
+
+
+def split_prompts(prompts: Sequence[str]) -> list[list[str]]:
+    """Sentences of each prompt; raises ValueError naming an empty prompt."""
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError("prompts must be a list of str (one text per prompt), not a single str")
+    if len(prompts) == 0:
+        raise ValueError("prompts must not be empty (got an empty list)")
+    out = []
+    for i, text in enumerate(prompts):
+        if not isinstance(text, str):
+            raise TypeError(f"prompts[{i}] must be a str, got {type(text).__name__}")
+        sentences = split_sentences(text)
+        if not sentences:
+            raise ValueError(f"prompts[{i}] is empty: a prompt needs at least one sentence")
+        out.append(sentences)
+    return out
+
+
+def _packed(embeds: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed [T, E], int32 cu_seqlens [B + 1] and each document's last row [B]."""
+    x_TE = torch.cat(list(embeds))
+    lengths = torch.tensor([len(e) for e in embeds], dtype=torch.int64)
+    cu = F.pad(lengths.cumsum(0), (1, 0)).to(device=x_TE.device, dtype=torch.int32)
+    return x_TE, cu, cu[1:].long() - 1
+
+
+def prefill(
+    model: SonarLLM, embeds: Sequence[torch.Tensor], capacity: int
+) -> tuple[torch.Tensor, KVCache]:
+    """Put B prompts (embeddings [n_b, E] each, in the model's dtype and device) into a new
+    KV cache of ``capacity`` sentences per prompt; returns the predicted next embedding of each
+    prompt [B, E] and the cache."""
+    x_TE, cu, last_B = _packed(embeds)
+    cache = model.new_cache(len(embeds), capacity)
+    pred_TE = model.prefill(x_TE, cache, cu_seqlens=cu)
+    return pred_TE[last_B], cache
+
+
+def predict_next(model: SonarLLM, new_BE: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Append one sentence embedding per prompt to the cache; the next predictions [B, E]."""
+    return model.step(new_BE, cache)
+
+
+@torch.no_grad()
+def predict_recomputed(model: SonarLLM, contexts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The next predictions [B, E] from a full forward over each whole context [n_b, E] (the
+    reference's no-cache loop)."""
+    x_TE, cu, last_B = _packed(contexts)
+    return model(x_TE, cu_seqlens=cu)[last_B]
+
+
+def noise_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per prompt, seeded from (seed, prompt index) only."""
+    return [torch.Generator().manual_seed(seed * _SEED_STRIDE + i) for i in indices]
+
+
+def perturb(
+    pred_BE: torch.Tensor, temperature: float, generators: Sequence[torch.Generator]
+) -> torch.Tensor:
+    """``p + T * rms(p) * z`` per row, z ~ N(0, I) from that row's generator (float32). T = 0
+    returns the predictions (as float32) without drawing."""
+    pred_BE = pred_BE.float()
+    if temperature == 0:
+        return pred_BE
+    if len(generators) != pred_BE.shape[0]:
+        raise ValueError(f"need one generator per row: {len(generators)} for {pred_BE.shape[0]}")
+    width = pred_BE.shape[1]
+    z_BE = torch.stack([torch.randn(width, generator=g) for g in generators]).to(pred_BE.device)
+    rms_B1 = pred_BE.pow(2).mean(dim=1, keepdim=True).sqrt()
+    return pred_BE + temperature * rms_B1 * z_BE
+
+
+def decode_sentences(
+    pipeline: SonarPipeline, emb_BE: torch.Tensor, options: GenerationOptions
+) -> tuple[list[str], list[float]]:
+    """Beam-search each embedding to text; returns the best sentences and their scores."""
+    hyps = pipeline.decode_hypotheses(emb_BE, options.lang, options.beam_search_options())
+    texts = [pipeline.tokenizer.decode(h[0].seq) for h in hyps]
+    return texts, [float(h[0].score) for h in hyps]
+
+
+def should_stop(emb_BE: torch.Tensor, eos_E: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """Bool [B]: cos(emb_b, eos) >= threshold (all False when threshold is None)."""
+    if threshold is None:
+        return torch.zeros(emb_BE.shape[0], dtype=torch.bool, device=emb_BE.device)
+    cos_B = F.cosine_similarity(emb_BE.float(), eos_E.float().to(emb_BE.device)[None], dim=-1)
+    return cos_B >= threshold
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _check(model: SonarLLM, pipeline: SonarPipeline, options: GenerationOptions) -> None:
+    if not isinstance(model, SonarLLM):
+        raise TypeError(f"model must be a SonarLLM, got {type(model).__name__}")
+    if not isinstance(pipeline, SonarPipeline):
+        raise TypeError(f"pipeline must be a SonarPipeline, got {type(pipeline).__name__}")
+    if not isinstance(options, GenerationOptions):
+        raise TypeError(f"options must be GenerationOptions, got {type(options).__name__}")
+    if pipeline.encoder is None or pipeline.decoder is None:
+        raise ValueError("generation needs a pipeline with both a SONAR encoder and a decoder")
+    if options.max_sentences - 1 > model.config.max_seq_len:
+        raise ValueError(
+            f"GenerationOptions.max_sentences = {options.max_sentences} needs a context of "
+            f"{options.max_sentences - 1} sentences; the model takes at most "
+            f"config.max_seq_len = {model.config.max_seq_len}"
+        )
+
+
+def _events(model, pipeline, prompt_sentences, offset, options) -> Iterator[tuple]:
+    """Run one batch of prompts (global indices ``offset + b``); yields ("sentence", index,
+    text, score) as sentences are produced and ("stop", index, reason) when a prompt ends.
+    Computation runs under ``torch.inference_mode``, which is never held across a yield."""
+    weight = model.input_proj.weight
+    to_model = lambda t: t.to(device=weight.device, dtype=weight.dtype)
+    n_prompt = [len(s) for s in prompt_sentences]
+    for b, n in enumerate(n_prompt):  # prompts that are already long enough get nothing
+        if n >= options.max_sentences:
+            yield ("stop", offset + b, STOP_MAX_SENTENCES)
+    active = [b for b, n in enumerate(n_prompt) if n < options.max_sentences]
+    if not active:
+        return
+    with torch.inference_mode():
+        flat = [s for b in active for s in prompt_sentences[b]]
+        emb = pipeline.encode(flat, options.lang)
+        eos_E = pipeline.encode([options.eos_sentence], options.lang)[0]
+        contexts = list(to_model(emb).split([n_prompt[b] for b in active]))
+        if options.recompute:
+            pred_BE, cache = predict_recomputed(model, contexts), None
+        else:
+            pred_BE, cache = prefill(model, contexts, options.max_sentences - 1)
+    generators = noise_generators(options.seed, [offset + b for b in active])
+    total = [n_prompt[b] for b in active]
+    while True:
+        with torch.inference_mode():
+            noisy_BE = perturb(pred_BE, options.temperature, generators)
+            texts, scores = decode_sentences(pipeline, noisy_BE, options)
+            new_BE = pipeline.encode(texts, options.lang)
+            eos_B = should_stop(new_BE, eos_E, options.eos_threshold).tolist()
+        keep = []
+        for j, b in enumerate(active):
+            if eos_B[j]:
+                yield ("stop", offset + b, STOP_EOS)
+                continue
+            yield ("sentence", offset + b, texts[j], scores[j])
+            total[j] += 1
+            if total[j] >= options.max_sentences:
+                yield ("stop", offset + b, STOP_MAX_SENTENCES)
+            else:
+                keep.append(j)
+        if not keep:
+            return
+        active = [active[j] for j in keep]
+        generators = [generators[j] for j in keep]
+        total = [total[j] for j in keep]
+        with torch.inference_mode():
+            new_BE = to_model(new_BE[keep])
+            if options.recompute:
+                contexts = [torch.cat([contexts[j], new_BE[i : i + 1]]) for i, j in enumerate(keep)]
+                pred_BE = predict_recomputed(model, contexts)
+            else:
+                if len(keep) < cache.batch_size:
+                    cache = cache.select(keep)
+                pred_BE = predict_next(model, new_BE, cache)
+
+
+def _prepare(model, pipeline, prompts, options) -> tuple[list[list[str]], GenerationOptions]:
+    """Validate everything before the first sentence is produced; the prompts' sentences."""
+    options = GenerationOptions() if options is None else options
+    _check(model, pipeline, options)
+    return split_prompts(prompts), options
+
+
+def _all_events(model, pipeline, sentences, options) -> Iterator[tuple]:
+    for start in range(0, len(sentences), options.batch_size):
+        chunk = sentences[start : start + options.batch_size]
+        yield from _events(model, pipeline, chunk, start, options)
+
+
+def stream(
+    model: SonarLLM,
+    pipeline: SonarPipeline,
+    prompts: Sequence[str],
+    options: GenerationOptions | None = None,
+) -> Iterator[StreamedSentence]:
+    """Generate like ``generate`` and yield each sentence as soon as it is decoded, as
+    ``StreamedSentence(index, sentence)``; the sentences of prompts generated together
+    interleave (one per running prompt per step, in prompt order). Bad prompts or options
+    raise here, before iteration starts."""
+    sentences, options = _prepare(model, pipeline, prompts, options)
+    events = _all_events(model, pipeline, sentences, options)
+    return (StreamedSentence(e[1], e[2]) for e in events if e[0] == "sentence")
+
+
+def generate(
+    model: SonarLLM,
+    pipeline: SonarPipeline,
+    prompts: Sequence[str],
+    options: GenerationOptions | None = None,
+) -> list[GeneratedText]:
+    """Continue each prompt sentence by sentence (see the module docstring).
+
+    Args:
+        model: a SonarLLM (eval mode, e.g. from ``load_bundle``).
+        pipeline: the SONAR pipeline of its embedding space, with encoder and decoder.
+        prompts: B texts; each is split into sentences and must have at least one.
+        options: GenerationOptions (defaults: the paper's settings).
+
+    Returns:
+        one GeneratedText per prompt, in order.
+
+    Raises:
+        ValueError: an empty prompt (named by index), or options the model cannot run.
+    """
+    sentences, options = _prepare(model, pipeline, prompts, options)
+    results = [GeneratedText(list(s)) for s in sentences]
+    for event in _all_events(model, pipeline, sentences, options):
+        out = results[event[1]]
+        if event[0] == "sentence":
+            out.sentences.append(event[2])
+            out.scores.append(event[3])
+        else:
+            out.stop_reason = event[2]
+    return results
