@@ -6,6 +6,8 @@ imports ``sonarllm``.
 """
 
 from kernels._dispatch import KernelImpl
+from kernels.attention import attention, cu_seqlens_from_lengths
+from kernels.attention_ref import attention_ref
 from kernels.fused_embedding_projection import FusedEmbeddingProjection, fused_embedding_projection
 from kernels.fused_embedding_projection_ref import fused_embedding_projection_ref
 from kernels.fused_linear_cross_entropy import FusedLinearCrossEntropy, fused_linear_cross_entropy
@@ -13,6 +15,9 @@ from kernels.fused_linear_cross_entropy_ref import fused_linear_cross_entropy_re
 
 __all__ = [
     "KernelImpl",
+    "attention",
+    "attention_ref",
+    "cu_seqlens_from_lengths",
     "FusedEmbeddingProjection",
     "FusedLinearCrossEntropy",
     "fused_embedding_projection",

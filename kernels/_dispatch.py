@@ -59,26 +59,30 @@ def _warn_no_triton_on_cuda(op: str) -> None:
     )
 
 
-def check_impl_name(impl: str, source: str = "impl") -> None:
-    """Raise ValueError unless ``impl`` is one of IMPLS."""
-    if impl not in IMPLS:
-        raise ValueError(f"{source} must be one of {IMPLS}, got {impl!r}")
+def check_impl_name(impl: str, source: str = "impl", extra: tuple[str, ...] = ()) -> None:
+    """Raise ValueError unless ``impl`` is one of IMPLS (or of an op's ``extra`` paths)."""
+    if impl not in IMPLS + extra:
+        raise ValueError(f"{source} must be one of {IMPLS + extra}, got {impl!r}")
 
 
-def resolve_impl(impl: str, device: torch.device, op: str) -> str:
-    """Return the concrete path ("triton", "torch" or "reference") for a call on ``device``.
+def resolve_impl(impl: str, device: torch.device, op: str, extra_impls: tuple[str, ...] = ()) -> str:
+    """Return the concrete path ("triton", "torch", "reference", or one of ``extra_impls``).
 
     Args:
-        impl: the caller's request, one of IMPLS.
+        impl: the caller's request, one of IMPLS or ``extra_impls``.
         device: the device of the call's tensors.
         op: the public operation name, used in messages.
+        extra_impls: paths only this op has (attention's "flash"); returned as they are, the op
+            checks that they can run.
     """
-    check_impl_name(impl)
+    check_impl_name(impl, extra=extra_impls)
     if impl == "auto":
         env = os.environ.get(ENV_VAR, "").strip()
         if env:
-            check_impl_name(env, source=f"environment variable {ENV_VAR}")
+            check_impl_name(env, source=f"environment variable {ENV_VAR}", extra=extra_impls)
             impl = env
+    if impl in extra_impls:
+        return impl
     if impl == "auto":
         if device.type == "cuda":
             if triton_available():

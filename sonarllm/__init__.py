@@ -1,7 +1,10 @@
 """SONAR-LLM: a concept transformer over SONAR sentence embeddings, trained with token
 cross-entropy through the frozen SONAR text decoder (arXiv 2508.05305)."""
 
+from sonarllm.bundle import Bundle, load_bundle, save_bundle
 from sonarllm.config import SONARLLM_CONFIGS, SonarLLMConfig
+from sonarllm.evaluate import EvalOptions, evaluate
+from sonarllm.generate import GenerationOptions, generate, stream
 from sonarllm.loss import SonarTargets, SonarTokenLoss
 from sonarllm.model import KVCache, SonarLLM
 from sonarllm.mse_loss import NextSentenceMSELoss, next_sentence_mse
@@ -18,6 +21,14 @@ from sonarllm.sonar import (
 from sonarllm.sonar.pipeline import SonarPipeline
 
 __all__ = [
+    "Bundle",
+    "EvalOptions",
+    "GenerationOptions",
+    "evaluate",
+    "generate",
+    "load_bundle",
+    "save_bundle",
+    "stream",
     "KVCache",
     "NextSentenceMSELoss",
     "SONARLLM_CONFIGS",
