@@ -71,4 +71,5 @@ def test_sonar_loss_step(benchmark, bench_size, provider):
     benchmark.extra_info["target_tokens"] = targets.num_tokens
     benchmark.extra_info["padded_tokens"] = n * max(lengths)
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=0)
-    benchmark.extra_info["target_tokens_per_s"] = round(targets.num_tokens / benchmark.stats.stats.median)
+    if benchmark.stats:  # None under --benchmark-disable
+        benchmark.extra_info["target_tokens_per_s"] = round(targets.num_tokens / benchmark.stats.stats.median)

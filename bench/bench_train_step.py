@@ -61,6 +61,7 @@ def test_train_step(benchmark, bench_size, provider):
     benchmark.extra_info.update(machine_info(DEVICE))
     benchmark.extra_info["peak_mem_mb"] = round(peak_memory_mb(step, DEVICE), 1)
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=0)
-    median = benchmark.stats.stats.median
-    benchmark.extra_info["sentences_per_s"] = round(len(seqs) / median, 1)
-    benchmark.extra_info["target_tokens_per_s"] = round(targets.num_tokens / median)
+    if benchmark.stats:  # None under --benchmark-disable
+        median = benchmark.stats.stats.median
+        benchmark.extra_info["sentences_per_s"] = round(len(seqs) / median, 1)
+        benchmark.extra_info["target_tokens_per_s"] = round(targets.num_tokens / median)

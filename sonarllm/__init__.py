@@ -1,10 +1,14 @@
 """SONAR-LLM: a concept transformer over SONAR sentence embeddings, trained with token
-cross-entropy through the frozen SONAR text decoder (arXiv 2508.05305)."""
+cross-entropy through the frozen SONAR text decoder (arXiv 2508.05305).
+
+The generation and evaluation functions live in their modules (``from sonarllm.generate import
+generate``, ``from sonarllm.evaluate import evaluate``); exporting them here would hide those
+modules behind functions of the same name."""
 
 from sonarllm.bundle import Bundle, load_bundle, save_bundle
 from sonarllm.config import SONARLLM_CONFIGS, SonarLLMConfig
-from sonarllm.evaluate import EvalOptions, evaluate
-from sonarllm.generate import GenerationOptions, generate, stream
+from sonarllm.evaluate import EvalOptions
+from sonarllm.generate import GenerationOptions
 from sonarllm.loss import SonarTargets, SonarTokenLoss
 from sonarllm.model import KVCache, SonarLLM
 from sonarllm.mse_loss import NextSentenceMSELoss, next_sentence_mse
@@ -24,11 +28,8 @@ __all__ = [
     "Bundle",
     "EvalOptions",
     "GenerationOptions",
-    "evaluate",
-    "generate",
     "load_bundle",
     "save_bundle",
-    "stream",
     "KVCache",
     "NextSentenceMSELoss",
     "SONARLLM_CONFIGS",
