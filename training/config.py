@@ -84,13 +84,13 @@ class OptimConfig:
 
 @dataclass
 class LoopConfig:
-    max_steps: int = 300
+    max_steps: int = 1000
     micro_batch_documents: int = 8
     """Documents per micro-batch and process."""
     grad_accum_steps: int = 2
-    eval_every: int = 100
+    eval_every: int = 250
     eval_max_documents: int = 100
-    checkpoint_every: int = 100
+    checkpoint_every: int = 250
     keep_checkpoints: int = 2
     log_every: int = 10
 

@@ -34,7 +34,7 @@ import torch
 
 from sonarllm.corpus import read_documents
 from sonarllm.sonar.pipeline import SonarPipeline, SonarSpec
-from sonarllm.sonar.toy import build_toy_sonar, train_toy_tokenizer
+from sonarllm.sonar.toy import build_toy_sonar, train_toy_sonar, train_toy_tokenizer
 from sonarllm.sonar.tokenizer import SonarTokenizer
 from sonarllm.text import EOS_SENTENCE, document_sentences
 from training.shards import FORMAT_VERSION, MANIFEST, ShardError, read_manifest, sha256_file, write_json_atomic, write_shard
@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--embedding-dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--toy-vocab-size", type=int, default=1000)
     p.add_argument("--toy-seed", type=int, default=0)
+    p.add_argument("--toy-train-steps", type=int, default=600,
+                   help="autoencoder steps that give the toy SONAR a meaningful space (0: leave it random)")
     p.add_argument("--max-docs", type=int, default=None, help="use only the first N documents")
     p.add_argument("--device", default="auto", help="device for the SONAR encoder")
     p.add_argument("--max-tokens", type=int, default=16_384, help="tokens per encoder batch")
@@ -65,8 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_sentences", "max_target_tokens", "shard_documents", "toy_vocab_size", "max_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.eval_documents < 0:
-        p.error("--eval-documents must be >= 0")
+    for name in ("eval_documents", "toy_train_steps"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
     if args.max_target_tokens < 4:
         p.error("--max-target-tokens must be >= 4 (</s>, language tag, a piece, </s>)")
     return args
@@ -106,7 +109,13 @@ def resolve_sonar(args, out: Path, train_docs: list[list[str]]) -> SonarSpec:
             train_toy_tokenizer(sentences, spm_path, vocab_size=args.toy_vocab_size)
         enc, dec = out / "sonar" / "toy_encoder.pt", out / "sonar" / "toy_decoder.pt"
         if not (enc.exists() and dec.exists()):
-            build_toy_sonar(SonarTokenizer(spm_path), out / "sonar", seed=args.toy_seed)
+            tokenizer = SonarTokenizer(spm_path)
+            build_toy_sonar(tokenizer, out / "sonar", seed=args.toy_seed)
+            if args.toy_train_steps:
+                sentences = [s for doc in train_docs for s in doc]
+                losses = train_toy_sonar(tokenizer, enc, dec, sentences, steps=args.toy_train_steps, seed=args.toy_seed,
+                                         lang=args.lang, progress=not args.quiet)  # fmt: skip
+                log.info("toy SONAR trained as an autoencoder: loss %.3f -> %.4f", losses[0], losses[-1])
         spec = SonarSpec("sonar/toy_spm.model", "sonar/toy_encoder.pt", "sonar/toy_decoder.pt", args.lang)
     elif args.sonar == "basic":
         spec = SonarSpec(BASIC_SONAR.tokenizer, BASIC_SONAR.encoder, BASIC_SONAR.decoder, args.lang)

@@ -1,11 +1,12 @@
 """The seeded toy SONAR: a tiny SentencePiece model trained on the given sentences plus a small
-randomly initialised (seeded) encoder and decoder in SONAR's architecture.
+encoder and decoder in SONAR's architecture, initialised from a seed.
 
 It lets the embedded example, the tests and the benchmarks run the whole pipeline offline and in
-minutes on a CPU. Its embedding space carries no meaning — the concept transformer still learns
-to predict embeddings from which the (frozen, random) decoder produces the next sentence's
-tokens, so the training loss falls as with the real SONAR. Everything is deterministic for a
-given seed and input.
+minutes on a CPU. Freshly initialised, its embedding space carries no meaning (the concept
+transformer still learns, through the random frozen decoder, to produce the next sentence's
+tokens). ``train_toy_sonar`` then fits encoder and decoder as an autoencoder on the corpus
+sentences — SONAR's own recipe in miniature — so that decoding an embedding gives a sentence and
+generation from the example model prints text. Everything is deterministic for a seed and input.
 """
 
 from __future__ import annotations
@@ -80,3 +81,50 @@ def build_toy_sonar(tokenizer: SonarTokenizer, out_dir: str | os.PathLike, *, co
         os.replace(tmp, path)
         paths.append(path)
     return paths[0], paths[1]
+
+
+def train_toy_sonar(tokenizer: SonarTokenizer, encoder_path: str | os.PathLike, decoder_path: str | os.PathLike,
+                    sentences: list[str], *, steps: int = 600, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
+                    lang: str | None = None, progress: bool = False) -> list[float]:  # fmt: skip
+    """Train the toy encoder and decoder (in place, files rewritten atomically) to reconstruct
+    ``sentences`` through their sentence embeddings; returns the loss of every step."""
+    from tqdm.auto import tqdm
+
+    from kernels import fused_linear_cross_entropy
+    from sonarllm.loss import SonarTargets
+    from sonarllm.sonar.checkpoint import load_sonar_decoder, load_sonar_encoder
+    from sonarllm.sonar.packing import PackedBatch
+
+    sentences = sorted(set(sentences))
+    if not sentences:
+        raise ValueError("training the toy SONAR needs at least one sentence")
+    encoder = load_sonar_encoder(encoder_path, kernel_impl="torch").requires_grad_(True).train()
+    decoder = load_sonar_decoder(decoder_path, kernel_impl="torch").requires_grad_(True).train()
+    sources = tokenizer.encode(sentences, lang=lang, mode="source")
+    targets = tokenizer.encode(sentences, lang=lang, mode="target")
+    params = list(encoder.parameters()) + list(decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * s / steps))
+    )
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in tqdm(range(steps), disable=not progress, desc="toy SONAR", unit="step"):
+        idx = torch.randint(len(sentences), (batch_size,), generator=g).tolist()
+        emb_ND, _ = encoder(PackedBatch.from_sequences([sources[i] for i in idx]))
+        tgt = SonarTargets.from_target_sequences([targets[i] for i in idx], tokenizer.eos_idx)
+        h_TD = decoder.hidden_states(emb_ND, tgt.inputs)
+        loss = fused_linear_cross_entropy(h_TD, decoder.output_weight, tgt.labels, impl="torch")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    for model, path in ((encoder, encoder_path), (decoder, decoder_path)):
+        model.requires_grad_(False).eval()
+        tmp = Path(str(path) + ".tmp")
+        torch.save({"model": model.state_dict(), "sonar_config": model.config.to_dict()}, tmp)
+        os.replace(tmp, path)
+    return losses

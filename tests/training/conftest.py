@@ -25,7 +25,7 @@ def prepared(tmp_path_factory):
     corpus = tiny_corpus(root / "stories.jsonl", 64)
     out = root / "data"
     args = prepare_data.parse_args(["--source", str(corpus), "--out", str(out), "--eval-documents", "16",
-                                    "--shard-documents", "20", "--toy-vocab-size", "300", "--quiet"])
+                                    "--shard-documents", "20", "--toy-vocab-size", "300", "--toy-train-steps", "0", "--quiet"])
     prepare_data.prepare(args)
     return out
 

@@ -14,7 +14,7 @@ from tests.training.conftest import tiny_corpus
 
 def _args(corpus, out, *extra):
     return prepare_data.parse_args(["--source", str(corpus), "--out", str(out), "--eval-documents", "4",
-                                    "--shard-documents", "5", "--toy-vocab-size", "200", "--quiet", *extra])
+                                    "--shard-documents", "5", "--toy-vocab-size", "200", "--toy-train-steps", "0", "--quiet", *extra])
 
 
 def test_prepared_data_matches_the_sonar_it_names(prepared):
