@@ -24,7 +24,7 @@ PY
 status=0
 timeout 240 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -n 25 || status=1
 for size in ci full; do
-  timeout 200 python3 -m pytest -q bench --benchmark --bench-size "$size" -p no:cacheprovider \
+  timeout 100 python3 -m pytest -q bench --benchmark --bench-size "$size" -p no:cacheprovider \
     --benchmark-json="$out/bench-$size.json" >"$out/bench-$size.log" 2>&1 || status=1
   tail -n 3 "$out/bench-$size.log"
 done

@@ -96,3 +96,11 @@ def test_learning_rate_schedule():
     f = lr_lambda(cfg)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+
+
+def test_shipped_run_configs_are_valid():
+    files = sorted(CONFIG_DIR.glob("*.toml"))
+    assert files, "training/configs should ship example run configurations"
+    for path in files:
+        cfg = load_config(path)
+        assert "auto" not in json.dumps(build_ds_config(cfg, world_size=8)), path
