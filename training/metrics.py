@@ -51,9 +51,9 @@ class MetricsLog:
         evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
         if train:
-            ax.plot(*zip(*train), label="train")
+            ax.plot([s for s, _ in train], [v for _, v in train], label="train")
         if evals:
-            ax.plot(*zip(*evals), "o-", label="eval")
+            ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")
         ax.set_title("SONAR-LLM training")

@@ -34,10 +34,18 @@ import torch
 
 from sonarllm.corpus import read_documents
 from sonarllm.sonar.pipeline import SonarPipeline, SonarSpec
-from sonarllm.sonar.toy import build_toy_sonar, train_toy_sonar, train_toy_tokenizer
 from sonarllm.sonar.tokenizer import SonarTokenizer
+from sonarllm.sonar.toy import build_toy_sonar, train_toy_sonar, train_toy_tokenizer
 from sonarllm.text import EOS_SENTENCE, document_sentences
-from training.shards import FORMAT_VERSION, MANIFEST, ShardError, read_manifest, sha256_file, write_json_atomic, write_shard
+from training.shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    ShardError,
+    read_manifest,
+    sha256_file,
+    write_json_atomic,
+    write_shard,
+)
 
 log = logging.getLogger("sonarllm.prepare")
 DEFAULT_SOURCE = Path(__file__).resolve().parent / "example" / "stories.jsonl.gz"

@@ -71,11 +71,11 @@ def beam_search(
     eos_idx: int = 3,
     unk_idx: int = 1,
     pad_idx: int = 0,
-    options: BeamSearchOptions = BeamSearchOptions(),
+    options: BeamSearchOptions | None = None,
 ) -> list[list[Hypothesis]]:
     """Beam search from each sentence embedding; returns ``beam_size`` hypotheses per sentence,
     best first. ``prompt`` is the forced prefix (SONAR: ``[</s>, lang]``)."""
-    opts = options
+    opts = options or BeamSearchOptions()
     n, width = emb_ND.shape
     prompt_len = len(prompt)
     eff = min(opts.max_seq_len or decoder.config.max_seq_len, decoder.config.max_seq_len)
@@ -123,7 +123,7 @@ def beam_search(
             flat = cand[hyps].reshape(-1)
             top_scores, top_idx = torch.topk(flat, min(2 * beam, flat.numel()))
             continuing = 0
-            for rank, (score, idx) in enumerate(zip(top_scores.tolist(), top_idx.tolist())):
+            for rank, (score, idx) in enumerate(zip(top_scores.tolist(), top_idx.tolist(), strict=True)):
                 hyp, token = hyps[idx // vocab], idx % vocab
                 if token == eos_idx:
                     if rank < beam:

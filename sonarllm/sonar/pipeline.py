@@ -129,7 +129,7 @@ class SonarPipeline:
         return self.encoder.encode_tokens(self.tokenize_sources(texts, lang, on_long), max_tokens=max_tokens, progress=progress)
 
     def decode_hypotheses(self, emb_ND: torch.Tensor, lang: str | None = None,
-                          options: BeamSearchOptions = BeamSearchOptions()) -> list[list[Hypothesis]]:  # fmt: skip
+                          options: BeamSearchOptions | None = None) -> list[list[Hypothesis]]:  # fmt: skip
         """Beam-search hypotheses (best first) for each embedding."""
         if self.decoder is None:
             raise ValueError("this pipeline has no decoder")
@@ -137,9 +137,9 @@ class SonarPipeline:
         weight = self.decoder.output_weight
         return beam_search(self.decoder, emb_ND.to(device=weight.device, dtype=weight.dtype), prompt,
                            eos_idx=self.tokenizer.eos_idx, unk_idx=self.tokenizer.unk_idx,
-                           pad_idx=self.tokenizer.pad_idx, options=options)  # fmt: skip
+                           pad_idx=self.tokenizer.pad_idx, options=options or BeamSearchOptions())  # fmt: skip
 
-    def decode(self, emb_ND: torch.Tensor, lang: str | None = None, options: BeamSearchOptions = BeamSearchOptions()) -> list[str]:
+    def decode(self, emb_ND: torch.Tensor, lang: str | None = None, options: BeamSearchOptions | None = None) -> list[str]:
         """The best beam-search sentence for each embedding [N, D]."""
         if emb_ND.dim() != 2:
             raise ValueError(f"embeddings must have shape [N, D], got {tuple(emb_ND.shape)}")

@@ -62,13 +62,16 @@ def test_kernels_is_this_repository():
     assert Path(kernels.__file__).resolve().is_relative_to(REPO)
 
 
-def test_kernels_imports_and_runs_without_triton_and_without_sonarllm():
+def test_every_kernel_imports_and_runs_without_triton_and_without_sonarllm():
     code = (
         "import sys; sys.modules['triton'] = None; sys.modules['sonarllm'] = None\n"
         "import torch, kernels\n"
         "h, w = torch.randn(5, 4, requires_grad=True), torch.randn(9, 4)\n"
         "loss = kernels.fused_linear_cross_entropy(h, w, torch.tensor([1, 2, 3, 4, 0]))\n"
         "loss.backward(); assert h.grad is not None\n"
+        "q = torch.randn(1, 5, 2, 8, requires_grad=True)\n"
+        "kernels.attention(q, q, q).sum().backward(); assert q.grad is not None\n"
+        "assert kernels.fused_embedding_projection(h, torch.randn(3, 4)).shape == (5, 3)\n"
         "assert 'triton' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
         "print('ok')\n"
     )

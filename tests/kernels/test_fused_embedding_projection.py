@@ -12,33 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels._dispatch import is_interpreter, triton_available
 from kernels.fused_embedding_projection import FusedEmbeddingProjection, fused_embedding_projection
 from kernels.fused_embedding_projection_ref import fused_embedding_projection_ref
+from tests._cases import HAS_CUDA, device_cases, needs_triton
 from tests._numerics import assert_parity
 
-HAS_CUDA = torch.cuda.is_available()
-TRITON_OK = triton_available() and (HAS_CUDA or is_interpreter())
-needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton cannot run here (no CUDA and no TRITON_INTERPRET=1)")
 gpu = pytest.mark.gpu
 api = importlib.import_module("kernels.fused_embedding_projection")  # the module, not the function
 
 SONAR_STD = 0.006  # per-dimension spread of raw SONAR embeddings (docs/sonar-llm.md §1)
 E, D = 96, 40  # odd stand-ins for E = 1024 and the model width
-
-
-def _device_cases():
-    """(device, path, dtype) combinations this machine can run."""
-    cases = [
-        pytest.param("cpu", "torch", torch.float32, id="cpu-torch-fp32"),
-        pytest.param("cpu", "torch", torch.bfloat16, id="cpu-torch-bf16"),
-        pytest.param("cpu", "triton", torch.float32, id="cpu-triton-fp32", marks=needs_triton),
-    ]
-    for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
-        for path in ("torch", "triton"):
-            marks = [gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
-            cases.append(pytest.param("cuda", path, dt, id=f"cuda-{path}-{name}", marks=marks))
-    return cases
 
 
 def fep_inputs(mode, lead, *, bias=True, norm=True, center_ratio=0.3, in_f=None, out_f=None, seed=0):
@@ -93,7 +76,7 @@ def _check_all(device, path, dtype, masters, mode, *, norm_dtype=torch.float32, 
         assert_parity(fast[i], ref[i], gold[i], dtype, f"{path} mode={mode} {name}", grad=i > 0)
 
 
-@pytest.mark.parametrize("device,path,dtype", _device_cases())
+@pytest.mark.parametrize("device,path,dtype", device_cases())
 @pytest.mark.parametrize("mode", ["in", "out"])
 @pytest.mark.parametrize("norm", [False, True], ids=["plain", "normalizer"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
@@ -104,7 +87,7 @@ def test_parity(device, path, dtype, mode, norm, bias, trainable):
     _check_all(device, path, dtype, masters, mode, trainable=trainable)
 
 
-@pytest.mark.parametrize("device,path,dtype", _device_cases())
+@pytest.mark.parametrize("device,path,dtype", device_cases())
 @pytest.mark.parametrize("mode", ["in", "out"])
 def test_parity_normalizer_gradients(device, path, dtype, mode):
     """center and scale requiring grad get gradients too (e.g. a learnable affine map)."""
@@ -112,7 +95,7 @@ def test_parity_normalizer_gradients(device, path, dtype, mode):
     _check_all(device, path, dtype, masters, mode, trainable=True, norm_grad=True)
 
 
-@pytest.mark.parametrize("device,path,dtype", _device_cases())
+@pytest.mark.parametrize("device,path,dtype", device_cases())
 @pytest.mark.parametrize("mode", ["in", "out"])
 def test_parity_large_center(device, path, dtype, mode):
     """|center| = 10 spreads: a fully folded center (x @ W'.T - W' @ center) fails this in bf16."""
@@ -120,7 +103,7 @@ def test_parity_large_center(device, path, dtype, mode):
     _check_all(device, path, dtype, masters, mode, trainable=True)
 
 
-@pytest.mark.parametrize("device,path,dtype", _device_cases())
+@pytest.mark.parametrize("device,path,dtype", device_cases())
 @pytest.mark.parametrize("mode", ["in", "out"])
 def test_parity_normalizer_in_low_precision(device, path, dtype, mode):
     """center/scale stored in x's dtype (e.g. after module.to(bfloat16))."""
@@ -128,7 +111,7 @@ def test_parity_normalizer_in_low_precision(device, path, dtype, mode):
     _check_all(device, path, dtype, masters, mode, norm_dtype=dtype, trainable=True)
 
 
-@pytest.mark.parametrize("device,path,dtype", _device_cases())
+@pytest.mark.parametrize("device,path,dtype", device_cases())
 @pytest.mark.parametrize("mode", ["in", "out"])
 def test_parity_input_without_grad(device, path, dtype, mode):
     """x is data (the SONAR embeddings of mode "in"): only weight and bias get gradients."""
@@ -136,7 +119,7 @@ def test_parity_input_without_grad(device, path, dtype, mode):
     _check_all(device, path, dtype, masters, mode, trainable=True, x_grad=False)
 
 
-@pytest.mark.parametrize("device,path,dtype", _device_cases())
+@pytest.mark.parametrize("device,path,dtype", device_cases())
 @pytest.mark.parametrize("mode", ["in", "out"])
 def test_parity_many_tiles_and_splits(device, path, dtype, mode, monkeypatch):
     """Small tiles and a 3-way split of the weight-gradient GEMM exercise tile edges, the K loop
@@ -149,7 +132,7 @@ def test_parity_many_tiles_and_splits(device, path, dtype, mode, monkeypatch):
     _check_all(device, path, dtype, masters, mode, trainable=True)
 
 
-@pytest.mark.parametrize("device,path,dtype", _device_cases())
+@pytest.mark.parametrize("device,path,dtype", device_cases())
 @pytest.mark.parametrize("mode", ["in", "out"])
 def test_non_contiguous_inputs_and_expanded_gradient(device, path, dtype, mode):
     """x as a transposed view of [13, 2, in], weight as every other row of a bigger matrix, and

@@ -11,28 +11,15 @@ import torch
 import torch.nn.functional as F
 
 import kernels.fused_linear_cross_entropy_torch as flce_torch
-from kernels import FusedLinearCrossEntropy, fused_linear_cross_entropy, fused_linear_cross_entropy_ref
-from kernels._dispatch import is_interpreter, triton_available
+from kernels import (
+    FusedLinearCrossEntropy,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_ref,
+)
+from tests._cases import HAS_CUDA, TRITON_OK, device_cases, needs_triton
 from tests._numerics import assert_parity, flce_inputs
 
-HAS_CUDA = torch.cuda.is_available()
-TRITON_OK = triton_available() and (HAS_CUDA or is_interpreter())
-needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton cannot run here (no CUDA and no TRITON_INTERPRET=1)")
 gpu = pytest.mark.gpu
-
-
-def _device_cases():
-    """(device, path, dtype) combinations this machine can run."""
-    cases = [
-        pytest.param("cpu", "torch", torch.float32, id="cpu-torch-fp32"),
-        pytest.param("cpu", "torch", torch.bfloat16, id="cpu-torch-bf16"),
-        pytest.param("cpu", "triton", torch.float32, id="cpu-triton-fp32", marks=needs_triton),
-    ]
-    for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
-        for path in ("torch", "triton"):
-            marks = [gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
-            cases.append(pytest.param("cuda", path, dt, id=f"cuda-{path}-{name}", marks=marks))
-    return cases
 
 
 def _run(impl, h, w, y, b, *, trainable, upstream_seed=1, **opts):
@@ -72,7 +59,7 @@ OPTION_SETS = [
 ]
 
 
-@pytest.mark.parametrize("device,path,dtype", _device_cases())
+@pytest.mark.parametrize("device,path,dtype", device_cases())
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opts", OPTION_SETS)
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
@@ -84,7 +71,7 @@ def test_parity_options(device, path, dtype, reduction, opts, trainable):
     _check_all(device, path, dtype, h, w, y, b, trainable=trainable, reduction=reduction, **opts)
 
 
-@pytest.mark.parametrize("device,path,dtype", _device_cases())
+@pytest.mark.parametrize("device,path,dtype", device_cases())
 def test_parity_vocab_above_64k(device, path, dtype):
     """V > 65,536: grid and index arithmetic must not wrap."""
     h, w, y, b = flce_inputs(24, 32, 65_601, torch.float64)
@@ -92,7 +79,7 @@ def test_parity_vocab_above_64k(device, path, dtype):
     _check_all(device, path, dtype, h, w, y, b, trainable=False, reduction="mean")
 
 
-@pytest.mark.parametrize("device,path,dtype", _device_cases())
+@pytest.mark.parametrize("device,path,dtype", device_cases())
 def test_parity_many_chunks(device, path, dtype, monkeypatch):
     """Chunks of a few rows and a split hidden-gradient GEMM exercise the chunk loop."""
     import kernels.fused_linear_cross_entropy_triton as flce_triton
@@ -104,7 +91,7 @@ def test_parity_many_chunks(device, path, dtype, monkeypatch):
     _check_all(device, path, dtype, h, w, y, b, trainable=True, reduction="mean", label_smoothing=0.1)
 
 
-@pytest.mark.parametrize("device,path,dtype", _device_cases())
+@pytest.mark.parametrize("device,path,dtype", device_cases())
 def test_all_ignored_gives_zero_loss_and_zero_grads(device, path, dtype):
     h, w, _, _ = flce_inputs(9, 16, 50, dtype, device=device)
     y = torch.full((9,), -100, device=device)
@@ -120,7 +107,7 @@ def test_all_ignored_gives_zero_loss_and_zero_grads(device, path, dtype):
     assert loss.shape == (9,) and torch.count_nonzero(loss) == 0
 
 
-@pytest.mark.parametrize("device,path,dtype", _device_cases())
+@pytest.mark.parametrize("device,path,dtype", device_cases())
 def test_non_finite_hidden_gives_nan_loss(device, path, dtype):
     h, w, y, _ = flce_inputs(8, 16, 60, dtype, ignore_frac=0.0, device=device)
     h[2, 3] = float("nan")
@@ -132,7 +119,7 @@ def test_non_finite_hidden_gives_nan_loss(device, path, dtype):
         assert torch.isnan(fused_linear_cross_entropy(h, w, y, softcap=softcap, impl=path))
 
 
-@pytest.mark.parametrize("device,path,dtype", _device_cases())
+@pytest.mark.parametrize("device,path,dtype", device_cases())
 def test_non_contiguous_inputs(device, path, dtype):
     """hidden as a transposed view of [2, 13, D], weight as every other row of a bigger matrix."""
     h64, w64, y, b64 = flce_inputs(26, 24, 301, torch.float64)

@@ -18,30 +18,13 @@ import pytest
 import torch
 
 from sonarllm import metrics
-from sonarllm.bundle import load_bundle, save_bundle
+from sonarllm.bundle import save_bundle
 from sonarllm.cli import main
 from sonarllm.config import SonarLLMConfig
 from sonarllm.model import SonarLLM
 from sonarllm.sonar.pipeline import SonarSpec
-from tests.sonarllm.test_generate import build_toy_bundle
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_generate's docstring
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def toy_bundle_dir(tmp_path_factory):
-    return build_toy_bundle(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def toy(toy_bundle_dir):
-    return load_bundle(toy_bundle_dir)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 REPO = Path(__file__).resolve().parents[2]

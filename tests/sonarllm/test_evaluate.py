@@ -15,30 +15,12 @@ import pytest
 import torch
 
 from sonarllm import metrics
-from sonarllm.bundle import load_bundle
 from sonarllm.evaluate import EvalOptions, evaluate, format_table, prefix_length
 from sonarllm.generate import GenerationOptions, generate
 from sonarllm.loss import SonarTokenLoss
 from sonarllm.text import document_sentences
-from tests.sonarllm.test_generate import build_toy_bundle
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_generate's docstring
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def toy_bundle_dir(tmp_path_factory):
-    return build_toy_bundle(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def toy(toy_bundle_dir):
-    return load_bundle(toy_bundle_dir)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CORPUS = [

@@ -1,7 +1,7 @@
 """Sentence-level generation (sonarllm.generate) on the toy pipeline.
 
 A toy bundle (toy SentencePiece model, seeded random toy SONAR, random toy SonarLLM) is built
-once per session (``build_toy_bundle``, which test_evaluate and test_cli reuse). The toy decoder
+once per session (``toy_bundle_dir`` in conftest.py, shared with test_evaluate and test_cli). The toy decoder
 produces meaningless text ("ddddd", ""), which is enough: every property tested here (stop
 rule, determinism, beam >= greedy, cache == recomputation, batching, streaming) holds for any
 weights. Decoding is kept short (beam 2, at most 6 tokens) and torch runs on one thread: on a
@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 import sonarllm.generate as gen_mod
-from sonarllm.bundle import load_bundle, save_bundle
-from sonarllm.config import SonarLLMConfig
 from sonarllm.generate import (
     GeneratedText,
     GenerationOptions,
@@ -33,62 +30,16 @@ from sonarllm.generate import (
     should_stop,
     stream,
 )
-from sonarllm.model import SonarLLM
-from sonarllm.sonar.pipeline import SonarPipeline, SonarSpec
-from sonarllm.sonar.tokenizer import SonarTokenizer
-from sonarllm.sonar.toy import build_toy_sonar, train_toy_tokenizer
+from sonarllm.sonar.pipeline import SonarPipeline
 from sonarllm.text import EOS_SENTENCE
 
-STORY_SENTENCES = [
-    "Once upon a time there was a little cat.",
-    "The cat sat on the mat.",
-    "A dog ran in the park.",
-    "Tom had a red ball.",
-    "She was very happy today.",
-    "They played all day long.",
-    "The sun was warm and bright.",
-    EOS_SENTENCE,
-]
 PROMPTS = [
     "The cat sat on the mat. A dog ran in the park.",
     "Tom had a red ball.",
     "She was very happy today. They played all day long. The sun was warm and bright.",
 ]
+pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = GenerationOptions(beam_size=2, max_tokens=6, max_sentences=5, eos_threshold=None)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def build_toy_bundle(tmp_path_factory) -> Path:
-    """Save a toy bundle under the session's base temp directory, once: later calls (from this
-    module's fixture or the other modules') find it there."""
-    root = tmp_path_factory.getbasetemp() / "toy_generation_bundle"
-    bundle = root / "bundle"
-    if not (bundle / "sonar.json").is_file():
-        spm = train_toy_tokenizer(STORY_SENTENCES * 4, root / "toy.model", vocab_size=100)
-        enc, dec = build_toy_sonar(SonarTokenizer(spm), root, seed=0)
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = SonarLLM(SonarLLMConfig.from_name("toy")).eval()
-        save_bundle(bundle, model, SonarSpec(str(spm), str(enc), str(dec)))
-    return bundle
-
-
-@pytest.fixture(scope="session")
-def toy_bundle_dir(tmp_path_factory) -> Path:
-    return build_toy_bundle(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def toy(toy_bundle_dir):
-    """The loaded toy Bundle (model, pipeline, spec)."""
-    return load_bundle(toy_bundle_dir)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,13 @@ fs1_*.pt), Hugging Face M2M100 ports (checked against transformers), and the err
 import pytest
 import torch
 
-from sonarllm.sonar import CheckpointError, SonarDecoder, decoder_from_fairseq2, load_sonar_decoder, load_sonar_encoder
+from sonarllm.sonar import (
+    CheckpointError,
+    SonarDecoder,
+    decoder_from_fairseq2,
+    load_sonar_decoder,
+    load_sonar_encoder,
+)
 from sonarllm.sonar.checkpoint import FS1_TO_FS2, to_fairseq2_state_dict
 from sonarllm.sonar.config import from_fairseq2_config
 from tests.sonarllm.sonar_fixtures import FIXTURES, decoder, load, packed, unpadded

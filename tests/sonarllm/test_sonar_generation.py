@@ -22,9 +22,9 @@ def test_beam_search_matches_fairseq2(run):
     spec = fx["runs"][run]
     got = beam_search(decoder(), fx["embeddings"], fx["prefix"], options=_options(spec["options"]))
     assert len(got) == len(spec["hypotheses"])
-    for row, (hyps, want) in enumerate(zip(got, spec["hypotheses"])):
+    for row, (hyps, want) in enumerate(zip(got, spec["hypotheses"], strict=True)):
         assert [h.seq for h in hyps] == [w["seq"] for w in want], (run, row)
-        for h, w in zip(hyps, want):
+        for h, w in zip(hyps, want, strict=True):
             assert h.score == pytest.approx(w["score"], abs=1e-5)
             assert h.step_scores == pytest.approx(w["step_scores"], abs=1e-5)
 
@@ -34,7 +34,7 @@ def test_beam_search_never_worse_than_greedy_in_log_likelihood():
     raw = {"max_gen_len": (0, 16), "normalize_scores": False}
     greedy = beam_search(decoder(), fx["embeddings"], fx["prefix"], options=BeamSearchOptions(beam_size=1, **raw))
     beam = beam_search(decoder(), fx["embeddings"], fx["prefix"], options=BeamSearchOptions(beam_size=4, **raw))
-    for g, b in zip(greedy, beam):
+    for g, b in zip(greedy, beam, strict=True):
         assert b[0].score >= g[0].score - 1e-6
 
 

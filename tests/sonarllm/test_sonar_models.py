@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from sonarllm.sonar import PackedBatch
-from tests.sonarllm.sonar_fixtures import decoder, encoder, live_only, load, packed, reference, unpadded
+from tests.sonarllm.sonar_fixtures import (
+    decoder,
+    encoder,
+    live_only,
+    load,
+    packed,
+    reference,
+    unpadded,
+)
 
 
 def _decoder_case():

@@ -7,9 +7,9 @@ import torch
 
 from sonarllm.sonar.pipeline import SonarPipeline, SonarSpec
 from sonarllm.text import EOS_SENTENCE
+from tests.training.conftest import tiny_corpus
 from training import prepare_data
 from training.shards import ShardedDocuments, ShardError, sha256_file
-from tests.training.conftest import tiny_corpus
 
 
 def _args(corpus, out, *extra):

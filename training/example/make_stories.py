@@ -95,12 +95,12 @@ def story(rng: random.Random) -> str:
         ]))  # fmt: skip
     s.append(rng.choice([
         f"At last, they found the {toy}.",
-        f"Soon, everything was fine again.",
+        "Soon, everything was fine again.",
         f"In the end, {name} and {friend} became best friends.",
     ]))  # fmt: skip
     s.append(rng.choice([f"{name} was very {good}.", f"{He} smiled and said thank you.", f"Everyone felt {good}."]))
     if rng.random() < 0.4:
-        s.append(rng.choice([f"They played until the sun went down.", f"Then they went home to eat {food}{'es' if food.endswith('ch') else 's'}."]))
+        s.append(rng.choice(["They played until the sun went down.", f"Then they went home to eat {food}{'es' if food.endswith('ch') else 's'}."]))
     if rng.random() < 0.5:
         s.append(rng.choice(LESSONS))
     return " ".join(s)
