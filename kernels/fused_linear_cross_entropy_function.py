@@ -50,7 +50,7 @@ class ChunkResult:
 
 
 class ChunkBackend(Protocol):
-    def chunk_rows(self, n_rows: int, vocab: int, dtype: torch.dtype) -> int:
+    def chunk_rows(self, n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
         """How many rows one chunk holds."""
 
     def chunk(
@@ -109,7 +109,7 @@ def _run_chunks(
     dw_VD = torch.zeros(w_VD.shape, dtype=acc_dtype, device=device) if grad and want_dw else None
     db_V = torch.zeros(w_VD.shape[0], dtype=acc_dtype, device=device) if grad and want_db else None
 
-    rows_per_chunk = backend.chunk_rows(n_valid, w_VD.shape[0], h_ND.dtype)
+    rows_per_chunk = backend.chunk_rows(n_valid, w_VD.shape[0], h_ND.dtype, device)
     for start, stop in _chunks(n_valid, rows_per_chunk):
         res = backend.chunk(
             _gather(h_ND, rows_N, start, stop),

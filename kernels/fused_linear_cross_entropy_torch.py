@@ -13,18 +13,21 @@ import torch
 
 from kernels.fused_linear_cross_entropy_function import ChunkResult, FLCEParams
 
-CHUNK_BYTES = 256 * 2**20  # one chunk of float32 logits: 256 rows at V = 256,206
+# One chunk of float32 logits. CPU GEMMs repack W on every call, so CPU chunks are large
+# (1,024 rows at V = 256,206); on CUDA, where memory is the scarcer resource, 256 rows.
+CHUNK_BYTES = {"cpu": 2**30, "cuda": 256 * 2**20}
 
 
 class TorchChunkBackend:
     """Per-chunk math in PyTorch (see ChunkBackend in fused_linear_cross_entropy_function)."""
 
     def __init__(self, chunk_bytes: int | None = None):
-        self.chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+        self.chunk_bytes = chunk_bytes
 
-    def chunk_rows(self, n_rows: int, vocab: int, dtype: torch.dtype) -> int:
+    def chunk_rows(self, n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+        budget = self.chunk_bytes or CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"])
         acc_size = torch.promote_types(dtype, torch.float32).itemsize
-        return max(1, min(n_rows, self.chunk_bytes // max(1, vocab * acc_size)))
+        return max(1, min(n_rows, budget // max(1, vocab * acc_size)))
 
     def chunk(
         self,
@@ -61,7 +64,12 @@ class TorchChunkBackend:
         rows_C = torch.arange(z_CV.shape[0], device=z_CV.device)
         target_C = z_CV[rows_C, y_C]
         sum_C = z_CV.sum(dim=1) if params.label_smoothing > 0 else None
-        lse_C = torch.logsumexp(z_CV, dim=1)
+        # log-sum-exp in place: exp(z - max) overwrites the logits (no temporary, one exp pass),
+        # and is the unnormalised softmax the gradient needs. A non-finite max makes the row NaN.
+        max_C = z_CV.amax(dim=1)
+        e_CV = z_CV.sub_(max_C[:, None]).exp_()
+        sumexp_C = e_CV.sum(dim=1)
+        lse_C = max_C + sumexp_C.log()
         bad_C = ~torch.isfinite(lse_C)
         if finite_C is not None:
             bad_C |= ~finite_C
@@ -69,12 +77,11 @@ class TorchChunkBackend:
 
         dh_CD = None
         if loss_scale_C is not None or lse_scale_C is not None:
-            p_CV = z_CV.sub_(lse_C[:, None]).exp_()  # softmax, in place of the logits
             c_C = loss_scale_C if loss_scale_C is not None else torch.zeros_like(lse_C)
             alpha_C = c_C * (1.0 + 2.0 * params.z_loss * lse_C)
             if lse_scale_C is not None:
                 alpha_C = alpha_C + lse_scale_C
-            dz_CV = p_CV.mul_(alpha_C[:, None])
+            dz_CV = e_CV.mul_((alpha_C / sumexp_C)[:, None])  # alpha * softmax
             if params.label_smoothing > 0:
                 dz_CV.sub_((c_C * (params.label_smoothing / vocab))[:, None])
             dz_CV[rows_C, y_C] -= c_C * (1.0 - params.label_smoothing)

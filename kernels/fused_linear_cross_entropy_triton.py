@@ -319,7 +319,7 @@ class TritonChunkBackend:
             return dict(_INTERP_BLOCKS)
         return dict(_GPU_GRAD_BLOCKS if grad else _GPU_BLOCKS)
 
-    def chunk_rows(self, n_rows: int, vocab: int, dtype: torch.dtype) -> int:
+    def chunk_rows(self, n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
         block_c = self._blocks(False)["BLOCK_C"]
         rows = self.chunk_bytes // max(1, vocab * dtype.itemsize)
         rows = max(block_c, rows // block_c * block_c)

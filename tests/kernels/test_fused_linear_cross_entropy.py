@@ -84,7 +84,7 @@ def test_parity_many_chunks(device, path, dtype, monkeypatch):
     """Chunks of a few rows and a split hidden-gradient GEMM exercise the chunk loop."""
     import kernels.fused_linear_cross_entropy_triton as flce_triton
 
-    monkeypatch.setattr(flce_torch, "CHUNK_BYTES", 7 * 1009 * 4)
+    monkeypatch.setattr(flce_torch, "CHUNK_BYTES", {"cpu": 7 * 1009 * 4, "cuda": 7 * 1009 * 4})
     monkeypatch.setattr(flce_triton, "CHUNK_BYTES", 1)  # one block of rows per chunk
     monkeypatch.setattr(flce_triton, "SPLIT", 2)
     h, w, y, b = flce_inputs(150, 40, 1009, torch.float64, bias=True)
