@@ -36,11 +36,17 @@ from kernels.fused_linear_cross_entropy_function import ChunkResult, FLCEParams
 CHUNK_BYTES = 256 * 2**20
 SPLIT: int | None = None
 
-# (BLOCK_C, BLOCK_V, BLOCK_D, num_warps, num_stages) per kernel. Chosen for Hopper by the usual
-# GEMM rules (128x128 tiles, 64-deep K steps); not yet tuned on hardware. BLOCK_V is shared by all
-# kernels: kernels 3 and 4 read the tile max of the same V-tiles that kernel 1 wrote.
-_GPU_BLOCKS = dict(BLOCK_C=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
-_GPU_GRAD_BLOCKS = dict(BLOCK_C=128, BLOCK_V=128, BLOCK_D=128, num_warps=8, num_stages=3)
+# Tiles and pipelining per kernel kind ("logits": kernel 1; "grad": kernels 3 and 4) and operand
+# size. Chosen for Hopper by the usual GEMM rules (128x128 tiles, 64-deep K steps for 16-bit
+# operands; half as deep or fewer stages for float32, so every stage fits in 228 KiB of shared
+# memory — checked by compiling for sm_90 in the tests); not yet timed on hardware. BLOCK_V is
+# shared by all kernels: kernels 3 and 4 read the tile max of the same V-tiles kernel 1 wrote.
+_GPU_BLOCKS = {
+    ("logits", 2): dict(BLOCK_C=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
+    ("grad", 2): dict(BLOCK_C=128, BLOCK_V=128, BLOCK_D=128, num_warps=8, num_stages=3),
+    ("logits", 4): dict(BLOCK_C=128, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3),
+    ("grad", 4): dict(BLOCK_C=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=2),
+}
 # The interpreter pays ~5 ms per program step whatever the tile size: use big tiles.
 _INTERP_BLOCKS = dict(BLOCK_C=64, BLOCK_V=512, BLOCK_D=128, num_warps=4, num_stages=1)
 
@@ -314,13 +320,13 @@ class TritonChunkBackend:
         self.split = SPLIT if split is None else split
         self.interpret = is_interpreter()
 
-    def _blocks(self, grad: bool) -> dict:
+    def _blocks(self, grad: bool, dtype: torch.dtype) -> dict:
         if self.interpret:
             return dict(_INTERP_BLOCKS)
-        return dict(_GPU_GRAD_BLOCKS if grad else _GPU_BLOCKS)
+        return dict(_GPU_BLOCKS[("grad" if grad else "logits", dtype.itemsize)])
 
     def chunk_rows(self, n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
-        block_c = self._blocks(False)["BLOCK_C"]
+        block_c = self._blocks(False, dtype)["BLOCK_C"]
         rows = self.chunk_bytes // max(1, vocab * dtype.itemsize)
         rows = max(block_c, rows // block_c * block_c)
         return max(1, min(n_rows, rows))
@@ -353,7 +359,7 @@ class TritonChunkBackend:
         V = w_VD.shape[0]
         dev = h_CD.device
         grad = loss_scale_C is not None or lse_scale_C is not None
-        blocks = self._blocks(False)
+        blocks = self._blocks(False, h_CD.dtype)
         BLOCK_V = blocks["BLOCK_V"]
         NT = triton.cdiv(V, BLOCK_V)
         smoothing = params.label_smoothing > 0
@@ -400,7 +406,7 @@ class TritonChunkBackend:
 
         dh_CD = None
         if grad:
-            gblocks = self._blocks(True)
+            gblocks = self._blocks(True, h_CD.dtype)
             gblocks["BLOCK_V"] = BLOCK_V  # must match the tiles whose max kernel 1 stored
             common = dict(
                 HAS_SOFTCAP=params.softcap is not None, HAS_GAMMA=smoothing, UPCAST=self.interpret,

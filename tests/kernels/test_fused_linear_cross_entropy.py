@@ -5,6 +5,10 @@ root conftest); the CUDA cases are marked ``gpu`` and skip without a GPU."""
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -318,3 +322,57 @@ def test_sonar_scale_bf16_cuda(path):
     """V = 256,206, D = 1024, 4,096 tokens, bf16, frozen weight: parity with the reference."""
     h, w, y, _ = flce_inputs(4096, 1024, 256_206, torch.float64, peaky=False, ignore_frac=0.05)
     _check_all("cuda", path, torch.bfloat16, h * 0.5, w, y, None, trainable=False, reduction="mean")
+
+
+_AOT_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels.fused_linear_cross_entropy_triton as ft
+
+assert not ft.is_interpreter()
+fp32_ptrs = {"tile_max_ptr", "tile_sum_ptr", "tile_zsum_ptr", "target_ptr", "loss_scale_ptr", "lse_scale_ptr",
+             "lse_ptr", "zsum_ptr", "alpha_ptr", "beta_ptr", "gamma_ptr", "part_ptr", "dw_ptr", "db_ptr"}
+for size, operand, precision in ((2, "*bf16", "tf32"), (4, "*fp32", "ieee")):
+    blocks = {k: v for k, v in ft._GPU_BLOCKS[("logits", size)].items() if k.startswith("BLOCK")}
+    grad = {k: v for k, v in ft._GPU_BLOCKS[("grad", size)].items() if k.startswith("BLOCK")}
+    flags = dict(HAS_SOFTCAP=True, HAS_GAMMA=True, UPCAST=False, DOT_PRECISION=precision)
+    kernels = [
+        (ft._flce_logits_kernel, blocks | dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SMOOTHING=True, STORE_LOGITS=True,
+         UPCAST=False, DOT_PRECISION=precision, GROUP_C=8), ft._GPU_BLOCKS[("logits", size)]),
+        (ft._flce_lse_kernel, dict(HAS_SMOOTHING=True, HAS_LOSS_SCALE=True, HAS_LSE_SCALE=True, BLOCK_R=16, BLOCK_T=256),
+         dict(num_warps=4, num_stages=1)),
+        (ft._flce_grad_hidden_kernel, grad | flags, ft._GPU_BLOCKS[("grad", size)]),
+        (ft._flce_grad_weight_kernel, grad | flags | dict(HAS_DW=True, HAS_DB=True), ft._GPU_BLOCKS[("grad", size)]),
+    ]
+    for fn, consts, launch in kernels:
+        sig = {}
+        for name in fn.arg_names:
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                sig[name] = "*fp32" if name in fp32_ptrs else "*i64" if name == "y_ptr" else operand
+            else:
+                sig[name] = "fp32" if name in ("softcap", "z_loss", "smoothing") else "i32"
+        opts = dict(num_warps=launch["num_warps"], num_stages=launch["num_stages"])
+        target = GPUTarget("cuda", 90, 32)
+        compiled = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target, options=opts)
+        assert compiled.metadata.shared <= 232_448, (fn.__name__, operand, compiled.metadata.shared)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_hopper_without_a_gpu():
+    """Compile (not run) the four kernels for sm_90 with the pinned bf16 and fp32 configs: GPU-only
+    compile errors, which the interpreter accepts, and shared-memory overflows fail here too."""
+    triton = pytest.importorskip("triton")
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("Triton's NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], cwd=Path(__file__).resolve().parents[2], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
