@@ -23,7 +23,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (decoder config, sentences, dtype)
 SIZES = {
     ("cpu", "ci"): (SonarTextConfig(model_dim=128, num_layers=2, num_heads=2, ffn_dim=512, vocab_size=32_000), 64, torch.float32),
-    ("cpu", "full"): (SonarTextConfig(model_dim=256, num_layers=4, num_heads=4, ffn_dim=1024, vocab_size=256_206), 128, torch.float32),
+    ("cpu", "full"): (SonarTextConfig(model_dim=256, num_layers=4, num_heads=4, ffn_dim=1024, vocab_size=256_206), 32, torch.float32),
     ("cuda", "ci"): (SonarTextConfig(), 256, torch.bfloat16),
     ("cuda", "full"): (SonarTextConfig(), 2048, torch.bfloat16),
 }
