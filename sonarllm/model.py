@@ -376,8 +376,11 @@ class SonarLLM(nn.Module):
         key = str(device)
         if key not in self._rope:
             cfg = self.config
-            inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-            self._rope[key] = rope_tables(inv_freq, cfg.max_seq_len, device)
+            # Normal tensors even when first asked for under inference_mode (generation): the
+            # cache is reused by training forwards, which cannot save inference tensors.
+            with torch.inference_mode(False), torch.no_grad():
+                inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+                self._rope[key] = rope_tables(inv_freq, cfg.max_seq_len, device)
         return self._rope[key]
 
     def _check_embeds(

@@ -159,6 +159,13 @@ def test_rope_inv_freq_hand_computed():
     torch.testing.assert_close(got, torch.tensor(want), rtol=1e-6, atol=0)
 
 
+def _hf_rope(tf, cfg) -> dict:
+    """LlamaConfig RoPE arguments: transformers 5 groups them in rope_parameters, 4.x does not."""
+    if int(tf.__version__.split(".")[0]) >= 5:
+        return {"rope_parameters": {"rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {"rope_type": "default"})}}
+    return {"rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling}
+
+
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 @pytest.mark.parametrize("scaled", [True, False])
 def test_rope_matches_transformers(head_dim, scaled):
@@ -170,13 +177,9 @@ def test_rope_matches_transformers(head_dim, scaled):
         num_heads=4,
         rope_scaling=None if not scaled else SonarLLMConfig().rope_scaling,
     )
-    rope = {"rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {"rope_type": "default"})}
     hf_cfg = tf.LlamaConfig(
-        hidden_size=cfg.model_dim,
-        num_attention_heads=4,
-        head_dim=head_dim,
-        max_position_embeddings=131072,
-        rope_parameters=rope,
+        hidden_size=cfg.model_dim, num_attention_heads=4, head_dim=head_dim, max_position_embeddings=131072,
+        **_hf_rope(tf, cfg),
     )
     hf = LlamaRotaryEmbedding(hf_cfg)
     inv = rope_inv_freq(head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -210,7 +213,7 @@ def test_blocks_equal_transformers_llama_model():
         head_dim=cfg.head_dim,
         rms_norm_eps=cfg.rms_norm_eps,
         max_position_embeddings=131072,
-        rope_parameters={"rope_theta": cfg.rope_theta, **cfg.rope_scaling},
+        **_hf_rope(tf, cfg),
         attention_bias=False,
         mlp_bias=False,
         attn_implementation="sdpa",
@@ -601,3 +604,13 @@ def test_from_pretrained_errors(tmp_path):
         SonarLLM.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="meta device"):
         SonarLLM(SonarLLMConfig.from_name("toy"), device="meta").save_pretrained(tmp_path)
+
+
+def test_training_forward_after_generation_under_inference_mode():
+    """The RoPE tables cached by a first call under inference_mode must serve later training."""
+    model = SonarLLM(SonarLLMConfig.from_name("toy", kernel_impl="torch"))
+    x = torch.randn(2, 5, 64)
+    with torch.inference_mode():
+        model(x)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
