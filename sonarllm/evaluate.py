@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from sonarllm import metrics
 from sonarllm.generate import (
     GenerationOptions,
+    check_inputs,
     decode_sentences,
     noise_generators,
     perturb,
@@ -163,14 +164,7 @@ def prefix_length(protocol: str, num_sentences: int, short_prefix: int = 2) -> i
 
 
 def _check(model, pipeline, options: EvalOptions) -> None:
-    if not isinstance(model, SonarLLM):
-        raise TypeError(f"model must be a SonarLLM, got {type(model).__name__}")
-    if not isinstance(pipeline, SonarPipeline):
-        raise TypeError(f"pipeline must be a SonarPipeline, got {type(pipeline).__name__}")
-    if not isinstance(options, EvalOptions):
-        raise TypeError(f"options must be EvalOptions, got {type(options).__name__}")
-    if pipeline.encoder is None or pipeline.decoder is None:
-        raise ValueError("evaluation needs a pipeline with both a SONAR encoder and a decoder")
+    check_inputs(model, pipeline, options, EvalOptions, "evaluation")
     if options.max_sentences + 1 > model.config.max_seq_len:
         raise ValueError(
             f"EvalOptions.max_sentences = {options.max_sentences} (+ the end sentence) exceeds "

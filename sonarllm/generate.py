@@ -263,15 +263,20 @@ def should_stop(emb_BE: torch.Tensor, eos_E: torch.Tensor, threshold: float | No
 # The loop
 
 
-def _check(model: SonarLLM, pipeline: SonarPipeline, options: GenerationOptions) -> None:
+def check_inputs(model, pipeline, options, options_type: type, task: str) -> None:
+    """Type checks shared by generation and evaluation; both need the encoder and the decoder."""
     if not isinstance(model, SonarLLM):
         raise TypeError(f"model must be a SonarLLM, got {type(model).__name__}")
     if not isinstance(pipeline, SonarPipeline):
         raise TypeError(f"pipeline must be a SonarPipeline, got {type(pipeline).__name__}")
-    if not isinstance(options, GenerationOptions):
-        raise TypeError(f"options must be GenerationOptions, got {type(options).__name__}")
+    if not isinstance(options, options_type):
+        raise TypeError(f"options must be {options_type.__name__}, got {type(options).__name__}")
     if pipeline.encoder is None or pipeline.decoder is None:
-        raise ValueError("generation needs a pipeline with both a SONAR encoder and a decoder")
+        raise ValueError(f"{task} needs a pipeline with both a SONAR encoder and a decoder")
+
+
+def _check(model: SonarLLM, pipeline: SonarPipeline, options: GenerationOptions) -> None:
+    check_inputs(model, pipeline, options, GenerationOptions, "generation")
     if options.max_sentences - 1 > model.config.max_seq_len:
         raise ValueError(
             f"GenerationOptions.max_sentences = {options.max_sentences} needs a context of "
