@@ -44,8 +44,11 @@ class RunConfig:
 @dataclass
 class DataConfig:
     prepared_dir: str = "data/example"
-    """Prepared shards (training/prepare_data.py). Prepared from ``source`` first when incomplete."""
-    source: str = EXAMPLE_CORPUS
+    """Prepared shards (training/prepare_data.py). Prepared from ``source`` first when incomplete;
+    a complete preparation is used as it is (the data options below then only have to agree
+    with its manifest on the corpus)."""
+    source: str = ""
+    """The corpus; empty means the embedded example stories."""
     sonar: str = "toy"
     """SONAR for preparation: "toy", "basic" (the released files) or a path to a sonar.json."""
     lang: str = "eng_Latn"

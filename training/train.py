@@ -31,7 +31,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from training.config import ConfigError, TrainConfig, load_config, parse_cli
+from training.config import EXAMPLE_CORPUS, ConfigError, TrainConfig, load_config, parse_cli
 
 
 def _free_port() -> int:
@@ -112,16 +112,28 @@ class Trainer:
         prepared = Path(self.cfg.data.prepared_dir)
         manifest = prepared / MANIFEST
         complete = manifest.is_file() and json.loads(manifest.read_text()).get("complete", False)
+        if complete:
+            self._check_prepared_matches(json.loads(manifest.read_text())["options"])
         if not complete and self.rank == 0:
             d = self.cfg.data
             args = prepare_data.parse_args([
-                "--source", d.source, "--out", str(prepared), "--sonar", d.sonar, "--lang", d.lang,
+                "--source", d.source or EXAMPLE_CORPUS, "--out", str(prepared), "--sonar", d.sonar, "--lang", d.lang,
                 "--max-sentences", str(d.max_sentences), "--eval-documents", str(d.eval_documents),
                 "--device", self.device.type,
             ] + ([] if self.cfg.system.progress else ["--quiet"]))  # fmt: skip
             prepare_data.prepare(args)
         dist.barrier()
         return prepared
+
+    def _check_prepared_matches(self, options: dict) -> None:
+        """A complete preparation is used as it is (its manifest records its options), unless the
+        configuration names a different corpus."""
+        source = self.cfg.data.source
+        if source and options.get("source") != str(Path(source).resolve()):
+            raise ConfigError(
+                f"data.prepared_dir {self.cfg.data.prepared_dir} holds data prepared from {options.get('source')}, "
+                f"not data.source {source}; choose another data.prepared_dir"
+            )
 
     def resume(self) -> int:
         """The step to start from (0, or the step after the checkpoint loaded)."""

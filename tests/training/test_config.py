@@ -10,7 +10,7 @@ from training.engine import CONFIG_DIR, build_ds_config, lr_lambda
 
 def test_defaults_run_the_embedded_example():
     cfg = load_config()
-    assert cfg.model.preset == "toy" and cfg.data.sonar == "toy" and cfg.data.source.endswith("stories.jsonl.gz")
+    assert cfg.model.preset == "toy" and cfg.data.sonar == "toy" and cfg.data.source == ""  # = the example stories
 
 
 def test_toml_then_overrides(tmp_path):

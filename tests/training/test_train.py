@@ -115,3 +115,5 @@ def test_bad_configuration_fails_at_start_up(tmp_path, prepared):
     train(tmp_path / "bad", prepared, "--loop.max_steps", "1", "--run.resume", "never")
     out = train(tmp_path / "bad", prepared, "--loop.max_steps", "1", "--run.resume", "never", check=False)
     assert out.returncode == 2 and "already holds checkpoints" in out.stderr
+    out = train(tmp_path / "other", prepared, "--data.source", str(tmp_path / "other.jsonl"), check=False)
+    assert out.returncode == 2 and "not data.source" in out.stderr
