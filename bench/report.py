@@ -32,8 +32,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     merged = {"benchmarks": []}
     for path in argv:
-        with open(path) as f:
-            data = json.load(f)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"{path}: skipped ({exc})")
+            continue
         merged["benchmarks"] += data["benchmarks"]
         info = data.get("machine_info", {})
         extra = data["benchmarks"][0].get("extra_info", {}) if data["benchmarks"] else {}

@@ -25,6 +25,7 @@ import torch
 
 KernelImpl = Literal["auto", "triton", "torch", "reference"]
 IMPLS: tuple[str, ...] = ("auto", "triton", "torch", "reference")
+OP_SPECIFIC_IMPLS: tuple[str, ...] = ("flash",)  # attention only; other ops read it as "auto"
 ENV_VAR = "SONARLLM_KERNEL_IMPL"
 
 
@@ -65,7 +66,8 @@ def check_impl_name(impl: str, source: str = "impl", extra: tuple[str, ...] = ()
         raise ValueError(f"{source} must be one of {IMPLS + extra}, got {impl!r}")
 
 
-def resolve_impl(impl: str, device: torch.device, op: str, extra_impls: tuple[str, ...] = ()) -> str:
+def resolve_impl(impl: str, device: torch.device, op: str, extra_impls: tuple[str, ...] = (),
+                 triton_unsupported: str | None = None) -> str:  # fmt: skip
     """Return the concrete path ("triton", "torch", "reference", or one of ``extra_impls``).
 
     Args:
@@ -74,15 +76,21 @@ def resolve_impl(impl: str, device: torch.device, op: str, extra_impls: tuple[st
         op: the public operation name, used in messages.
         extra_impls: paths only this op has (attention's "flash"); returned as they are, the op
             checks that they can run.
+        triton_unsupported: why Triton cannot serve this call (e.g. float64), or None. Auto then
+            picks "torch"; an explicit "triton" raises TypeError with this reason.
     """
     check_impl_name(impl, extra=extra_impls)
     if impl == "auto":
         env = os.environ.get(ENV_VAR, "").strip()
         if env:
-            check_impl_name(env, source=f"environment variable {ENV_VAR}", extra=extra_impls)
-            impl = env
+            check_impl_name(env, source=f"environment variable {ENV_VAR}", extra=extra_impls + OP_SPECIFIC_IMPLS)
+            impl = env if env not in OP_SPECIFIC_IMPLS or env in extra_impls else "auto"
     if impl in extra_impls:
         return impl
+    if impl == "triton" and triton_unsupported:
+        raise TypeError(f"{op}: impl='triton' {triton_unsupported}")
+    if impl == "auto" and triton_unsupported:
+        return "torch"
     if impl == "auto":
         if device.type == "cuda":
             if triton_available():

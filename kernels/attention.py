@@ -262,7 +262,8 @@ def attention(
         cu_seqlens_k: int32 [B + 1] for k/v; default ``cu_seqlens_q``.
         max_seqlen_q, max_seqlen_k: longest query / key sequence (varlen only). Computed when
             None, which costs a host sync; when both are given on CUDA, cu_seqlens and the
-            maxima are trusted, not checked (a too-small maximum silently drops rows).
+            maxima are trusted, not checked: a too-small maximum leaves rows out (zeros on
+            "triton"; wrong rows or a device-side assert on "torch"), so pass exact values.
         dropout_p: dropout on the attention weights, applied whenever > 0 (a training-mode
             functional like ``flash_attn_func``: pass 0 in evaluation). Not supported by "triton".
         impl: "auto", "triton", "torch", "reference" or "flash" (see the module docstring).

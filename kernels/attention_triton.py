@@ -591,7 +591,7 @@ def attention_fwd(q, k, v, cu_q, cu_k, params: AttnParams) -> tuple[torch.Tensor
     """Output (q's shape and dtype) and lse [H, N_rows] (float32; N_rows = B*Sq or Tq)."""
     _check_supported(q)
     c = _common(q, k, cu_q, cu_k, params)
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    o = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # rows a too-small max_seqlen skips stay 0
     lse = torch.empty((c["heads"], c["n_rows"]), dtype=torch.float32, device=q.device)
     if o.numel() == 0 or c["seqlen_q"] == 0:
         return o.zero_(), lse.fill_(float("inf"))

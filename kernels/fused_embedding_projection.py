@@ -147,7 +147,8 @@ def fused_embedding_projection(
         RuntimeError: when the requested ``impl`` cannot run here.
     """
     _check_args(x, weight, bias, center, scale, mode)
-    path = resolve_impl(impl, x.device, "fused_embedding_projection")
+    unsupported = "supports float32, bfloat16 and float16; use impl='torch' for float64" if x.dtype == torch.float64 else None
+    path = resolve_impl(impl, x.device, "fused_embedding_projection", triton_unsupported=unsupported)
     if center is not None:
         _check_normalizer_once(center, scale)
     if path == "reference":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels._dispatch import KernelImpl, resolve_impl
+from kernels._dispatch import KernelImpl, check_impl_name, resolve_impl
 from kernels.fused_linear_cross_entropy_function import FLCEParams, FusedLinearCrossEntropyFunction
 from kernels.fused_linear_cross_entropy_ref import fused_linear_cross_entropy_ref
 from kernels.fused_linear_cross_entropy_torch import TorchChunkBackend
@@ -56,14 +56,9 @@ def _check_args(hidden, weight, target, bias, reduction, label_smoothing, z_loss
     for name, t in tensors:
         if t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not (0.0 <= float(label_smoothing) < 1.0):
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    if not (float(z_loss) >= 0.0 and float(z_loss) != float("inf")):
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
-    if softcap is not None and not (0.0 < float(softcap) < float("inf")):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
+    _check_options(reduction, label_smoothing, z_loss, softcap)
+    if num_items is not None and reduction != "mean":
+        raise ValueError(f"num_items is the 'mean' denominator; it has no effect with reduction={reduction!r}")
     if num_items is not None:
         if isinstance(num_items, torch.Tensor):
             if num_items.dim() != 0 or num_items.is_complex() or num_items.dtype == torch.bool:
@@ -72,6 +67,17 @@ def _check_args(hidden, weight, target, bias, reduction, label_smoothing, z_loss
             raise TypeError(f"num_items must be an int, a 0-d tensor or None, got {type(num_items).__name__}")
         elif num_items < 0:
             raise ValueError(f"num_items must be >= 0, got {num_items}")
+
+
+def _check_options(reduction, label_smoothing, z_loss, softcap) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not (0.0 <= float(label_smoothing) < 1.0):
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if not (float(z_loss) >= 0.0 and float(z_loss) != float("inf")):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
+    if softcap is not None and not (0.0 < float(softcap) < float("inf")):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
 
 
 def _valid_rows(
@@ -102,7 +108,7 @@ def _valid_rows(
         if items == 0 and n_valid > 0:
             raise ValueError(f"num_items is 0 but {n_valid} targets are not ignored")
     rows_N = None if n_valid == y_N.numel() else torch.nonzero(valid_N).squeeze(1)
-    denom = max(float(n_valid if items is None else items), 1.0)
+    denom = float(items) if items else max(float(n_valid), 1.0)  # items == 0 only with no valid row
     return n_valid, rows_N, torch.tensor(denom, dtype=torch.float64, device=y_N.device)
 
 
@@ -159,7 +165,8 @@ def fused_linear_cross_entropy(
         RuntimeError: when the requested ``impl`` cannot run here.
     """
     _check_args(hidden, weight, target, bias, reduction, label_smoothing, z_loss, softcap, num_items)
-    path = resolve_impl(impl, hidden.device, "fused_linear_cross_entropy")
+    unsupported = "supports float32, bfloat16 and float16; use impl='torch' for float64" if hidden.dtype == torch.float64 else None
+    path = resolve_impl(impl, hidden.device, "fused_linear_cross_entropy", triton_unsupported=unsupported)
     y_N = target.reshape(-1).long()
     vocab = weight.shape[0]
     n_valid, rows_N, denom = _valid_rows(y_N, vocab, ignore_index, num_items)
@@ -209,8 +216,8 @@ class FusedLinearCrossEntropy(nn.Module):
         impl: KernelImpl = "auto",
     ):
         super().__init__()
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        _check_options(reduction, label_smoothing, z_loss, softcap)
+        check_impl_name(impl)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing

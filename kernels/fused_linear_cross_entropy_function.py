@@ -4,18 +4,18 @@ Non-ignored rows are processed in chunks; a backend computes, per chunk, the log
 the logits and, when asked, the gradient, without ever holding more than one chunk of logits.
 
 Schedule (Liger-style, two GEMM-equivalents): when a gradient is needed, the gradient of the
-loss is computed during the forward, while the chunk's logits exist, and the backward only
-scales it by the incoming gradient. The logits are recomputed in the backward only when that
-cannot work: reduction="none" with a trainable weight or bias (the per-token incoming gradient
-must weight each token before the sum over tokens that forms dW), and a gradient flowing into
-the returned log-sum-exp. A frozen weight (SONAR's case) does no weight-gradient work at all.
+token sum is computed during the forward, while the chunk's logits exist, and the backward only
+scales it (by the incoming gradient and the "mean" denominator, in float32). The logits are
+recomputed in the backward only when that cannot work: reduction="none" with a trainable weight
+or bias (the per-token incoming gradient must weight each token before the sum over tokens that
+forms dW), and a gradient flowing into the returned log-sum-exp. A frozen weight (SONAR's case) does no weight-gradient work at all.
 
 Per valid row i, with loss weight c_i and log-sum-exp weight d_i, the logit gradient is::
 
     dz_ij = (alpha_i * p_ij - beta_i * [j == y_i] - gamma_i) * softcap'(raw_ij)
     alpha_i = c_i * (1 + 2 * z_loss * lse_i) + d_i,  beta_i = c_i * (1 - ls),  gamma_i = c_i * ls / V
 
-Backends implement ``chunk_rows(n_rows, vocab, dtype)`` and ``chunk(...)`` (see ChunkBackend).
+Backends implement ``chunk_rows(n_rows, vocab, dtype, device)`` and ``chunk(...)`` (ChunkBackend).
 """
 
 from __future__ import annotations
@@ -135,6 +135,20 @@ def _run_chunks(
     return lse_M, target_M, sum_M, dh_ND, dw_VD, db_V
 
 
+def _scale_rows(x_ND: torch.Tensor, scale: torch.Tensor, block: int = 8192) -> torch.Tensor:
+    """``x * scale`` computed in float32 (float64 for float64) and rounded once to x's dtype,
+    a block of rows at a time so the temporary stays small. ``scale`` is 0-d or [N, 1]."""
+    acc_dtype = torch.promote_types(x_ND.dtype, torch.float32)
+    scale = scale.to(acc_dtype)
+    if x_ND.dtype == acc_dtype:
+        return x_ND * scale
+    out = torch.empty_like(x_ND)
+    for start in range(0, x_ND.shape[0], block):
+        s = scale if scale.dim() == 0 else scale[start : start + block]
+        out[start : start + block] = (x_ND[start : start + block].to(acc_dtype) * s).to(x_ND.dtype)
+    return out
+
+
 def _scatter_rows(values_M: torch.Tensor, rows_N: torch.Tensor | None, n_rows: int) -> torch.Tensor:
     if rows_N is None:
         return values_M
@@ -169,10 +183,10 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         acc_dtype = torch.promote_types(h_ND.dtype, torch.float32)
         n_rows, vocab = h_ND.shape[0], w_VD.shape[0]
 
-        loss_scale_N = None
-        if grad_in_forward:
-            scale = (1.0 / denom) if params.reduction == "mean" else torch.ones((), device=h_ND.device)
-            loss_scale_N = scale.to(acc_dtype).expand(n_valid)
+        # The forward's gradient is that of the unscaled token sum: 1/denom and the incoming
+        # gradient (a loss scale of 2^16 under fp16 training, say) are applied together in the
+        # backward, in float32, so a low-precision gradient never underflows before it is scaled.
+        loss_scale_N = torch.ones(n_valid, dtype=acc_dtype, device=h_ND.device) if grad_in_forward else None
         lse_M, target_M, sum_M, dh_ND, dw_VD, db_V = _run_chunks(
             backend, h_ND, w_VD, b_V, y_N, rows_N, n_valid, params,
             loss_scale_N=loss_scale_N, lse_scale_N=None,
@@ -213,11 +227,11 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         per_token = params.reduction == "none"
         grads = [None, None, None]
         if g_loss is not None and ctx.grad_in_forward:
-            scale = g_loss.reshape(-1, 1) if per_token else g_loss
+            scale = g_loss.double() / denom if params.reduction == "mean" else g_loss.double()
             grads = [
-                None if dh_ND is None else (dh_ND * scale).to(dh_ND.dtype),
-                None if dw_VD is None else dw_VD * g_loss,
-                None if db_V is None else db_V * g_loss,
+                None if dh_ND is None else _scale_rows(dh_ND, scale.reshape(-1, 1) if per_token else scale),
+                None if dw_VD is None else dw_VD * scale.to(dw_VD.dtype),
+                None if db_V is None else db_V * scale.to(db_V.dtype),
             ]
 
         # Recompute pass: per-token loss weights that reach dW/db, and/or a gradient into lse.

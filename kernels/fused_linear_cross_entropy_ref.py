@@ -9,9 +9,10 @@ is how the tests obtain their ground truth). Per non-ignored token ``i`` with ta
     lse    = logsumexp(z)
     loss_i = (1 - ls) * (lse - z[y]) + ls * (lse - mean(z)) + z_loss * lse**2
 
-which is ``F.cross_entropy(z, y, label_smoothing=ls)`` plus the z-loss. A non-finite logit
-(NaN or inf in the inputs) makes that token's loss NaN, also under softcap, which would
-otherwise map inf to a finite value. Ignored tokens contribute 0 and their ``lse`` is 0.
+which is ``F.cross_entropy(z, y, label_smoothing=ls)`` plus the z-loss. A logit of -inf (a
+class masked out, e.g. by the bias) has probability 0 (a target there costs +inf). A NaN or
++inf logit — NaN or inf in the inputs — makes that token's loss NaN, also under softcap, which
+would otherwise map inf to a finite value; so does a row whose logits are all -inf. Ignored tokens contribute 0 and their ``lse`` is 0.
 "mean" divides the sum by ``num_items`` when given, else by the number of non-ignored
 tokens; with no such token the loss is 0.
 """
@@ -56,7 +57,7 @@ def fused_linear_cross_entropy_ref(
     logits_NV = raw_NV
     if softcap is not None:
         logits_NV = softcap * torch.tanh(raw_NV / softcap)
-    finite_N = torch.isfinite(raw_NV).all(dim=-1)
+    bad_N = (torch.isnan(raw_NV) | (raw_NV == float("inf"))).any(dim=-1)
 
     valid_N = y_N != ignore_index
     lse_N = torch.logsumexp(logits_NV, dim=-1)
@@ -64,7 +65,8 @@ def fused_linear_cross_entropy_ref(
         logits_NV, y_N, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
     )
     loss_N = ce_N + z_loss * lse_N.square()
-    loss_N = torch.where(finite_N, loss_N, torch.full_like(loss_N, float("nan")))
+    bad_N |= ~torch.isfinite(lse_N)  # every logit -inf
+    loss_N = torch.where(bad_N, torch.full_like(loss_N, float("nan")), loss_N)
     loss_N = torch.where(valid_N, loss_N, torch.zeros_like(loss_N))
     lse_N = torch.where(valid_N, lse_N, torch.zeros_like(lse_N))
 

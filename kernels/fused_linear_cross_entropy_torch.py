@@ -55,7 +55,7 @@ class TorchChunkBackend:
         softcap_grad_CV = None
         if params.softcap is not None:
             c = params.softcap
-            finite_C = torch.isfinite(z_CV).all(dim=1)
+            finite_C = ~(torch.isnan(z_CV) | (z_CV == float("inf"))).any(dim=1)  # -inf: a masked class
             z_CV.div_(c).tanh_()
             if loss_scale_C is not None or lse_scale_C is not None:
                 softcap_grad_CV = 1.0 - z_CV.square()  # d(c*tanh(x/c))/dx = 1 - tanh^2

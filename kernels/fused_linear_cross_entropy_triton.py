@@ -97,11 +97,11 @@ def _flce_logits_kernel(
     for d0 in range(0, D, BLOCK_D):
         mask_d = d0 + offs_d < D
         h = tl.load(
-            h_ptr + offs_c[:, None] * stride_hc + (d0 + offs_d)[None, :] * stride_hd,
+            h_ptr + offs_c[:, None].to(tl.int64) * stride_hc + (d0 + offs_d)[None, :].to(tl.int64) * stride_hd,
             mask=mask_c[:, None] & mask_d[None, :], other=0.0,
         )  # fmt: skip
         w = tl.load(
-            w_ptr + offs_v[None, :].to(tl.int64) * stride_wv + (d0 + offs_d)[:, None] * stride_wd,
+            w_ptr + offs_v[None, :].to(tl.int64) * stride_wv + (d0 + offs_d)[:, None].to(tl.int64) * stride_wd,
             mask=mask_d[:, None] & mask_v[None, :], other=0.0,
         )  # fmt: skip
         if UPCAST:
@@ -112,14 +112,16 @@ def _flce_logits_kernel(
     # --- epilogue: bias, softcap, per-tile statistics
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:
-        finite = (acc == acc) & (tl.abs(acc) < float("inf"))
-        acc = tl.where(finite, softcap * _tanh(acc / softcap), float("nan"))
+    if HAS_SOFTCAP:  # NaN and +inf logits make the row NaN; -inf (a masked class) stays allowed
+        valid = (acc == acc) & (acc < float("inf"))
+        acc = tl.where(valid, softcap * _tanh(acc / softcap), float("nan"))
     acc_m = tl.where(mask_v[None, :], acc, float("-inf"))
     tile_max = tl.max(acc_m, axis=1)
-    tile_sum = tl.sum(tl.exp2((acc_m - tile_max[:, None]) * 1.4426950408889634), axis=1)
+    # A tile whose logits are all -inf has no mass: shift by 0 there (its exp terms are 0).
+    shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+    tile_sum = tl.sum(tl.exp2((acc_m - shift[:, None]) * 1.4426950408889634), axis=1)
     t_offs = offs_c * stride_tc + pid_v
-    tl.store(tile_max_ptr + t_offs, tile_max, mask=mask_c)
+    tl.store(tile_max_ptr + t_offs, tile_max, mask=mask_c)  # -inf for an all -inf tile: no mass in the merge
     tl.store(tile_sum_ptr + t_offs, tile_sum, mask=mask_c)
     if HAS_SMOOTHING:
         tl.store(tile_zsum_ptr + t_offs, tl.sum(tl.where(mask_v[None, :], acc, 0.0), axis=1), mask=mask_c)
@@ -129,7 +131,7 @@ def _flce_logits_kernel(
     tl.store(target_ptr + offs_c, tl.sum(tl.where(hit, acc, 0.0), axis=1), mask=mask_c & in_tile)
     if STORE_LOGITS:
         z_ptrs = z_ptr + offs_c[:, None].to(tl.int64) * stride_zc + offs_v[None, :]
-        z = acc - tile_max[:, None]
+        z = acc - shift[:, None]
         tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_v[None, :])
 
 
@@ -191,7 +193,7 @@ def _dlogits(z_ptr, tile_max_ptr, y, lse, alpha, beta, gamma, offs_c, offs_v, ma
         mask=mask_c[:, None] & mask_v[None, :], other=0.0,
     ).to(tl.float32)  # fmt: skip
     tmax = tl.load(tile_max_ptr + offs_c * stride_tc + tile_idx, mask=mask_c, other=0.0)
-    z = zrel + tmax[:, None]
+    z = zrel + tl.where(tmax == float("-inf"), 0.0, tmax)[:, None]  # kernel 1 stored z - shift
     dz = alpha[:, None] * tl.exp2((z - lse[:, None]) * 1.4426950408889634)
     if HAS_GAMMA:
         dz -= gamma[:, None]
@@ -236,7 +238,7 @@ def _flce_grad_hidden_kernel(
         dz = _dlogits(z_ptr, tile_max_ptr, y, lse, alpha, beta, gamma, offs_c, offs_v, mask_c, mask_v,
                       stride_zc, stride_tc, v0 // BLOCK_V, softcap, HAS_SOFTCAP, HAS_GAMMA)  # fmt: skip
         w = tl.load(
-            w_ptr + offs_v[:, None].to(tl.int64) * stride_wv + offs_d[None, :] * stride_wd,
+            w_ptr + offs_v[:, None].to(tl.int64) * stride_wv + offs_d[None, :].to(tl.int64) * stride_wd,
             mask=mask_v[:, None] & mask_d[None, :], other=0.0,
         )  # fmt: skip
         if UPCAST:
@@ -281,7 +283,7 @@ def _flce_grad_weight_kernel(
                       stride_zc, stride_tc, pid_v, softcap, HAS_SOFTCAP, HAS_GAMMA)  # fmt: skip
         if HAS_DW:
             h = tl.load(
-                h_ptr + offs_c[:, None] * stride_hc + offs_d[None, :] * stride_hd,
+                h_ptr + offs_c[:, None].to(tl.int64) * stride_hc + offs_d[None, :].to(tl.int64) * stride_hd,
                 mask=mask_c[:, None] & mask_d[None, :], other=0.0,
             )  # fmt: skip
             if UPCAST:
@@ -353,8 +355,6 @@ class TritonChunkBackend:
         dw_acc_VD: torch.Tensor | None,
         db_acc_V: torch.Tensor | None,
     ) -> ChunkResult:
-        if h_CD.dtype == torch.float64:
-            raise TypeError("impl='triton' supports float32, bfloat16 and float16; use impl='torch' for float64")
         C, D = h_CD.shape
         V = w_VD.shape[0]
         dev = h_CD.device
@@ -373,6 +373,7 @@ class TritonChunkBackend:
         target = torch.empty(C, **f32)
         z = torch.empty((C, V), dtype=h_CD.dtype, device=dev) if grad else tile_sum
         y_C = y_C.contiguous()
+        b_V = None if b_V is None else b_V.contiguous()  # the kernels index the bias densely
         loss_scale_C = None if loss_scale_C is None else loss_scale_C.float().contiguous()
         lse_scale_C = None if lse_scale_C is None else lse_scale_C.float().contiguous()
         grid = (triton.cdiv(C, blocks["BLOCK_C"]) * NT,)

@@ -79,3 +79,17 @@ def test_every_kernel_imports_and_runs_without_triton_and_without_sonarllm():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_triton_unsupported_calls_fall_back_or_raise(clean_env):
+    clean_env.setenv("TRITON_INTERPRET", "1")
+    assert resolve_impl("auto", CPU, "op", triton_unsupported="has no float64") == "torch"
+    with pytest.raises(TypeError, match="op: impl='triton' has no float64"):
+        resolve_impl("triton", CPU, "op", triton_unsupported="has no float64")
+
+
+def test_attention_only_environment_value_leaves_other_ops_on_auto(clean_env):
+    clean_env.setenv("SONARLLM_KERNEL_IMPL", "flash")
+    clean_env.setenv("TRITON_INTERPRET", "0")
+    assert resolve_impl("auto", CPU, "op") == "torch"
+    assert resolve_impl("auto", CPU, "attention", extra_impls=("flash",)) == "flash"

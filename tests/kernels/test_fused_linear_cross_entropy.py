@@ -34,7 +34,8 @@ def _run(impl, h, w, y, b, *, trainable, upstream_seed=1, **opts):
     out = fused_linear_cross_entropy(h, w, y, bias=b, impl=impl, **opts)
     loss, lse = out if opts.get("return_lse") else (out, None)
     g = torch.Generator().manual_seed(upstream_seed)
-    total = loss.sum() if loss.dim() == 0 else (loss * torch.rand(loss.shape, generator=g).to(loss)).sum()
+    # An upstream gradient other than 1 (0.37), so the backward's scaling is exercised too.
+    total = loss * 0.37 if loss.dim() == 0 else (loss * torch.rand(loss.shape, generator=g).to(loss)).sum()
     if lse is not None:
         total = total + (lse * torch.rand(lse.shape, generator=g).to(lse)).sum()
     total.backward()
@@ -125,18 +126,19 @@ def test_non_finite_hidden_gives_nan_loss(device, path, dtype):
 
 @pytest.mark.parametrize("device,path,dtype", device_cases())
 def test_non_contiguous_inputs(device, path, dtype):
-    """hidden as a transposed view of [2, 13, D], weight as every other row of a bigger matrix."""
+    """hidden as a transposed view of [2, 13, D]; weight, bias as every other row of bigger tensors."""
     h64, w64, y, b64 = flce_inputs(26, 24, 301, torch.float64)
     h_src = h64.reshape(13, 2, 24).to(device=device, dtype=dtype)
     h = h_src.transpose(0, 1)  # [2, 13, 24], not contiguous
     w_big = torch.zeros(602, 24, dtype=dtype, device=device)
     w_big[::2] = w64.to(device=device, dtype=dtype)
     w = w_big[::2]
+    b = torch.randn(602, dtype=torch.float64).to(device=device, dtype=dtype)[::2]
     y2 = y.reshape(13, 2).t().to(device)
-    assert not h.is_contiguous() and not w.is_contiguous() and not y2.is_contiguous()
-    got = fused_linear_cross_entropy(h, w, y2, reduction="none", impl=path)
-    want = fused_linear_cross_entropy_ref(h.contiguous(), w.contiguous(), y2.contiguous(), reduction="none")
-    gold = fused_linear_cross_entropy_ref(h.double(), w.double(), y2, reduction="none")
+    assert not h.is_contiguous() and not w.is_contiguous() and not y2.is_contiguous() and not b.is_contiguous()
+    got = fused_linear_cross_entropy(h, w, y2, bias=b, reduction="none", impl=path)
+    want = fused_linear_cross_entropy_ref(h.contiguous(), w.contiguous(), y2.contiguous(), bias=b.contiguous(), reduction="none")
+    gold = fused_linear_cross_entropy_ref(h.double(), w.double(), y2, bias=b.double(), reduction="none")
     assert_parity(got, want, gold, dtype, "non-contiguous loss")
 
 
@@ -282,6 +284,7 @@ def test_bad_tensors_raise(mutate, exc, match):
         ({"num_items": -2}, ValueError, "num_items"),
         ({"num_items": 0}, ValueError, "num_items is 0"),
         ({"num_items": torch.tensor([3])}, ValueError, "num_items"),
+        ({"num_items": 3, "reduction": "sum"}, ValueError, "no effect with reduction='sum'"),
         ({"bias": torch.randn(9)}, ValueError, "bias must have shape"),
         ({"bias": torch.randn(10).double()}, TypeError, "bias dtype"),
     ],
@@ -290,6 +293,13 @@ def test_bad_options_raise(kwargs, exc, match):
     h, w, y = _good()
     with pytest.raises(exc, match=match):
         fused_linear_cross_entropy(h, w, y, **({"impl": "torch"} | kwargs))
+
+
+def test_module_validates_its_options_at_construction():
+    with pytest.raises(ValueError, match="impl must be one of"):
+        FusedLinearCrossEntropy(impl="fast")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        FusedLinearCrossEntropy(label_smoothing=2.0)
 
 
 def test_bad_environment_impl_raises(monkeypatch):
@@ -374,3 +384,38 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("device,path,dtype", device_cases())
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_minus_inf_logits_are_masked_classes(device, path, dtype, softcap):
+    """A -inf bias masks classes (probability 0), also across a whole kernel tile; a target in a
+    masked class costs +inf; NaN/+inf stay NaN. All paths agree with the reference."""
+    h, w, y, _ = flce_inputs(12, 16, 1200, torch.float64, ignore_frac=0.0)
+    b = torch.zeros(1200, dtype=torch.float64)
+    b[100:700] = float("-inf")  # more than one 512-wide interpreter tile
+    y[y.ge(100) & y.lt(700)] = 5
+    y[3] = 150  # a masked target
+    cast = lambda t: t.to(device=device, dtype=dtype)
+    got = fused_linear_cross_entropy(cast(h), cast(w), y.to(device), bias=cast(b), reduction="none", softcap=softcap, impl=path)
+    want = fused_linear_cross_entropy_ref(cast(h), cast(w), y.to(device), bias=cast(b), reduction="none", softcap=softcap)
+    gold = fused_linear_cross_entropy_ref(h.to(device), w.to(device), y.to(device), bias=b.to(device), reduction="none", softcap=softcap)
+    if softcap is None:
+        assert torch.isinf(got[3]) and torch.isinf(gold[3])
+    keep = torch.arange(12, device=got.device) != 3
+    assert_parity(got[keep], want[keep], gold[keep], dtype, "masked classes")
+
+
+def test_fp16_gradient_survives_loss_scaling():
+    """fp16 training: a large num_items with a 2^16 loss scale must not flush the hidden gradient
+    to zero (it is scaled in float32 in the backward, as plain PyTorch effectively does)."""
+    h, w, y, _ = flce_inputs(64, 64, 4000, torch.float64, ignore_frac=0.0, peaky=False)
+    grads = {}
+    for name, dtype, impl in (("gold", torch.float64, "reference"), ("ref", torch.float16, "reference"),
+                              ("fast", torch.float16, "torch")):  # fmt: skip
+        hh = h.to(dtype).clone().requires_grad_(True)
+        loss = fused_linear_cross_entropy(hh, w.to(dtype), y, num_items=65_536, impl=impl)
+        (loss * 2.0**16).backward()
+        grads[name] = hh.grad
+    assert torch.count_nonzero(grads["fast"]) == grads["fast"].numel()
+    assert_parity(grads["fast"], grads["ref"], grads["gold"], torch.float16, "fp16 d hidden", grad=True)
