@@ -135,8 +135,8 @@ def test_parity_many_tiles_and_splits(device, path, dtype, mode, monkeypatch):
 @pytest.mark.parametrize("device,path,dtype", device_cases())
 @pytest.mark.parametrize("mode", ["in", "out"])
 def test_non_contiguous_inputs_and_expanded_gradient(device, path, dtype, mode):
-    """x as a transposed view of [13, 2, in], weight as every other row of a bigger matrix, and
-    the stride-0 upstream gradient of y.sum()."""
+    """x as a transposed view of [13, 2, in], weight and bias as strided views, and the stride-0
+    upstream gradient of y.sum()."""
     x64, w64, b64, c64, s64, _ = fep_inputs(mode, (26,))
     x_src = x64.reshape(13, 2, -1).to(device=device, dtype=dtype)
     x = x_src.transpose(0, 1)  # [2, 13, in], not contiguous
@@ -145,11 +145,12 @@ def test_non_contiguous_inputs_and_expanded_gradient(device, path, dtype, mode):
     w = w_big[::2]
     assert not x.is_contiguous() and not w.is_contiguous()
     c, s = c64.to(device).float(), s64.to(device).float()
-    b = b64.to(device=device, dtype=dtype)
+    b = b64.to(device=device, dtype=dtype).repeat_interleave(2)[::2]  # a strided view
+    assert not b.is_contiguous()
     outs = []
     for impl, xx, ww, bb, cc, ss in (
         (path, x, w, b, c, s),
-        ("reference", x.contiguous(), w.contiguous(), b, c, s),
+        ("reference", x.contiguous(), w.contiguous(), b.contiguous(), c, s),
         ("reference", x.double(), w.double(), b.double(), c.double(), s.double()),
     ):
         xx = xx.detach().requires_grad_(True)
