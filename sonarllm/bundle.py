@@ -38,7 +38,7 @@ def save_bundle(directory: str | os.PathLike, model: SonarLLM, spec: SonarSpec) 
     for field in ("tokenizer", "encoder", "decoder"):
         value = getattr(spec, field)
         if value is not None and os.path.isfile(value) and os.path.getsize(value) <= COPY_LIMIT:
-            target = directory / "sonar" / Path(value).name
+            target = directory / "sonar" / f"{field}-{Path(value).name}"  # unique per field
             target.parent.mkdir(parents=True, exist_ok=True)
             if Path(value).resolve() != target.resolve():
                 tmp = target.with_name(target.name + ".tmp")

@@ -280,24 +280,13 @@ def _check_prompts(prompts: list[str]) -> None:
 
 
 def _check_sonar_files(model_dir: Path) -> None:
-    """Name a missing SONAR file before loading starts (a local path in sonar.json that does not
-    exist would otherwise be taken for an asset name to download)."""
+    """Name a missing model directory or SONAR file before loading starts."""
     from sonarllm.bundle import SPEC_NAME
-    from sonarllm.sonar.download import ASSETS
     from sonarllm.sonar.pipeline import SonarSpec
 
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
-    spec = SonarSpec.load(model_dir / SPEC_NAME)
-    for field in ("tokenizer", "encoder", "decoder"):
-        value = getattr(spec, field)
-        if value is None or value in ASSETS or "://" in value:
-            continue
-        path = Path(value) if os.path.isabs(value) else model_dir / value
-        if not path.exists():
-            raise FileNotFoundError(
-                f"SONAR {field} file not found: {path} (named in {model_dir / SPEC_NAME})"
-            )
+    SonarSpec.load(model_dir / SPEC_NAME)  # raises FileNotFoundError naming a missing file
 
 
 def _load(args):

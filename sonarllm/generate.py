@@ -61,6 +61,10 @@ def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+
+REFERENCE_MAX_SEQ_LEN = 256  # the SONAR-LLM reference decodes with predict(..., max_seq_len=256)
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     """How ``generate`` / ``stream`` run (see the module docstring for the exact semantics)."""
@@ -76,8 +80,8 @@ class GenerationOptions:
     """SONAR decoder beam size (1 = greedy); the reference uses fairseq2's default 5."""
     max_tokens: int | None = None
     """Most tokens per decoded sentence, its final </s> included (``BeamSearchOptions
-    max_gen_len=(0, max_tokens)``). None keeps SONAR's pipeline default (fairseq2's
-    ``max_gen_len=(1, 128)``, bounded by the decoder's positions)."""
+    max_gen_len=(0, max_tokens)``). None decodes as the paper's generate.py does: SONAR's
+    pipeline defaults with ``max_seq_len=256`` (prompt included, so at most 254 tokens)."""
     temperature: float = 0.0
     """Embedding-space noise: p + T * rms(p) * z, z ~ N(0, I). 0 = deterministic decoding."""
     seed: int = 0
@@ -125,7 +129,7 @@ class GenerationOptions:
     def beam_search_options(self) -> BeamSearchOptions:
         """The SONAR decoder's beam search settings for these options."""
         if self.max_tokens is None:
-            return BeamSearchOptions(beam_size=self.beam_size)
+            return BeamSearchOptions(beam_size=self.beam_size, max_seq_len=REFERENCE_MAX_SEQ_LEN)
         return BeamSearchOptions(beam_size=self.beam_size, max_gen_len=(0.0, self.max_tokens))
 
 

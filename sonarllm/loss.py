@@ -95,7 +95,7 @@ class SonarTokenLoss(nn.Module):
     """Token cross-entropy through the frozen SONAR decoder.
 
     Args:
-        decoder: our ``SonarDecoder`` (``SonarDecoder.from_fairseq2(model)`` wraps a fairseq2 one).
+        decoder: our ``SonarDecoder`` (``decoder_from_fairseq2(model)`` wraps a fairseq2 one).
         tokenizer: needed only to pass target sentences as text.
         duplicate_eos: label convention for text targets (see module docstring).
         kernel_impl: ``impl`` of the fused cross-entropy ("auto", "triton", "torch", "reference").
@@ -110,7 +110,7 @@ class SonarTokenLoss(nn.Module):
         super().__init__()
         if not isinstance(decoder, SonarDecoder):
             raise TypeError(
-                f"decoder must be a sonarllm SonarDecoder (use SonarDecoder.from_fairseq2 for a fairseq2 "
+                f"decoder must be a sonarllm SonarDecoder (use sonarllm.decoder_from_fairseq2 for a fairseq2 "
                 f"model), got {type(decoder).__name__}"
             )
         self.decoder = decoder.requires_grad_(False)

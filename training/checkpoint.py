@@ -1,10 +1,11 @@
 """Atomic DeepSpeed checkpoints with exact resume, and the final inference export.
 
 A checkpoint is written by every rank into ``checkpoints/.staging/<tag>/`` and only then moved
-to ``checkpoints/<tag>/``; the pointer ``checkpoints/latest`` is replaced atomically last. A run
+(by global rank 0; the run directory must be on a filesystem all ranks share) to
+``checkpoints/<tag>/``; the pointer ``checkpoints/latest`` is replaced atomically last. A run
 killed at any moment therefore leaves ``latest`` naming a complete checkpoint (the previous one
 while a save is in flight); leftovers in ``.staging`` are removed by the next save. Older
-checkpoints beyond ``keep`` are deleted after the pointer has moved.
+checkpoints beyond ``keep`` are deleted after the pointer has moved, never the one it names.
 
 The client state stores the global step and the RNG states, so a resumed run continues with the
 same data order and produces the same losses as an uninterrupted one.
@@ -46,42 +47,54 @@ def set_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    """Saves and finds checkpoints under ``<run_dir>/checkpoints``."""
+    """Saves and finds checkpoints under ``<run_dir>/checkpoints`` (a filesystem every rank shares:
+    global rank 0 publishes what all ranks wrote)."""
 
-    def __init__(self, run_dir: str | os.PathLike, keep: int, *, rank: int = 0, local_rank: int = 0):
+    def __init__(self, run_dir: str | os.PathLike, keep: int, *, rank: int = 0):
         self.root = Path(run_dir) / "checkpoints"
-        self.keep, self.rank, self.local_rank = keep, rank, local_rank
+        self.keep, self.rank = keep, rank
+
+    def _saved(self) -> list[Path]:
+        """Published checkpoints, oldest first (by the time they were published)."""
+        return sorted((p for p in self.root.glob("step-*") if p.is_dir()), key=lambda p: p.stat().st_mtime_ns)
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint, or None."""
+        """The checkpoint ``latest`` names; if it is missing, the newest published one; else None."""
         pointer = self.root / LATEST
-        if not pointer.is_file():
-            return None
-        path = self.root / pointer.read_text().strip()
-        return path if path.is_dir() else None
+        if pointer.is_file():
+            path = self.root / pointer.read_text().strip()
+            if path.is_dir():
+                return path
+        saved = self._saved()
+        return saved[-1] if saved else None
 
     def save(self, engine, step: int, client_state: dict) -> Path:
-        """Collective: every rank calls it."""
-        tag = f"step-{step:08d}"
-        staging, final = self.root / STAGING, self.root / tag
+        """Collective: every rank calls it. A directory ``latest`` names is never replaced or
+        deleted: a second save of the same step (after resuming from an older checkpoint) gets a
+        new name."""
+        tag, n = f"step-{step:08d}", 0
+        while (self.root / tag).exists():
+            n += 1
+            tag = f"step-{step:08d}-r{n}"
+        staging = self.root / STAGING
         if self.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True, exist_ok=True)
         _barrier()
         engine.save_checkpoint(str(staging), tag=tag, client_state=client_state | {"step": step}, save_latest=False)
         _barrier()
-        if self.local_rank == 0 and (staging / tag).exists():  # one mover per node (also without a shared FS)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging / tag, final)
-        _barrier()
         if self.rank == 0:
+            final = self.root / tag
+            os.replace(staging / tag, final)
+            os.utime(final)  # publication time orders the rotation
             tmp = self.root / (LATEST + ".tmp")
             tmp.write_text(tag + "\n")
             os.replace(tmp, self.root / LATEST)
-            for old in sorted(p for p in self.root.glob("step-*") if p.is_dir())[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            for old in self._saved()[: -self.keep]:
+                if old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
         _barrier()
-        return final
+        return self.root / tag
 
     @staticmethod
     def load(engine, path: str | os.PathLike) -> dict:
@@ -98,17 +111,24 @@ class Checkpointer:
 
 
 def export_model(engine, directory: str | os.PathLike, spec, *, rank: int) -> None:
-    """Write the trained model as an inference bundle (gathering ZeRO-3 shards first)."""
+    """Collective: write the trained model as a float32 inference bundle.
+
+    The weights are DeepSpeed's float32 master copies (gathered from every rank under ZeRO),
+    not the bf16/fp16 working copies of a mixed-precision run.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
     from sonarllm.bundle import save_bundle
+    from sonarllm.model import SonarLLM
 
     module = engine.module
-    params = list(module.parameters())
-    if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if rank == 0:
-                save_bundle(directory, module, spec)
-    elif rank == 0:
-        save_bundle(directory, module, spec)
+    state = {}
+    for name, param in module.named_parameters():  # the same order on every rank (ZeRO-3 gathers)
+        full = safe_get_full_fp32_param(param)
+        state[name] = (param.detach() if full is None else full).float().cpu()
+    if rank == 0:
+        buffers = {k: v.float().cpu() for k, v in module.state_dict().items() if k not in state}
+        model = SonarLLM(module.config)
+        model.load_state_dict(state | buffers)
+        save_bundle(directory, model, spec)
     _barrier()

@@ -201,6 +201,12 @@ def validate(cfg: TrainConfig) -> None:
     need(bool(cfg.run.output_dir), "run.output_dir", "must not be empty")
     need(cfg.run.stop_after >= 0, "run.stop_after", "must be >= 0")
     need(cfg.data.max_sentences >= 1, "data.max_sentences", "must be >= 1")
+    need(not cfg.data.source or os.path.exists(cfg.data.source), "data.source", "must be an existing file or directory")
+    need(cfg.data.sonar in ("toy", "basic") or os.path.isfile(cfg.data.sonar), "data.sonar",
+         "must be 'toy', 'basic' or the path of a sonar.json")  # fmt: skip
+    from sonarllm.sonar.langs import NLLB_LANGS
+
+    need(cfg.data.lang in NLLB_LANGS, "data.lang", "must be a SONAR language code such as eng_Latn")
     need(cfg.data.eval_documents >= 1, "data.eval_documents", "must be >= 1")
     need(cfg.model.preset in SONARLLM_CONFIGS, "model.preset", f"must be one of {sorted(SONARLLM_CONFIGS)}")
     need(cfg.model.objective in ("sonar", "mse"), "model.objective", "must be 'sonar' or 'mse'")
@@ -225,9 +231,11 @@ def validate(cfg: TrainConfig) -> None:
     try:
         from sonarllm.config import SonarLLMConfig
 
-        SonarLLMConfig.from_name(cfg.model.preset, **cfg.model.overrides)
+        mcfg = SonarLLMConfig.from_name(cfg.model.preset, **cfg.model.overrides)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model.overrides {cfg.model.overrides!r} are invalid: {exc}") from exc
+    need(cfg.data.max_sentences + 1 <= mcfg.max_seq_len, "data.max_sentences",
+         f"plus the end sentence must fit the model's max_seq_len ({mcfg.max_seq_len})")  # fmt: skip
 
 
 def _get(cfg: TrainConfig, key: str):

@@ -27,12 +27,15 @@ if __package__ in (None, ""):  # run as a script: import this repository's packa
 
 import argparse
 import hashlib
+import json
 import logging
 import os
+import shlex
 
 import torch
 
 from sonarllm.corpus import read_documents
+from sonarllm.sonar.config import SONAR_CONFIGS
 from sonarllm.sonar.pipeline import SonarPipeline, SonarSpec
 from sonarllm.sonar.tokenizer import SonarTokenizer
 from sonarllm.sonar.toy import build_toy_sonar, train_toy_sonar, train_toy_tokenizer
@@ -108,22 +111,30 @@ def load_documents(source: Path, max_sentences: int, max_docs: int | None) -> li
     return docs
 
 
-def resolve_sonar(args, out: Path, train_docs: list[list[str]]) -> SonarSpec:
+def _build_toy_sonar(args, folder: Path, train_docs: list[list[str]], source_digest: str) -> None:
+    """Build (and train) the toy SONAR in ``folder`` unless ``toy.json`` says it was built
+    with these options; toy.json is written last, so an interrupted build is redone."""
+    marker = folder / "toy.json"
+    wanted = {"vocab_size": args.toy_vocab_size, "seed": args.toy_seed, "train_steps": args.toy_train_steps,
+              "lang": args.lang, "source_sha256": source_digest}  # fmt: skip
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        return
+    marker.unlink(missing_ok=True)
+    sentences = [s for doc in train_docs for s in doc]
+    spm_path = train_toy_tokenizer(sentences[:200_000], folder / "toy_spm.model", vocab_size=args.toy_vocab_size)
+    tokenizer = SonarTokenizer(spm_path)
+    enc, dec = build_toy_sonar(tokenizer, folder, seed=args.toy_seed)
+    if args.toy_train_steps:
+        losses = train_toy_sonar(tokenizer, enc, dec, sentences, steps=args.toy_train_steps, seed=args.toy_seed,
+                                 lang=args.lang, progress=not args.quiet)  # fmt: skip
+        log.info("toy SONAR trained as an autoencoder: loss %.3f -> %.4f", losses[0], losses[-1])
+    write_json_atomic(marker, wanted)
+
+
+def resolve_sonar(args, out: Path, train_docs: list[list[str]], source_digest: str) -> SonarSpec:
     """The SONAR to use, building the toy one (deterministically) when asked."""
     if args.sonar == "toy":
-        spm_path = out / "sonar" / "toy_spm.model"
-        if not spm_path.exists():
-            sentences = [s for doc in train_docs for s in doc][:200_000]
-            train_toy_tokenizer(sentences, spm_path, vocab_size=args.toy_vocab_size)
-        enc, dec = out / "sonar" / "toy_encoder.pt", out / "sonar" / "toy_decoder.pt"
-        if not (enc.exists() and dec.exists()):
-            tokenizer = SonarTokenizer(spm_path)
-            build_toy_sonar(tokenizer, out / "sonar", seed=args.toy_seed)
-            if args.toy_train_steps:
-                sentences = [s for doc in train_docs for s in doc]
-                losses = train_toy_sonar(tokenizer, enc, dec, sentences, steps=args.toy_train_steps, seed=args.toy_seed,
-                                         lang=args.lang, progress=not args.quiet)  # fmt: skip
-                log.info("toy SONAR trained as an autoencoder: loss %.3f -> %.4f", losses[0], losses[-1])
+        _build_toy_sonar(args, out / "sonar", train_docs, source_digest)
         spec = SonarSpec("sonar/toy_spm.model", "sonar/toy_encoder.pt", "sonar/toy_decoder.pt", args.lang)
     elif args.sonar == "basic":
         spec = SonarSpec(BASIC_SONAR.tokenizer, BASIC_SONAR.encoder, BASIC_SONAR.decoder, args.lang)
@@ -132,6 +143,19 @@ def resolve_sonar(args, out: Path, train_docs: list[list[str]]) -> SonarSpec:
         spec = SonarSpec(spec.tokenizer, spec.encoder, spec.decoder, args.lang)
     spec.save(out / "sonar.json")
     return SonarSpec.load(out / "sonar.json")
+
+
+def decoder_positions(spec: SonarSpec) -> int:
+    """How many positions the SONAR decoder named by ``spec`` has (our files record their config;
+    the released SONAR decoder has 512)."""
+    if spec.decoder and os.path.isfile(spec.decoder):
+        try:
+            obj = torch.load(spec.decoder, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, OSError, ValueError):
+            obj = None
+        if isinstance(obj, dict) and isinstance(obj.get("sonar_config"), dict):
+            return int(obj["sonar_config"]["max_seq_len"])
+    return SONAR_CONFIGS["basic"].max_seq_len
 
 
 def _identity(spec: SonarSpec) -> dict:
@@ -165,10 +189,12 @@ def prepare(args: argparse.Namespace) -> dict:
     docs = load_documents(source, args.max_sentences, args.max_docs)
     n_eval = min(args.eval_documents, len(docs) // 2)
     train_docs, eval_docs = docs[: len(docs) - n_eval], docs[len(docs) - n_eval :]
-    spec = resolve_sonar(args, out, train_docs)
+    digest = _source_digest(source)
+    spec = resolve_sonar(args, out, train_docs, digest)
+    max_target = min(args.max_target_tokens, decoder_positions(spec))  # decoder inputs must fit
     options = {
-        "source": str(source.resolve()), "source_sha256": _source_digest(source), "lang": args.lang,
-        "max_sentences": args.max_sentences, "max_target_tokens": args.max_target_tokens,
+        "source": str(source.resolve()), "source_sha256": digest, "lang": args.lang,
+        "max_sentences": args.max_sentences, "max_target_tokens": max_target,
         "eval_documents": n_eval, "shard_documents": args.shard_documents, "max_docs": args.max_docs,
         "embedding_dtype": args.embedding_dtype, "eos_sentence": EOS_SENTENCE, "sonar": _identity(spec),
     }  # fmt: skip
@@ -186,6 +212,7 @@ def prepare(args: argparse.Namespace) -> dict:
         for i, start in enumerate(range(0, len(split_docs), args.shard_documents)):
             plan.append((f"{split}-{i:05d}.safetensors", split, split_docs[start : start + args.shard_documents]))
 
+    command = "sonarllm prepare " + " ".join(shlex.quote(a) for a in _argv(args))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     pipe = None
     shards = []
@@ -200,24 +227,34 @@ def prepare(args: argparse.Namespace) -> dict:
             log.warning("shard %s failed its checksum; rebuilding it", name)
         if pipe is None:
             pipe = SonarPipeline.from_spec(spec, decoder=False, device=device)
-        emb, so, tokens, to = _encode_shard(pipe, shard_docs, args.lang, args.max_target_tokens,
+        emb, so, tokens, to = _encode_shard(pipe, shard_docs, args.lang, max_target,
                                             getattr(torch, args.embedding_dtype), args.max_tokens, not args.quiet)  # fmt: skip
         digest = write_shard(path, emb, so, tokens, to)
         shards.append({"name": name, "split": split, "documents": len(shard_docs), "sentences": so[-1],
                        "tokens": len(tokens), "sha256": digest, "bytes": path.stat().st_size})  # fmt: skip
         log.info("shard %s written (%d documents)", name, len(shard_docs))
-        write_json_atomic(manifest_path, _manifest(options, shards, emb.shape[1]))
+        write_json_atomic(manifest_path, _manifest(options, shards, emb.shape[1], command))
     embedding_dim = pipe.encoder.config.model_dim if pipe else (manifest or {}).get("embedding_dim")
-    manifest = _manifest(options, shards, embedding_dim, complete=True)
+    manifest = _manifest(options, shards, embedding_dim, command, complete=True)
     write_json_atomic(manifest_path, manifest)
     return manifest
 
 
-def _manifest(options: dict, shards: list[dict], embedding_dim: int, complete: bool = False) -> dict:
+def _manifest(options: dict, shards: list[dict], embedding_dim: int, command: str, complete: bool = False) -> dict:
     totals = {split: {k: sum(s[k] for s in shards if s["split"] == split) for k in ("documents", "sentences", "tokens")}
               for split in ("train", "eval")}  # fmt: skip
     return {"format_version": FORMAT_VERSION, "complete": complete, "embedding_dim": embedding_dim,
-            "options": options, "totals": totals, "shards": shards}  # fmt: skip
+            "options": options, "command": command, "totals": totals, "shards": shards}  # fmt: skip
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The command-line arguments that reproduce ``args`` (what a rebuild must repeat)."""
+    out = []
+    for key, value in vars(args).items():
+        if key in ("quiet", "device", "max_tokens") or value is None:
+            continue
+        out += [f"--{key.replace('_', '-')}", str(value)]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,6 +88,23 @@ def write_shard(path: Path, embeddings: torch.Tensor, sentence_offsets, tokens, 
     return digest
 
 
+def verify_shards(directory: str | os.PathLike, manifest: dict | None = None) -> None:
+    """Check every shard's presence and SHA-256 against the manifest; the error names the shard
+    and gives the command that rebuilds it."""
+    directory = Path(directory)
+    manifest = manifest or read_manifest(directory)
+    rebuild = manifest.get("command") or "training/prepare_data.py with the options in manifest.json"
+    for entry in manifest["shards"]:
+        path = directory / entry["name"]
+        if not path.is_file():
+            raise ShardError(f"shard {entry['name']} listed in the manifest is missing from {directory}; rebuild it with: {rebuild}")
+        if sha256_file(path) != entry["sha256"]:
+            raise ShardError(
+                f"shard {entry['name']} failed its checksum (the file changed or is corrupted); "
+                f"rebuild it with: {rebuild}"
+            )
+
+
 @dataclass
 class Document:
     """One document: its sentence embeddings [S, E] and the target-mode token ids of each sentence."""
@@ -113,17 +130,14 @@ class ShardedDocuments:
         entries = [s for s in self.manifest["shards"] if s["split"] == split]
         if not entries:
             raise ShardError(f"{self.directory} has no {split!r} shards")
+        if verify:
+            verify_shards(self.directory, {**self.manifest, "shards": entries})
         self._files, self._sentence_offsets, self._token_offsets = [], [], []
         doc_index = []
         for i, entry in enumerate(entries):
             path = self.directory / entry["name"]
             if not path.is_file():
                 raise ShardError(f"shard {entry['name']} listed in the manifest is missing from {self.directory}")
-            if verify and sha256_file(path) != entry["sha256"]:
-                raise ShardError(
-                    f"shard {entry['name']} failed its checksum (the file changed or is corrupted); "
-                    f"re-run data preparation to rebuild it"
-                )
             handle = safe_open(str(path), framework="pt")
             self._files.append(handle)
             self._sentence_offsets.append(handle.get_tensor("sentence_offsets"))

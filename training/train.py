@@ -27,11 +27,13 @@ import os
 import signal
 import socket
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from training.config import EXAMPLE_CORPUS, ConfigError, TrainConfig, load_config, parse_cli
+from training.shards import ShardError
 
 
 def _free_port() -> int:
@@ -70,12 +72,19 @@ class Trainer:
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.system.precision]
         prepared = self._ensure_prepared()
         self.spec = SonarSpec.load(prepared / "sonar.json")
-        self.train_docs = ShardedDocuments(prepared, "train", verify=cfg.data.verify_checksums)
-        self.eval_docs = ShardedDocuments(prepared, "eval", verify=cfg.data.verify_checksums)
+        self.train_docs = ShardedDocuments(prepared, "train", verify=False)  # verified in _ensure_prepared
+        self.eval_docs = ShardedDocuments(prepared, "eval", verify=False)
 
         pipe = SonarPipeline.from_spec(self.spec, encoder=False, device=device, kernel_impl=cfg.model.kernel_impl)
         self.eos_idx = pipe.tokenizer.eos_idx
         decoder = pipe.decoder.to(dtype=self.dtype)  # frozen, replicated, outside the engine
+        max_target = self.train_docs.manifest["options"]["max_target_tokens"]
+        if max_target > decoder.config.max_seq_len:
+            raise ConfigError(
+                f"data.prepared_dir {prepared} holds target sentences of up to {max_target} tokens but the SONAR "
+                f"decoder has {decoder.config.max_seq_len} positions; prepare it again with "
+                f"--max-target-tokens {decoder.config.max_seq_len}"
+            )
         self.token_loss = SonarTokenLoss(decoder, pipe.tokenizer, duplicate_eos=cfg.data.duplicate_eos,
                                          kernel_impl=cfg.model.kernel_impl)  # fmt: skip
 
@@ -99,16 +108,22 @@ class Trainer:
         self.schedule = StepSchedule(self.train_docs, micro=cfg.loop.micro_batch_documents, accum=cfg.loop.grad_accum_steps,
                                      world=self.world, seed=cfg.run.seed, duplicate_eos=cfg.data.duplicate_eos)  # fmt: skip
         self.metrics = MetricsLog(self.run_dir, enabled=self.rank == 0)
-        self.ckpt = Checkpointer(self.run_dir, cfg.loop.keep_checkpoints, rank=self.rank, local_rank=self.local_rank)
+        self.ckpt = Checkpointer(self.run_dir, cfg.loop.keep_checkpoints, rank=self.rank)
         self.stop_requested = False
 
     # --- set-up -------------------------------------------------------------------------------
 
     def _ensure_prepared(self) -> Path:
-        """Prepare the data once (rank 0), unless a complete preparation is already there."""
+        """Prepare the data once (global rank 0), unless a complete preparation is already there;
+        then one process per node fetches the SONAR files and verifies the shards. The other
+        ranks wait on a gloo group without the default 10-minute collective timeout: preparing a
+        real corpus takes hours. (A failing rank 0 exits, which ends the others' wait.)"""
+        from sonarllm.sonar.download import ASSETS, fetch
+        from sonarllm.sonar.pipeline import SonarSpec
         from training import prepare_data
-        from training.shards import MANIFEST
+        from training.shards import MANIFEST, verify_shards
 
+        wait = dist.new_group(backend="gloo", timeout=timedelta(days=7))
         prepared = Path(self.cfg.data.prepared_dir)
         manifest = prepared / MANIFEST
         complete = manifest.is_file() and json.loads(manifest.read_text()).get("complete", False)
@@ -122,7 +137,15 @@ class Trainer:
                 "--device", self.device.type,
             ] + ([] if self.cfg.system.progress else ["--quiet"]))  # fmt: skip
             prepare_data.prepare(args)
-        dist.barrier()
+        dist.barrier(group=wait)
+        if self.local_rank == 0:
+            spec = SonarSpec.load(prepared / "sonar.json")
+            for name in (spec.tokenizer, spec.decoder):
+                if name in ASSETS or "://" in name:
+                    fetch(name)  # into this node's cache, once, before every rank loads it
+            if self.cfg.data.verify_checksums:
+                verify_shards(prepared)
+        dist.barrier(group=wait)
         return prepared
 
     def _check_prepared_matches(self, options: dict) -> None:
@@ -147,6 +170,7 @@ class Trainer:
                 "run.output_dir or resume with run.resume auto"
             )
         if path is None:
+            self.metrics.truncate_after(0)  # records of an earlier attempt that never checkpointed
             return 0
         client = Checkpointer.load(self.engine, path)
         self.metrics.truncate_after(client["step"])
@@ -224,8 +248,12 @@ class Trainer:
 
         loop = self.cfg.loop
         start = self.resume()
+        def request_stop(signum, _frame):
+            self.stop_requested = True  # stop with a checkpoint at the end of this step
+            signal.signal(signum, signal.default_int_handler)  # a second signal interrupts at once
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: setattr(self, "stop_requested", True))
+            signal.signal(sig, request_stop)
         bar = tqdm(total=loop.max_steps, initial=start, disable=self.rank != 0 or not self.cfg.system.progress,
                    desc="train", unit="step", dynamic_ncols=True)  # fmt: skip
         step, last_saved, window = start, start, []
@@ -318,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
+    except ShardError as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

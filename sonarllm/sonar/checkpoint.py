@@ -66,7 +66,12 @@ def read_checkpoint_file(path: str | os.PathLike, *, trust: bool = False) -> dic
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
+        try:  # memory-mapped: a 3 GB checkpoint is not copied into memory before use
+            return torch.load(path, map_location="cpu", weights_only=not trust, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc) and "zip" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=not trust)  # legacy (non-zip) format
     except pickle.UnpicklingError as exc:
         if not trust and "weights_only" in str(exc):
             raise CheckpointError(
@@ -92,9 +97,13 @@ def _from_fairseq1(sd: dict, kind: str) -> dict:
     """fairseq1 / HF M2M100 names -> fairseq2 names, embedding rows permuted."""
     prefix_re = re.compile(rf"^(model\.)?({kind}\.)?")
     stack = "decoder" if kind == "decoder" else "encoder"
+    other = ("model.encoder.", "encoder.") if kind == "decoder" else ("model.decoder.", "decoder.", "lm_head.")
+    full_port = any(k.startswith(("model.encoder.", "model.decoder.")) for k in sd)
     out = {}
     for key, value in sd.items():
         if key.endswith(_IGNORED_SUFFIXES) or key in ("model.shared.weight", "shared.weight"):
+            continue
+        if full_port and key.startswith(other):  # the other half of an M2M100ForConditionalGeneration
             continue
         name = prefix_re.sub("", key, count=1)
         if name.startswith("embed_tokens."):
@@ -131,7 +140,7 @@ def to_fairseq2_state_dict(obj: dict, kind: str) -> dict:
     sd = _unwrap(obj)
     if f"{kind}_frontend.embed.weight" in sd:
         sd = dict(sd)
-        proj = sd.pop("final_proj.weight", None)
+        proj = sd.pop("final_proj.weight", None) if kind == "decoder" else None
         if proj is not None and not torch.equal(proj, sd["decoder_frontend.embed.weight"]):
             raise CheckpointError("final_proj.weight differs from decoder_frontend.embed.weight; SONAR ties them")
         return sd
@@ -198,8 +207,10 @@ def _read_source(source, kind: str, trust: bool) -> dict:
 def _build(cls, kind, source, config, device, dtype, trust, **kwargs):
     sd, saved = _source_state(source, kind, trust)
     cfg = config if config is not None else saved if saved is not None else infer_config(sd, kind)
-    model = cls(cfg, **kwargs)
-    load_state(model, sd)
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced
+        model = cls(cfg, **kwargs)
+    load_state(model, {k: v.contiguous() for k, v in sd.items()}, assign=True)
+    model.reset_buffers()  # the position tables are not in checkpoints
     return model.to(device=device, dtype=dtype)
 
 
@@ -230,8 +241,10 @@ def decoder_from_fairseq2(model, **kwargs) -> SonarDecoder:
     cfg = SonarTextConfig(**{**cfg.to_dict(), "num_heads": int(layer.num_heads),
                              "max_seq_len": int(getattr(model, "max_target_seq_len", cfg.max_seq_len))})  # fmt: skip
     param = next(model.parameters())
-    ours = SonarDecoder(cfg, **kwargs).to(param.device)
+    with torch.device("meta"):
+        ours = SonarDecoder(cfg, **kwargs)
     load_state(ours, sd, assign=True)
+    ours.reset_buffers(param.device)
     return ours.requires_grad_(False)
 
 
@@ -245,7 +258,4 @@ def load_via_fairseq2(name: str, kind: str = "decoder", **kwargs):
     fs2 = load_model(name, device=torch.device("cpu"))
     if kind == "decoder":
         return decoder_from_fairseq2(fs2, **kwargs)
-    sd = to_fairseq2_state_dict(fs2.state_dict(), "encoder")
-    enc = SonarEncoder(infer_config(sd, "encoder"), **kwargs)
-    load_state(enc, sd)
-    return enc
+    return _build(SonarEncoder, "encoder", fs2.state_dict(), None, None, None, False, **kwargs)

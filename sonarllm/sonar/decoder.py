@@ -65,6 +65,10 @@ class SonarDecoder(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    def reset_buffers(self, device=None) -> None:
+        """Recompute the buffers checkpoints do not hold (the position table)."""
+        self.decoder_frontend.reset_positions(device)
+
     @property
     def output_weight(self) -> torch.Tensor:
         """The tied output projection [V, D] (= the token embedding table)."""

@@ -46,6 +46,10 @@ class SonarEncoder(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    def reset_buffers(self, device=None) -> None:
+        """Recompute the buffers checkpoints do not hold (the position table)."""
+        self.encoder_frontend.reset_positions(device)
+
     def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Sentence embeddings [N, D] and final token states [T, D] of packed source tokens."""
         self.encoder_frontend.check_length(batch.max_seqlen)

@@ -182,8 +182,12 @@ class Frontend(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim, padding_idx=cfg.legacy_pad_idx)
         self.scale = math.sqrt(cfg.model_dim)
         self.dropout_p = cfg.dropout_p if train_dropout else 0.0
-        table = sinusoidal_table(num_positions, cfg.model_dim, first_step=cfg.legacy_pad_idx + 1)
-        self.register_buffer("positions", table, persistent=False)
+        self._table_args = (num_positions, cfg.model_dim, cfg.legacy_pad_idx + 1)
+        self.register_buffer("positions", sinusoidal_table(*self._table_args), persistent=False)
+
+    def reset_positions(self, device=None) -> None:
+        """Recompute the position table (not saved in checkpoints; e.g. after building on meta)."""
+        self.positions = sinusoidal_table(*self._table_args, device=device)
 
     def check_length(self, max_len: int) -> None:
         if max_len > self.positions.shape[0]:

@@ -57,12 +57,18 @@ class SonarSpec:
         except (json.JSONDecodeError, TypeError) as exc:
             raise ValueError(f"{path} is not a valid SONAR description: {exc}") from exc
 
-        def resolve(p):
-            if p is None or "://" in p or os.path.isabs(p) or not (path.parent / p).exists():
+        def resolve(field: str):
+            p = getattr(spec, field)
+            if p is None or "://" in p:
                 return p
-            return str((path.parent / p).resolve())
+            local = path.parent / p
+            if local.exists():
+                return str(local.resolve())
+            if os.path.isabs(p) or "/" in p or os.sep in p or Path(p).suffix:  # a file, not an asset name
+                raise FileNotFoundError(f"SONAR {field} file not found: {local} (named in {path})")
+            return p
 
-        return cls(resolve(spec.tokenizer), resolve(spec.encoder), resolve(spec.decoder), spec.lang)
+        return cls(resolve("tokenizer"), resolve("encoder"), resolve("decoder"), spec.lang)
 
 
 class SonarPipeline:

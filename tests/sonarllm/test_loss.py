@@ -39,6 +39,15 @@ def test_fused_loss_equals_materialised_loss(duplicate_eos, impl):
     assert all(p.grad is None for p in dec.parameters()), "the frozen decoder must get no gradient"
 
 
+def test_the_loss_freezes_a_decoder_handed_over_trainable():
+    dec, tok = decoder(), tokenizer()
+    dec.requires_grad_(True)
+    pred = torch.randn(3, 64, requires_grad=True)
+    SonarTokenLoss(dec, tok, kernel_impl="torch")(pred, TEXTS).backward()
+    assert pred.grad is not None and torch.count_nonzero(pred.grad) > 0
+    assert all(p.grad is None and not p.requires_grad for p in dec.parameters())
+
+
 def test_token_sequences_texts_and_prepared_targets_agree():
     dec, tok = decoder(), tokenizer()
     loss_fn = SonarTokenLoss(dec, tok, kernel_impl="torch")

@@ -140,3 +140,23 @@ def test_asset_names_resolve_to_the_right_kind():
     with pytest.raises(CheckpointError, match="is a SONAR encoder, not a decoder"):
         load_sonar_decoder("text_sonar_basic_encoder")
     assert isinstance(decoder(), SonarDecoder)
+
+
+def test_full_hf_m2m100_port_loads_as_decoder_and_as_encoder():
+    """A whole M2M100ForConditionalGeneration state dict (e.g. raxtemur/SONAR_200_text_decoder):
+    each kind takes its half."""
+    transformers = pytest.importorskip("transformers")
+    from sonarllm.sonar import SonarTextConfig
+
+    cfg = transformers.M2M100Config(
+        vocab_size=307, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+        scale_embedding=True, activation_function="relu", pad_token_id=1,
+    )  # fmt: skip
+    sd = transformers.M2M100ForConditionalGeneration(cfg).state_dict()
+    ours = SonarTextConfig(model_dim=64, num_layers=2, num_heads=4, ffn_dim=128, vocab_size=307, max_seq_len=64)
+    dec = load_sonar_decoder(sd, config=ours)
+    enc = load_sonar_encoder(sd, config=ours)
+    hf_embed = sd["model.decoder.embed_tokens.weight"]
+    assert torch.equal(dec.output_weight[4:], hf_embed[4:]) and torch.equal(dec.output_weight[3], hf_embed[2])
+    assert torch.equal(enc.encoder.layers[1].ffn.inner_proj.weight, sd["model.encoder.layers.1.fc1.weight"])

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from training.config import ConfigError, TrainConfig, load_config, parse_cli
+from training.config import EXAMPLE_CORPUS, ConfigError, TrainConfig, load_config, parse_cli
 from training.engine import CONFIG_DIR, build_ds_config, lr_lambda
 
 
@@ -38,6 +38,10 @@ def test_toml_then_overrides(tmp_path):
         ("system.deepspeed_config", "/nonexistent.json", "system.deepspeed_config must name an existing file"),
         ("optim.learning_rate", "1", "unknown configuration key 'optim.learning_rate'"),
         ("data.verify_checksums", "maybe", "data.verify_checksums must be true or false"),
+        ("data.source", "/nonexistent/corpus.jsonl", "data.source must be an existing file"),
+        ("data.sonar", "basci", "data.sonar must be 'toy', 'basic' or the path of a sonar.json"),
+        ("data.lang", "english", "data.lang must be a SONAR language code"),
+        ("data.max_sentences", "200", "data.max_sentences plus the end sentence must fit"),
     ],
 )
 def test_bad_values_name_their_key(key, value, match):
@@ -101,6 +105,6 @@ def test_learning_rate_schedule():
 def test_shipped_run_configs_are_valid():
     files = sorted(CONFIG_DIR.glob("*.toml"))
     assert files, "training/configs should ship example run configurations"
-    for path in files:
-        cfg = load_config(path)
+    for path in files:  # the corpus of a real-data config is the user's to supply
+        cfg = load_config(path, {"data.source": EXAMPLE_CORPUS})
         assert "auto" not in json.dumps(build_ds_config(cfg, world_size=8)), path

@@ -80,3 +80,17 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint(tmp_path):
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == [".staging", "latest", "step-00000300", "step-00000400"]
     assert list((tmp_path / "checkpoints" / ".staging").iterdir()) == []
+
+
+def test_resaving_a_step_keeps_the_published_checkpoint_and_rotation_follows_time(tmp_path):
+    """After resuming from an older checkpoint, a save of an existing step gets a new name (the
+    directory `latest` names is never replaced) and rotation keeps the newest published ones."""
+    ckpt = Checkpointer(tmp_path, keep=2)
+    ckpt.save(_FakeEngine(), 5, {})
+    ckpt.save(_FakeEngine(), 9, {})
+    again = ckpt.save(_FakeEngine(), 5, {})  # resumed from step 5 and saved it again
+    assert again.name == "step-00000005-r1" and ckpt.latest() == again
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert names == ["step-00000005-r1", "step-00000009"]
+    (tmp_path / "checkpoints" / "latest").write_text("step-00000099\n")  # dangling pointer
+    assert ckpt.latest() == again  # the newest published checkpoint

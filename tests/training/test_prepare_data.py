@@ -89,3 +89,31 @@ def test_inputs_formats_and_errors(tmp_path):
     assert prepare_data.main(["--source", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o"), "--quiet"]) == 1
     with pytest.raises(SystemExit):
         prepare_data.parse_args(["--out", "x", "--max-sentences", "0"])
+
+
+def test_interrupted_toy_build_is_redone_and_changed_toy_options_are_refused(tmp_path):
+    corpus = tiny_corpus(tmp_path / "c.jsonl", 12)
+    out = tmp_path / "data"
+    args = _args(corpus, out)
+    args.toy_train_steps = 3
+    first = prepare_data.prepare(args)
+    marker = out / "sonar" / "toy.json"
+    assert json.loads(marker.read_text())["train_steps"] == 3
+    marker.unlink()  # as if the process died after writing random weights, before training them
+    (out / "sonar" / "toy_decoder.pt").write_bytes(b"half-written")
+    assert prepare_data.prepare(args)["options"] == first["options"]  # rebuilt, deterministically
+    args.toy_vocab_size = 150
+    with pytest.raises(ValueError, match="prepared with different options \\(sonar\\)"):
+        prepare_data.prepare(args)
+
+
+def test_target_sentences_are_cut_to_the_decoder_positions(tmp_path):
+    long_story = " ".join(["A very long sentence about the little cat who liked to run and play"] * 12) + ". The end."
+    corpus = tmp_path / "long.txt"
+    corpus.write_text(long_story + "\n\nShort story. Two sentences.\n\nAnother one. Here.\n\nFour. Five.\n")
+    out = tmp_path / "data"
+    with pytest.warns(UserWarning, match="truncated"):  # the encoder cuts it too, like SONAR
+        manifest = prepare_data.prepare(_args(corpus, out, "--eval-documents", "1"))
+    assert manifest["options"]["max_target_tokens"] == 128  # the toy decoder's positions, not 256
+    doc = ShardedDocuments(out, "train")[0]
+    assert max(len(t) for t in doc.tokens) == 128 and doc.tokens[0][-1] == 3  # cut, </s> kept

@@ -5,9 +5,11 @@ configuration fails at start-up; the exported model loads for generation."""
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,7 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def train(run_dir, prepared, *args, launcher="python", nproc=1, check=True):
+def _command(run_dir, prepared, *args, launcher="python", nproc=1):
     common = ["--data.prepared_dir", str(prepared), "--run.output_dir", str(run_dir), "--system.progress", "false",
               "--model.kernel_impl", "torch", "--loop.log_every", "1", "--loop.micro_batch_documents", "4",
               "--loop.eval_every", "1000", "--loop.eval_max_documents", "8", "--optim.warmup_steps", "0",
@@ -37,9 +39,17 @@ def train(run_dir, prepared, *args, launcher="python", nproc=1, check=True):
         cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_port()), SCRIPT]
     else:
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_port()), SCRIPT]
+    return cmd + common + list(args)
+
+
+def _env():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["DS_ACCELERATOR"] = "cpu"
-    out = subprocess.run(cmd + common + list(args), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return env | {"DS_ACCELERATOR": "cpu"}
+
+
+def train(run_dir, prepared, *args, launcher="python", nproc=1, check=True):
+    cmd = _command(run_dir, prepared, *args, launcher=launcher, nproc=nproc)
+    out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
@@ -105,6 +115,10 @@ def test_precisions_and_objectives(tmp_path, prepared, precision, objective):
     assert all(math.isfinite(x) for x in losses + evals)
     if objective == "sonar":
         assert 3.0 < losses[0] < 8.0  # about ln(vocabulary) at the start
+    from safetensors import safe_open
+
+    with safe_open(str(run / "final" / "model.safetensors"), framework="pt") as f:  # float32 master weights
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
 
 
 def test_bad_configuration_fails_at_start_up(tmp_path, prepared):
@@ -116,4 +130,60 @@ def test_bad_configuration_fails_at_start_up(tmp_path, prepared):
     out = train(tmp_path / "bad", prepared, "--loop.max_steps", "1", "--run.resume", "never", check=False)
     assert out.returncode == 2 and "already holds checkpoints" in out.stderr
     out = train(tmp_path / "other", prepared, "--data.source", str(tmp_path / "other.jsonl"), check=False)
+    assert out.returncode == 2 and "data.source must be an existing file" in out.stderr
+    (tmp_path / "other.jsonl").write_text('{"text": "Another corpus. With sentences."}\n')
+    out = train(tmp_path / "other", prepared, "--data.source", str(tmp_path / "other.jsonl"), check=False)
     assert out.returncode == 2 and "not data.source" in out.stderr
+
+
+def test_two_process_zero3_with_uneven_evaluation_matches_one_process(tmp_path, prepared):
+    """ZeRO-3 actually partitions across 2 ranks; 5 evaluation documents split unevenly."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ("--loop.max_steps", "2", "--system.zero_stage", "3", "--loop.eval_every", "2",
+              "--loop.eval_max_documents", "5")  # fmt: skip
+    train(one, prepared, *common, "--loop.grad_accum_steps", "2")
+    train(two, prepared, *common, "--loop.grad_accum_steps", "1", launcher="torchrun", nproc=2)
+    records = {name: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for name, d in (("one", one), ("two", two))}
+    for key in ("loss", "eval_loss"):
+        a = [r[key] for r in records["one"] if key in r]
+        b = [r[key] for r in records["two"] if key in r]
+        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=1e-6)
+
+
+def _wait_for(path, proc, seconds=300):
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "training exited early"
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.2)
+
+
+def test_killed_and_stopped_runs_resume_from_a_loadable_checkpoint(tmp_path, prepared):
+    """SIGKILL while checkpoints are being written every step leaves `latest` loadable;
+    SIGTERM stops at the end of a step with a checkpoint (exit 130); both runs resume."""
+    run = tmp_path / "run"
+    args = ("--loop.max_steps", "400", "--loop.checkpoint_every", "1", "--loop.keep_checkpoints", "2")
+    proc = subprocess.Popen(_command(run, prepared, *args), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    _wait_for(run / "checkpoints" / "latest", proc)
+    time.sleep(1.5)  # several saves later: most of the time is spent saving
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = train(run, prepared, "--loop.max_steps", "6", *args[2:], "--run.stop_after", "1")
+    assert "resumed from" in resumed.stdout
+    step = int(resumed.stdout.split("(step ")[1].split(")")[0])
+    assert step >= 1
+
+    proc = subprocess.Popen(_command(run, prepared, *args), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    before = (run / "checkpoints" / "latest").read_text()
+    deadline = time.time() + 300
+    while (run / "checkpoints" / "latest").read_text() == before:  # training is under way
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "stopped at step" in out
+    stopped = int(out.split("stopped at step ")[1].split(";")[0])
+    again = train(run, prepared, "--loop.max_steps", str(stopped + 1), *args[2:])
+    assert f"(step {stopped})" in again.stdout and (run / "final" / "model.safetensors").exists()
