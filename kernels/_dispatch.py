@@ -27,6 +27,7 @@ KernelImpl = Literal["auto", "triton", "torch", "reference"]
 IMPLS: tuple[str, ...] = ("auto", "triton", "torch", "reference")
 OP_SPECIFIC_IMPLS: tuple[str, ...] = ("flash",)  # attention only; other ops read it as "auto"
 ENV_VAR = "SONARLLM_KERNEL_IMPL"
+NO_FLOAT64 = "supports float32, bfloat16 and float16; use impl='torch' for float64"
 
 
 def is_interpreter() -> bool:

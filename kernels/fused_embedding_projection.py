@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from kernels._dispatch import KernelImpl, check_impl_name, resolve_impl
+from kernels._dispatch import NO_FLOAT64, KernelImpl, check_impl_name, resolve_impl
 from kernels.fused_embedding_projection_ref import fused_embedding_projection_ref
 from kernels.fused_embedding_projection_torch import fused_embedding_projection_torch
 
@@ -147,7 +147,7 @@ def fused_embedding_projection(
         RuntimeError: when the requested ``impl`` cannot run here.
     """
     _check_args(x, weight, bias, center, scale, mode)
-    unsupported = "supports float32, bfloat16 and float16; use impl='torch' for float64" if x.dtype == torch.float64 else None
+    unsupported = NO_FLOAT64 if x.dtype == torch.float64 else None
     path = resolve_impl(impl, x.device, "fused_embedding_projection", triton_unsupported=unsupported)
     if center is not None:
         _check_normalizer_once(center, scale)

@@ -335,8 +335,6 @@ def fused_embedding_projection_triton(
     mode: str,
 ) -> torch.Tensor:
     """Inputs already validated; x is [..., in_features]. Returns [..., out_features]."""
-    if x.dtype == torch.float64:
-        raise TypeError("impl='triton' supports float32, bfloat16 and float16; use impl='torch' for float64")
     bias = None if bias is None else bias.contiguous()  # the kernel reads the bias densely
     x_NI = x.reshape(-1, x.shape[-1])
     y_NO = FusedEmbeddingProjectionFunction.apply(x_NI, weight, bias, center, scale, FEPParams(mode=mode))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels._dispatch import KernelImpl, check_impl_name, resolve_impl
+from kernels._dispatch import NO_FLOAT64, KernelImpl, check_impl_name, resolve_impl
 from kernels.fused_linear_cross_entropy_function import FLCEParams, FusedLinearCrossEntropyFunction
 from kernels.fused_linear_cross_entropy_ref import fused_linear_cross_entropy_ref
 from kernels.fused_linear_cross_entropy_torch import TorchChunkBackend
@@ -165,7 +165,7 @@ def fused_linear_cross_entropy(
         RuntimeError: when the requested ``impl`` cannot run here.
     """
     _check_args(hidden, weight, target, bias, reduction, label_smoothing, z_loss, softcap, num_items)
-    unsupported = "supports float32, bfloat16 and float16; use impl='torch' for float64" if hidden.dtype == torch.float64 else None
+    unsupported = NO_FLOAT64 if hidden.dtype == torch.float64 else None
     path = resolve_impl(impl, hidden.device, "fused_linear_cross_entropy", triton_unsupported=unsupported)
     y_N = target.reshape(-1).long()
     vocab = weight.shape[0]

@@ -126,9 +126,10 @@ class Trainer:
         wait = dist.new_group(backend="gloo", timeout=timedelta(days=7))
         prepared = Path(self.cfg.data.prepared_dir)
         manifest = prepared / MANIFEST
-        complete = manifest.is_file() and json.loads(manifest.read_text()).get("complete", False)
+        existing = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        complete = existing.get("complete", False)
         if complete:
-            self._check_prepared_matches(json.loads(manifest.read_text())["options"])
+            self._check_prepared_matches(existing["options"])
         if not complete and self.rank == 0:
             d = self.cfg.data
             args = prepare_data.parse_args([
