@@ -276,7 +276,7 @@ def test_bad_tensors_raise(mutate, exc, match):
     [
         ({"reduction": "avg"}, ValueError, "reduction must be one of"),
         ({"impl": "cuda"}, ValueError, "impl must be one of"),
-        ({"label_smoothing": 1.0}, ValueError, "label_smoothing"),
+        ({"label_smoothing": 1.5}, ValueError, "label_smoothing"),
         ({"label_smoothing": -0.1}, ValueError, "label_smoothing"),
         ({"z_loss": -1.0}, ValueError, "z_loss"),
         ({"softcap": 0.0}, ValueError, "softcap"),
@@ -342,16 +342,17 @@ import kernels.fused_linear_cross_entropy_triton as ft
 
 assert not ft.is_interpreter()
 fp32_ptrs = {"tile_max_ptr", "tile_sum_ptr", "tile_zsum_ptr", "target_ptr", "loss_scale_ptr", "lse_scale_ptr",
-             "lse_ptr", "zsum_ptr", "alpha_ptr", "beta_ptr", "gamma_ptr", "part_ptr", "dw_ptr", "db_ptr"}
+             "lse_ptr", "zsum_ptr", "alpha_ptr", "beta_ptr", "gamma_ptr", "part_ptr", "dw_ptr", "db_ptr",
+             "cw_ptr", "row_weight_ptr", "weight_sum_ptr"}
 for size, operand, precision in ((2, "*bf16", "tf32"), (4, "*fp32", "ieee")):
     blocks = {k: v for k, v in ft._GPU_BLOCKS[("logits", size)].items() if k.startswith("BLOCK")}
     grad = {k: v for k, v in ft._GPU_BLOCKS[("grad", size)].items() if k.startswith("BLOCK")}
-    flags = dict(HAS_SOFTCAP=True, HAS_GAMMA=True, UPCAST=False, DOT_PRECISION=precision)
+    flags = dict(HAS_SOFTCAP=True, HAS_GAMMA=True, HAS_CLASS_WEIGHT=True, UPCAST=False, DOT_PRECISION=precision)
     kernels = [
-        (ft._flce_logits_kernel, blocks | dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SMOOTHING=True, STORE_LOGITS=True,
-         UPCAST=False, DOT_PRECISION=precision, GROUP_C=8), ft._GPU_BLOCKS[("logits", size)]),
-        (ft._flce_lse_kernel, dict(HAS_SMOOTHING=True, HAS_LOSS_SCALE=True, HAS_LSE_SCALE=True, BLOCK_R=16, BLOCK_T=256),
-         dict(num_warps=4, num_stages=1)),
+        (ft._flce_logits_kernel, blocks | dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SMOOTHING=True, HAS_CLASS_WEIGHT=True,
+         STORE_LOGITS=True, UPCAST=False, DOT_PRECISION=precision, GROUP_C=8), ft._GPU_BLOCKS[("logits", size)]),
+        (ft._flce_lse_kernel, dict(HAS_SMOOTHING=True, HAS_LOSS_SCALE=True, HAS_LSE_SCALE=True, HAS_CLASS_WEIGHT=True,
+         BLOCK_R=16, BLOCK_T=256), dict(num_warps=4, num_stages=1)),
         (ft._flce_grad_hidden_kernel, grad | flags, ft._GPU_BLOCKS[("grad", size)]),
         (ft._flce_grad_weight_kernel, grad | flags | dict(HAS_DW=True, HAS_DB=True), ft._GPU_BLOCKS[("grad", size)]),
     ]
@@ -374,8 +375,9 @@ print("ok")
 
 @pytest.mark.slow
 def test_triton_kernels_compile_for_hopper_without_a_gpu():
-    """Compile (not run) the four kernels for sm_90 with the pinned bf16 and fp32 configs: GPU-only
-    compile errors, which the interpreter accepts, and shared-memory overflows fail here too."""
+    """Compile (not run) the four kernels for sm_90 with the pinned bf16 and fp32 configs, every
+    option on (class weights included): GPU-only compile errors, which the interpreter accepts,
+    and shared-memory overflows fail here too."""
     backends = pytest.importorskip("triton.backends")
     if "nvidia" not in backends.backends:
         pytest.skip("Triton's NVIDIA backend is not installed")
