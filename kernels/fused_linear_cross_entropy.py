@@ -19,51 +19,55 @@ REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+# Argument names in messages; the torch-signature adapter passes torch's names.
+NAMES = {"hidden": "hidden", "weight": "weight", "bias": "bias", "class_weight": "class_weight"}
+
+
 def _check_args(hidden, weight, target, bias, class_weight, reduction, label_smoothing, z_loss, softcap, shift,
-                num_items):  # fmt: skip
+                num_items, names=NAMES):  # fmt: skip
     """Raise TypeError/ValueError naming the offending argument (checks that need no sync)."""
-    for name, t in (("hidden", hidden), ("weight", weight), ("target", target)):
+    h_, w_, b_ = names["hidden"], names["weight"], names["bias"]
+    for name, t in ((h_, hidden), (w_, weight), ("target", target)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        raise TypeError(f"{b_} must be a torch.Tensor or None, got {type(bias).__name__}")
     if hidden.dim() < 1:
-        raise ValueError("hidden must have shape [..., D], got a 0-d tensor")
+        raise ValueError(f"{h_} must have shape [..., D], got a 0-d tensor")
     if weight.dim() != 2:
-        raise ValueError(f"weight must have shape [V, D], got {tuple(weight.shape)}")
+        raise ValueError(f"{w_} must have shape [V, D], got {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
-            f"weight must have shape [V, D] with D = hidden.shape[-1] = {hidden.shape[-1]}, "
-            f"got {tuple(weight.shape)}"
+            f"{w_} must have shape [V, D] with D = {h_}.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
         )
     if weight.shape[0] == 0:
-        raise ValueError("weight must have at least one row (V >= 1)")
+        raise ValueError(f"{w_} must have at least one row (V >= 1)")
     if target.shape != hidden.shape[:-1]:
         raise ValueError(
-            f"target must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {tuple(target.shape)}"
+            f"target must have {h_}'s leading shape {tuple(hidden.shape[:-1])}, got {tuple(target.shape)}"
         )
     if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
         raise TypeError(f"target must be an integer tensor of class indices, got dtype {target.dtype}")
     if hidden.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"hidden must be float32, float16, bfloat16 or float64, got {hidden.dtype}")
+        raise TypeError(f"{h_} must be float32, float16, bfloat16 or float64, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+        raise TypeError(f"{w_} dtype {weight.dtype} must equal {h_} dtype {hidden.dtype}")
     if bias is not None:
         if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
+            raise ValueError(f"{b_} must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} must equal hidden dtype {hidden.dtype}")
-    tensors = [("weight", weight), ("target", target)] + ([("bias", bias)] if bias is not None else [])
+            raise TypeError(f"{b_} dtype {bias.dtype} must equal {h_} dtype {hidden.dtype}")
+    tensors = [(w_, weight), ("target", target)] + ([(b_, bias)] if bias is not None else [])
     for name, t in tensors:
         if t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+            raise ValueError(f"{name} is on {t.device} but {h_} is on {hidden.device}")
     if class_weight is not None:
-        check_class_weight(class_weight, weight.shape[0], hidden.device)
+        check_class_weight(class_weight, weight.shape[0], hidden.device, names["class_weight"])
     _check_options(reduction, label_smoothing, z_loss, softcap, shift)
     if shift and hidden.dim() < 2:
-        raise ValueError(f"shift needs hidden with a time axis, [..., T, D]; got shape {tuple(hidden.shape)}")
+        raise ValueError(f"shift needs {h_} with a time axis, [..., T, D]; got shape {tuple(hidden.shape)}")
     if shift and shift >= hidden.shape[-2]:
-        raise ValueError(f"shift must be < T = hidden.shape[-2] = {hidden.shape[-2]}, got {shift}")
+        raise ValueError(f"shift must be < T = {h_}.shape[-2] = {hidden.shape[-2]}, got {shift}")
     _check_num_items(num_items, reduction, class_weight is not None)
 
 
