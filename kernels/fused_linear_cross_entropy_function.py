@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return loss, lse_N, zl
 
     @staticmethod
+    @once_differentiable  # the gradient is precomputed in the forward: a double backward raises
     def backward(ctx, g_loss, g_lse, g_zl):
         dh_ND, dw_VD, db_V, denom, h_ND, w_VD, b_V, cw_V, y_N, rows_N, lse_M = ctx.saved_tensors
         params, backend = ctx.params, ctx.backend

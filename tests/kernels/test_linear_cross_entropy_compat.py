@@ -136,3 +136,15 @@ def test_bad_input_names_torchs_arguments(call, exc, match):
     h, w, y = torch.randn(6, 8), torch.randn(12, 8), torch.tensor([1, 2, 3, 4, 5, 6])
     with pytest.raises(exc, match=match):
         call(h, w, y)
+
+
+@pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_double_backward_raises_instead_of_a_wrong_second_derivative(path):
+    """The gradient is precomputed in the forward, so a gradient of the gradient would be wrong:
+    it must raise (torch's chunked path does not support it either)."""
+    h = torch.randn(4, 8, requires_grad=True)
+    upstream = torch.tensor(1.0, requires_grad=True)  # so that the first gradient has a graph
+    loss = linear_cross_entropy(h, torch.randn(10, 8), torch.tensor([1, 2, 3, 4]), impl=path)
+    (g,) = torch.autograd.grad(loss, h, grad_outputs=upstream, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.square().sum().backward()
