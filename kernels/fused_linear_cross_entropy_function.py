@@ -173,14 +173,14 @@ def _scatter_rows(values_M: torch.Tensor, rows_N: torch.Tensor | None, n_rows: i
     return out_N.index_copy_(0, rows_N, values_M)
 
 
-def row_weights(cw_V: torch.Tensor | None, y_N: torch.Tensor, rows_N: torch.Tensor | None) -> torch.Tensor | None:
+def _row_weights(cw_V: torch.Tensor | None, y_N: torch.Tensor, rows_N: torch.Tensor | None) -> torch.Tensor | None:
     """The class weight of each valid row's target (None without class weights)."""
     if cw_V is None:
         return None
     return cw_V[y_N if rows_N is None else y_N.index_select(0, rows_N)]
 
 
-def token_losses(lse_M, target_M, sum_M, r_M, cw_V, vocab: int, params: FLCEParams):
+def _token_losses(lse_M, target_M, sum_M, r_M, cw_V, vocab: int, params: FLCEParams):
     """Per-valid-row loss and its z-loss part from the chunk statistics (NaN where lse is)."""
     ls = params.label_smoothing
     if r_M is None:
@@ -240,7 +240,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             want_dh=want_dh, want_dw=want_dw, want_db=want_db,
         )  # fmt: skip
 
-        loss_M, zl_M = token_losses(lse_M, target_M, sum_M, row_weights(cw_V, y_N, rows_N), cw_V, vocab, params)
+        loss_M, zl_M = _token_losses(lse_M, target_M, sum_M, _row_weights(cw_V, y_N, rows_N), cw_V, vocab, params)
 
         def reduce(x_M):
             if per_token:
@@ -302,7 +302,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             rec_lse = per_row(g_lse, False) if params.return_lse else None
             g_zl_M = per_row(g_zl, True) if params.return_z_loss and params.z_loss != 0 else None
             if g_zl_M is not None:
-                r_M = row_weights(cw_V, y_N, rows_N)
+                r_M = _row_weights(cw_V, y_N, rows_N)
                 zl_lse_M = g_zl_M * (2.0 * params.z_loss) * lse_M * (1.0 if r_M is None else r_M)
                 rec_lse = zl_lse_M if rec_lse is None else rec_lse + zl_lse_M
             if rec_loss is not None or rec_lse is not None:

@@ -8,7 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import FusedLinearCrossEntropy, fused_linear_cross_entropy, fused_linear_cross_entropy_ref
+from kernels import (
+    FusedLinearCrossEntropy,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_ref,
+)
 from tests._cases import needs_triton
 from tests._numerics import flce_inputs
 
