@@ -225,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--repeat-noise",
         type=_positive_float,
-        default=0.5,
-        help="noise of a redraw, like --temperature (default: 0.5)",
+        default=0.2,
+        help="noise of a redraw, like --temperature (default: 0.2)",
     )
     gen.add_argument(
         "--stream",

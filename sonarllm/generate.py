@@ -111,7 +111,7 @@ class GenerationOptions:
     is >= this; in [-1, 1]."""
     repeat_retries: int = 2
     """Redraws of a repeat before the prompt stops with stop reason "repetition" (0: stop at once)."""
-    repeat_noise: float = 0.5
+    repeat_noise: float = 0.2
     """Noise of a redraw, as ``temperature``: p + repeat_noise * rms(p) * z; > 0."""
 
     def __post_init__(self) -> None:

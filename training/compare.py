@@ -218,6 +218,12 @@ def make_plan(argv: list[str]) -> Plan:
     eval_every = args.eval_every or max(1, args.steps // 10)
     if eval_every > args.steps:
         raise CompareError(f"--eval-every {eval_every} exceeds --steps {args.steps}", 2)
+    from sonarllm.cli import resolve_device
+
+    try:
+        resolve_device(args.device)
+    except (RuntimeError, ValueError) as exc:
+        raise CompareError(f"--device {args.device}: {exc}", 2) from None
     test_data = Path(args.test_data) if args.test_data else None
     if test_data is not None and not test_data.exists():
         raise CompareError(f"--test-data {test_data} not found", 2)
@@ -505,6 +511,10 @@ def compare(plan: Plan, command: str) -> dict:
             runs.append(train(plan, objective, chosen, seed, "seed", f"[{n}/{total}]"))
 
     cfg = run_config(plan, plan.objectives[0], plan.grids[plan.objectives[0]][0], 0)
+    shared = cfg.to_dict()  # what every run has in common
+    for key in MANAGED_KEYS:
+        section, name = key.split(".")
+        del shared[section][name]
     docs, test_info = held_out_documents(plan, Path(cfg.data.prepared_dir))
     print(f"compare: evaluating on {len(docs)} test documents ({test_info['source']}; "
           f"{test_info['dropped_in_prepared_data']} dropped as present in the prepared data)", flush=True)  # fmt: skip
@@ -519,7 +529,7 @@ def compare(plan: Plan, command: str) -> dict:
     results = {"command": command, "steps": plan.steps, "seeds": list(range(plan.seeds)), "eval_every": plan.eval_every,
                "lr_grids": plan.grids, "chosen_lr": {o: s["lr"] for o, s in summary.items()},
                "sweep": {o: {f"{lr:g}": ce for lr, ce in g.items()} for o, g in sweeps.items()},
-               "summary": summary, "test": test_info, "trainer_config": cfg.to_dict(),
+               "summary": summary, "test": test_info, "trainer_config": shared,
                "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     write_json_atomic(plan.out / "results.json", results)
     table = markdown(summary, sweeps, command=command, test_info=test_info)

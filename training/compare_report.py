@@ -87,11 +87,12 @@ def markdown(summary: dict, sweeps: dict, *, command: str, test_info: dict) -> s
         lines.append(f"| {objective} | {entry['lr']:g} | {seeds} | " + " | ".join(cells) + " |")
     swept = {obj: grid for obj, grid in sweeps.items() if len(grid) > 1}
     if swept:
-        lines += ["", "Learning-rate sweep (seed 0, validation token CE at the last step; lowest chosen):", ""]
-        lines += ["| objective | " + " | ".join("lr" for _ in range(max(map(len, swept.values())))) + " |"]
-        lines += ["|---|" + "---|" * max(map(len, swept.values()))]
+        rates = sorted({lr for grid in swept.values() for lr in grid})
+        lines += ["", "Learning-rate sweep: validation token CE at the last step, seed 0 (**chosen**):", "",
+                  "| objective | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |", "|---|" + "---|" * len(rates)]  # fmt: skip
         for obj, grid in swept.items():
-            cells = [f"{lr:g}: {ce:.4f}" for lr, ce in grid.items()]
+            chosen = summary.get(obj, {}).get("lr")
+            cells = ["" if lr not in grid else f"**{grid[lr]:.4f}**" if lr == chosen else f"{grid[lr]:.4f}" for lr in rates]
             lines.append(f"| {obj} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -120,6 +120,7 @@ def test_tiny_comparison_resumes_reports_and_reuses(tmp_path, prepared, test_cor
     results = json.loads((out / "results.json").read_text())
     assert (results["test"]["documents"], results["test"]["dropped_in_prepared_data"]) == (3, 2)
     assert results["chosen_lr"] == {"sonar": 3e-3, "mse": 1e-3}
+    assert results["trainer_config"]["loop"]["micro_batch_documents"] == 4 and "lr" not in results["trainer_config"]["optim"]
 
     # Mean ± sample std recomputed from each run's stored test evaluation.
     table = (out / "results.md").read_text()
@@ -196,7 +197,8 @@ def test_sweep_chooses_each_objectives_rate_on_validation_and_reports(tmp_path, 
     assert roles[("sonar", 1e-3, 0)] == "sweep" and roles[("sonar", 2e-3, 0)] == "seed"
     table = (tmp_path / "results.md").read_text()
     assert "| sonar | 0.002 | 0,1,2 | 2.0000 ± 1.0000 | 0.1000 ± 0.1000 | 20.00 ± 10.00 |" in table
-    assert "0.001: 2.0000 | 0.002: 1.5000" in table and "0.002: nan" in table
+    assert "| objective | lr 0.001 | lr 0.002 |" in table
+    assert "| sonar | 2.0000 | **1.5000** |" in table and "| mse | **1.8000** | nan |" in table
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -214,6 +216,7 @@ def test_sweep_chooses_each_objectives_rate_on_validation_and_reports(tmp_path, 
     (["--loop.max_stepz", "3"], "unknown configuration key 'loop.max_stepz'"),
     (["--optim.warmup_steps", "-1"], "optim.warmup_steps must be >= 0"),
     (["--test-data", "missing.jsonl"], "--test-data missing.jsonl not found"),
+    (["--device", "tpu9"], "--device tpu9:"),
 ])  # fmt: skip
 def test_bad_command_lines_exit_2_in_one_line(tmp_path, capsys, extra, message):
     code = compare.main(["--out", str(tmp_path / "out"), *extra])
