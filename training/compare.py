@@ -49,9 +49,6 @@ if __package__ in (None, ""):  # run as a script: import this repository's packa
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
-import contextlib
-import importlib.util
-import io
 import json
 import math
 import os
@@ -62,12 +59,11 @@ import time
 from dataclasses import asdict, dataclass
 
 from training.config import EXAMPLE_CORPUS, ConfigError, load_config, parse_cli
+from training.held_out import held_out_documents
 
 OBJECTIVES = ("sonar", "mse")
 DEFAULT_LR_GRID = (5e-4, 1e-3, 2e-3)
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
-MAKE_STORIES = Path(__file__).resolve().parent / "example" / "make_stories.py"
-EXAMPLE_TEST_SEED = 4242
 MANAGED_KEYS = {  # set by compare for every run: not accepted as pass-through options
     "run.output_dir": "--out",
     "run.seed": "--seeds",
@@ -349,7 +345,7 @@ def train(plan: Plan, objective: str, lr: float, seed: int, role: str, label: st
     name = run_name(objective, lr, seed)
     record = {"objective": objective, "lr": lr, "seed": seed, "role": role, "run_dir": str(run_dir)}
     if (run_dir / "final" / "sonar.json").is_file():
-        record["status"], seconds = "reused", 0.0
+        record["status"], seconds = "reused", None
     else:
         record["status"] = "resumed" if (run_dir / "checkpoints").is_dir() else "trained"
         print(f"{label} {name}: training ({plan.steps} steps, log {run_dir / 'train.log'})", flush=True)
@@ -367,7 +363,7 @@ def train(plan: Plan, objective: str, lr: float, seed: int, role: str, label: st
     if final is None:
         raise CompareError(f"{run_dir / 'metrics.jsonl'} has no validation token cross-entropy (eval_token_ce) at "
                            f"step {plan.steps}; train it again in a new --out")  # fmt: skip
-    record |= {"train_seconds": round(seconds, 1), "validation_token_ce": final, "validation_curve": curve}
+    record |= {"train_seconds": seconds and round(seconds, 1), "validation_token_ce": final, "validation_curve": curve}
     print(f"{label} {name}: {record['status']}{f' in {seconds:.0f} s' if seconds else ''}, "
           f"validation token CE {final:.4f}", flush=True)  # fmt: skip
     return record
@@ -387,70 +383,7 @@ def choose_lr(grid: dict[float, float | None]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Test documents and evaluation
-
-
-def _write_example_stories(path: Path, count: int) -> None:
-    spec = importlib.util.spec_from_file_location("_make_stories", MAKE_STORIES)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    with contextlib.redirect_stdout(io.StringIO()):
-        module.main(["--count", str(count), "--seed", str(EXAMPLE_TEST_SEED), "--out", str(path)])
-
-
-def _document_key(tokenizer, sentences: list[str], lang: str, max_target: int) -> tuple:
-    """A document as prepared data stores it: the target-mode token ids of each sentence."""
-    eos = tokenizer.eos_idx
-    seqs = tokenizer.encode(sentences, lang=lang, mode="target")
-    return tuple(tuple(s if len(s) <= max_target else s[: max_target - 1] + [eos]) for s in seqs)
-
-
-def unseen_documents(texts: list[str], prepared: Path, limit: int) -> tuple[list[str], int]:
-    """The first ``limit`` of ``texts`` that the prepared data (train or eval split) does not
-    hold, in order, and how many were dropped before the last one kept."""
-    from sonarllm.sonar.pipeline import SonarPipeline, SonarSpec
-    from sonarllm.text import document_sentences
-    from training.shards import ShardedDocuments, read_manifest
-
-    options = read_manifest(prepared)["options"]
-    tokenizer = SonarPipeline.from_spec(SonarSpec.load(prepared / "sonar.json"), encoder=False, decoder=False).tokenizer
-    seen = set()
-    for split in ("train", "eval"):
-        docs = ShardedDocuments(prepared, split, verify=False)
-        seen.update(tuple(map(tuple, docs[d].tokens)) for d in range(len(docs)))
-    kept, dropped = [], 0
-    for text in texts:
-        if len(kept) == limit:
-            break
-        sentences = document_sentences(text, max_sentences=options["max_sentences"])
-        if sentences and _document_key(tokenizer, sentences, options["lang"], options["max_target_tokens"]) in seen:
-            dropped += 1
-        else:
-            kept.append(text)
-    return kept, dropped
-
-
-def held_out_documents(plan: Plan, prepared: Path) -> tuple[list[str], dict]:
-    """The test documents (also written to ``out/test.jsonl``) and a description of them."""
-    from sonarllm.corpus import read_documents
-    from training.shards import sha256_file
-
-    if plan.test_data is None:
-        source = plan.out / f"make_stories-seed{EXAMPLE_TEST_SEED}.jsonl.gz"
-        _write_example_stories(source, 2 * plan.test_docs)  # twice as many: room for dropped ones
-        described = f"training/example/make_stories.py --seed {EXAMPLE_TEST_SEED}"
-    else:
-        source, described = plan.test_data, str(plan.test_data)
-    texts = list(read_documents(source, text_field=plan.text_field))
-    kept, dropped = unseen_documents(texts, prepared, plan.test_docs)
-    if not kept:
-        raise CompareError(f"no test document left: all {len(texts)} documents of {source} are in the prepared data", 2)
-    path = plan.out / "test.jsonl"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in kept))
-    os.replace(tmp, path)
-    return kept, {"source": described, "path": str(path), "sha256": sha256_file(path), "documents": len(kept),
-                  "dropped_in_prepared_data": dropped}  # fmt: skip
+# Test evaluation
 
 
 def evaluate_run(plan: Plan, record: dict, docs: list[str], test_info: dict, cfg) -> dict:
@@ -515,7 +448,8 @@ def compare(plan: Plan, command: str) -> dict:
     for key in MANAGED_KEYS:
         section, name = key.split(".")
         del shared[section][name]
-    docs, test_info = held_out_documents(plan, Path(cfg.data.prepared_dir))
+    docs, test_info = held_out_documents(plan.test_data, plan.out, plan.test_docs, Path(cfg.data.prepared_dir),
+                                         text_field=plan.text_field)  # fmt: skip
     print(f"compare: evaluating on {len(docs)} test documents ({test_info['source']}; "
           f"{test_info['dropped_in_prepared_data']} dropped as present in the prepared data)", flush=True)  # fmt: skip
     for run in runs:
@@ -530,13 +464,13 @@ def compare(plan: Plan, command: str) -> dict:
                "lr_grids": plan.grids, "chosen_lr": {o: s["lr"] for o, s in summary.items()},
                "sweep": {o: {f"{lr:g}": ce for lr, ce in g.items()} for o, g in sweeps.items()},
                "summary": summary, "test": test_info, "trainer_config": shared,
-               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+               "invocation_seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     write_json_atomic(plan.out / "results.json", results)
     table = markdown(summary, sweeps, command=command, test_info=test_info)
     write_text_atomic(plan.out / "results.md", table)
     plot(runs, plan.out / "compare.png")
     print("\n" + table, flush=True)
-    print(f"compare: done in {results['seconds']:.0f} s: {plan.out / 'results.md'}, results.json, per_seed.json, compare.png")
+    print(f"compare: done in {results['invocation_seconds']:.0f} s: {plan.out / 'results.md'}, results.json, per_seed.json, compare.png")
     return results
 
 

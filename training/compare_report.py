@@ -125,7 +125,7 @@ def plot(runs: list[dict], path: Path) -> None:
         for c in curves:
             ax.plot(sorted(c), [c[s] for s in sorted(c)], color=color, alpha=0.25, linewidth=0.8)
         ax.plot(steps, mean, "o-", color=color, markersize=3, label=f"{objective} (lr {rows[0]['lr']:g}, {len(rows)} seeds)")
-        ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+        ax.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)], [m + s for m, s in zip(mean, std, strict=True)],
                         color=color, alpha=0.2)  # fmt: skip
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation token cross-entropy (nats)")

@@ -65,7 +65,7 @@ def _independent_validation_ce(run_dir, prepared, n_docs):
     """Token cross-entropy of the run's final model on the first n_docs validation documents,
     computed here from the shards (not by the trainer)."""
     from sonarllm.bundle import load_bundle
-    from sonarllm.loss import SonarTokenLoss, SonarTargets
+    from sonarllm.loss import SonarTargets, SonarTokenLoss
     from training.shards import ShardedDocuments
 
     bundle = load_bundle(run_dir / "final", kernel_impl="torch", encoder=False)
@@ -177,7 +177,7 @@ def test_sweep_chooses_each_objectives_rate_on_validation_and_reports(tmp_path, 
     info = {"source": "x", "path": "x", "sha256": "0", "documents": 1, "dropped_in_prepared_data": 0}
     monkeypatch.setattr(compare, "train", fake_train)
     monkeypatch.setattr(compare, "evaluate_run", fake_evaluate)
-    monkeypatch.setattr(compare, "held_out_documents", lambda plan, prepared: (["A story."], info))
+    monkeypatch.setattr(compare, "held_out_documents", lambda *args, **kwargs: (["A story."], info))
     argv = ["--objectives", "sonar,mse", "--seeds", "3", "--steps", "2", "--lr", "1e-3,2e-3",
             "--out", str(tmp_path), "--test-data", str(test_corpus)]  # fmt: skip
     assert compare.main(argv) == 0
