@@ -27,7 +27,10 @@ PROG = "sonarllm"
 DELEGATES = {
     "prepare": ("training.prepare_data", "prepare a corpus: split, SONAR-encode and shard it"),
     "train": ("training.train", "train a SONAR-LLM (DeepSpeed)"),
-    "compare": ("training.compare", "compare training objectives over seeds (SONAR-LLM vs MSE-LCM)"),
+    "compare": (
+        "training.compare",
+        "compare training objectives over seeds (SONAR-LLM vs MSE-LCM)",
+    ),
 }
 
 

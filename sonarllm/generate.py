@@ -306,12 +306,15 @@ def is_repeat(emb_E: torch.Tensor, recent_KE: torch.Tensor, threshold: float) ->
     return bool((cos_K >= threshold).any())
 
 
-def _redraw_repeats(pipeline, pred_BE, texts, scores, new_BE, eos_B, recent, generators, eos_E, options):
+def _redraw_repeats(pipeline, pred_BE, step, recent, generators, eos_E, options) -> list[bool]:
     """Repetition control for one step: decode each repeat again from a noisy prediction, up
-    to ``repeat_retries`` times, updating texts / scores / new_BE / eos_B in place; returns
-    the rows that are still repeats."""
+    to ``repeat_retries`` times, updating the step's (texts, scores, new_BE, eos_B) in place;
+    returns which rows are still repeats."""
+    texts, scores, new_BE, eos_B = step
     k, threshold = options.no_repeat_sentences, options.repeat_threshold
-    repeat = [not eos_B[j] and is_repeat(new_BE[j], recent[j][-k:], threshold) for j in range(len(texts))]
+    repeat = [
+        not eos_B[j] and is_repeat(new_BE[j], recent[j][-k:], threshold) for j in range(len(texts))
+    ]
     for _ in range(options.repeat_retries):
         rows = [j for j, r in enumerate(repeat) if r]
         if not rows:
@@ -377,8 +380,11 @@ def _events(model, pipeline, prompt_sentences, offset, options) -> Iterator[tupl
     generators = noise_generators(options.seed, [offset + b for b in active])
     control = options.no_repeat_sentences > 0
     if control:  # the document's recent sentence embeddings [<= k, E], and the redraws' noise
-        recent = [e[-options.no_repeat_sentences :].float() for e in emb.split([n_prompt[b] for b in active])]
-        redraw_gens = noise_generators(options.seed, [offset + b for b in active], _REPEAT_SEED_OFFSET)
+        k = options.no_repeat_sentences
+        recent = [e[-k:].float() for e in emb.split([n_prompt[b] for b in active])]
+        redraw_gens = noise_generators(
+            options.seed, [offset + b for b in active], _REPEAT_SEED_OFFSET
+        )
     total = [n_prompt[b] for b in active]
     while True:
         with torch.inference_mode():
@@ -388,8 +394,10 @@ def _events(model, pipeline, prompt_sentences, offset, options) -> Iterator[tupl
             eos_B = should_stop(new_BE, eos_E, options.eos_threshold).tolist()
             repeat_B = [False] * len(active)
             if control:
-                repeat_B = _redraw_repeats(pipeline, pred_BE, texts, scores, new_BE, eos_B, recent,
-                                           redraw_gens, eos_E, options)  # fmt: skip
+                step = (texts, scores, new_BE, eos_B)
+                repeat_B = _redraw_repeats(
+                    pipeline, pred_BE, step, recent, redraw_gens, eos_E, options
+                )
         keep = []
         for j, b in enumerate(active):
             if eos_B[j] or repeat_B[j]:
@@ -397,7 +405,7 @@ def _events(model, pipeline, prompt_sentences, offset, options) -> Iterator[tupl
                 continue
             yield ("sentence", offset + b, texts[j], scores[j])
             if control:
-                recent[j] = torch.cat([recent[j], new_BE[j : j + 1].float()])[-options.no_repeat_sentences :]
+                recent[j] = torch.cat([recent[j], new_BE[j : j + 1].float()])[-k:]
             total[j] += 1
             if total[j] >= options.max_sentences:
                 yield ("stop", offset + b, STOP_MAX_SENTENCES)

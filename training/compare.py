@@ -64,15 +64,15 @@ from training.held_out import held_out_documents
 OBJECTIVES = ("sonar", "mse")
 DEFAULT_LR_GRID = (5e-4, 1e-3, 2e-3)
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
-MANAGED_KEYS = {  # set by compare for every run: not accepted as pass-through options
-    "run.output_dir": "--out",
-    "run.seed": "--seeds",
-    "run.resume": "(compare resumes runs itself)",
-    "run.stop_after": "(compare runs every run to the end)",
-    "model.objective": "--objectives",
-    "optim.lr": "--lr",
-    "loop.max_steps": "--steps",
-    "loop.eval_every": "--eval-every",
+MANAGED_KEYS = {  # set by compare for every run, not accepted as pass-through options: the hint
+    "run.output_dir": "use --out",
+    "run.seed": "use --seeds",
+    "run.resume": "compare resumes half-finished runs itself",
+    "run.stop_after": "every run trains to --steps",
+    "model.objective": "use --objectives",
+    "optim.lr": "use --lr",
+    "loop.max_steps": "use --steps",
+    "loop.eval_every": "use --eval-every",
 }
 IGNORED_KEYS = ("run.output_dir", "run.resume", "run.stop_after", "system.progress")  # do not change what a run trains
 
@@ -204,7 +204,7 @@ def make_plan(argv: list[str]) -> Plan:
         raise CompareError(str(exc), 2) from None
     for key in overrides:
         if key in MANAGED_KEYS:
-            raise CompareError(f"--{key} is set by compare for every run; use {MANAGED_KEYS[key]}", 2)
+            raise CompareError(f"--{key} is set by compare for every run: {MANAGED_KEYS[key]}", 2)
     grids = {obj: list(DEFAULT_LR_GRID) for obj in args.objectives}
     for objective, grid in args.lr:
         if objective is not None and objective not in args.objectives:
@@ -363,7 +363,8 @@ def train(plan: Plan, objective: str, lr: float, seed: int, role: str, label: st
     if final is None:
         raise CompareError(f"{run_dir / 'metrics.jsonl'} has no validation token cross-entropy (eval_token_ce) at "
                            f"step {plan.steps}; train it again in a new --out")  # fmt: skip
-    record |= {"train_seconds": seconds and round(seconds, 1), "validation_token_ce": final, "validation_curve": curve}
+    record |= {"train_seconds": None if seconds is None else round(seconds, 1), "validation_token_ce": final,
+               "validation_curve": curve}  # fmt: skip
     print(f"{label} {name}: {record['status']}{f' in {seconds:.0f} s' if seconds else ''}, "
           f"validation token CE {final:.4f}", flush=True)  # fmt: skip
     return record

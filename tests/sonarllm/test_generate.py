@@ -352,7 +352,9 @@ def test_a_repeating_model_loops_by_default(toy, repeating):
 
 def test_the_guard_without_retries_ends_at_the_first_repeat(toy, repeating):
     looped = generate(repeating, toy.pipeline, PROMPTS[:2], LOOP)
-    out = generate(repeating, toy.pipeline, PROMPTS[:2], dataclasses.replace(GUARD, repeat_retries=0))
+    out = generate(
+        repeating, toy.pipeline, PROMPTS[:2], dataclasses.replace(GUARD, repeat_retries=0)
+    )
     for o, loop in zip(out, looped, strict=True):
         assert (o.sentences, o.stop_reason) == (loop.sentences[:1], "repetition")
 
@@ -375,8 +377,12 @@ def test_redrawn_sentences_never_repeat_the_last_k(toy, repeating):
 def test_redraws_are_seeded_per_prompt(toy, repeating):
     """Seeded by (seed, prompt index): the same whether prompts run together or one at a time."""
     together = generate(repeating, toy.pipeline, PROMPTS, GUARD)
-    one_by_one = generate(repeating, toy.pipeline, PROMPTS, dataclasses.replace(GUARD, batch_size=1))
-    assert [(o.sentences, o.stop_reason) for o in one_by_one] == [(o.sentences, o.stop_reason) for o in together]
+    one_by_one = generate(
+        repeating, toy.pipeline, PROMPTS, dataclasses.replace(GUARD, batch_size=1)
+    )
+    assert [(o.sentences, o.stop_reason) for o in one_by_one] == [
+        (o.sentences, o.stop_reason) for o in together
+    ]
     other_seed = generate(repeating, toy.pipeline, PROMPTS, dataclasses.replace(GUARD, seed=1))
     assert [o.scores for o in other_seed] != [o.scores for o in together]
 
@@ -395,7 +401,9 @@ def test_a_redraw_draws_the_documented_noise_and_may_end_the_document(toy, repea
     (out,) = generate(repeating, toy.pipeline, [REPEATED], opts)
     assert (out.sentences, out.stop_reason) == ([], "eos")
     pred_E = seen[0][0]  # no temperature: the prediction itself
-    z = torch.randn(pred_E.shape[0], generator=torch.Generator().manual_seed(2**62 + 3 * 1_000_003 + 0))
+    z = torch.randn(
+        pred_E.shape[0], generator=torch.Generator().manual_seed(2**62 + 3 * 1_000_003 + 0)
+    )
     torch.testing.assert_close(seen[1][0], pred_E + 0.25 * pred_E.pow(2).mean().sqrt() * z)
 
 
@@ -413,6 +421,10 @@ def test_cli_generate_takes_the_repetition_flags(toy, repeating, tmp_path, capsy
     assert (len(result["sentences"]), result["stop_reason"]) == (1, "repetition")
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["stop_reason"] == "max_sentences"
-    for flag, value in (("--repeat-threshold", "1.5"), ("--repeat-noise", "0"), ("--no-repeat-sentences", "-1")):
+    for flag, value in (
+        ("--repeat-threshold", "1.5"),
+        ("--repeat-noise", "0"),
+        ("--no-repeat-sentences", "-1"),
+    ):
         assert main(argv + [flag, value]) == 2
         assert flag in capsys.readouterr().err
