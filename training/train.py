@@ -210,25 +210,34 @@ class Trainer:
         return {"loss": total.item(), "tokens": labels, "sentences": sentences}
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Held-out objective over at most loop.eval_max_documents documents (all ranks)."""
+    def evaluate(self) -> dict:
+        """Held-out objective (``eval_loss``) and token cross-entropy through the frozen decoder
+        (``eval_token_ce``, the same number for the SONAR objective; comparable across objectives)
+        over at most loop.eval_max_documents documents (all ranks)."""
         from training.data import collate
 
         self.engine.eval()
         n = min(len(self.eval_docs), self.cfg.loop.eval_max_documents)
         micro = self.cfg.loop.micro_batch_documents
         rounds = -(-n // (micro * self.world))
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         for k in range(rounds):  # the same number of forwards on every rank (ZeRO-3 gathers per forward)
             start = (k * self.world + self.rank) * micro
             ids = list(range(start, min(start + micro, n)))
             weight = 1.0 if ids else 0.0
             batch = collate([self.eval_docs[d] for d in (ids or [0])], eos_idx=self.eos_idx,
                             duplicate_eos=self.cfg.data.duplicate_eos).to(self.device, self.dtype)  # fmt: skip
-            count = batch.pred_index_N.numel() if self.mse_loss is not None else batch.targets.num_tokens
-            sums += torch.tensor([self._loss(batch, 1).double().item() * weight, count * weight], device=self.device, dtype=torch.float64)
+            pred_NE = self.engine(batch.embeds_TE, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)[batch.pred_index_N]
+            token_ce = self.token_loss(pred_NE, batch.targets, num_items=1).double().item()
+            if self.mse_loss is None:
+                loss, count = token_ce, batch.targets.num_tokens
+            else:
+                loss = self.mse_loss(pred_NE, batch.target_embeds_NE, num_items=1).double().item()
+                count = batch.pred_index_N.numel()
+            sums += torch.tensor([loss, count, token_ce, batch.targets.num_tokens], device=self.device,
+                                 dtype=torch.float64) * weight  # fmt: skip
         dist.all_reduce(sums)
-        return (sums[0] / sums[1]).item()
+        return {"eval_loss": (sums[0] / sums[1]).item(), "eval_token_ce": (sums[2] / sums[3]).item()}
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -278,11 +287,11 @@ class Trainer:
                 })  # fmt: skip
                 window = []
             if step % loop.eval_every == 0 or step == loop.max_steps:
-                eval_loss = self.evaluate()
-                self.metrics.write({"step": step, "eval_loss": eval_loss})
+                evals = self.evaluate()
+                self.metrics.write({"step": step, **evals})
                 self.metrics.plot()
                 if self.rank == 0:
-                    bar.write(f"step {step}: train loss {out['loss']:.4f}, eval loss {eval_loss:.4f}")
+                    bar.write(f"step {step}: train loss {out['loss']:.4f}, eval loss {evals['eval_loss']:.4f}")
             if step % loop.checkpoint_every == 0:
                 self._save(step)
                 last_saved = step
