@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._dispatch import is_interpreter
+from kernels._dispatch import is_interpreter, multiprocessor_count
 
 # Number of token splits of the weight-gradient GEMM (K = tokens, few output tiles); None picks
 # enough splits to give every SM two programs. Tests set it to exercise the split path.
@@ -57,8 +57,7 @@ _INTERP_BLOCKS = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_sta
 _NONE, _ALONG_N, _ALONG_M = 0, 1, 2  # where an epilogue multiplier's index runs
 
 
-@triton.jit
-def _fep_gemm_kernel(
+def _fep_gemm(
     a_ptr,  # A [M, K], any strides
     b_ptr,  # B [K, N], any strides
     out_ptr,  # out [SPLIT, M, N]: this split's product (the result itself when SPLIT == 1)
@@ -157,6 +156,15 @@ def _fep_gemm_kernel(
             tl.store(rowsum_ptr + split * M + offs_m, rsum, mask=mask_m)
 
 
+# One kernel, two compiled families. Token counts change with every batch; they are runtime ints
+# (not specialised on "divisible by 16" / "== 1"), so that every batch of a run shares one
+# variant. They are M (rows of x or dy) in the forward and d x products, K (the reduction) in the
+# split-K weight-gradient product. Neither indexes a contiguous dimension there; the feature
+# sizes, which do (vector loads), stay specialised.
+_fep_gemm_kernel = triton.jit(do_not_specialize=["M", "stride_os"])(_fep_gemm)
+_fep_gemm_split_k_kernel = triton.jit(do_not_specialize=["K", "k_per_split"])(_fep_gemm)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 follows torch's matmul precision setting (tf32 only when the user allows it)."""
     if is_interpreter() or (dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"):
@@ -165,11 +173,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _blocks(dtype: torch.dtype, M: int, N: int, device: torch.device) -> dict:
-    if is_interpreter() or device.type != "cuda":
+    if is_interpreter():
         return dict(_INTERP_BLOCKS)
     cfg = dict(_GPU_BLOCKS[dtype.itemsize])
     # Few output tiles (small token counts): halve BLOCK_M so that the grid covers the SMs.
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = multiprocessor_count(device)
     if triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]) < sms:
         cfg.update(BLOCK_M=64, num_warps=4)
     return cfg
@@ -180,11 +188,11 @@ def _split_k(M: int, N: int, K: int, cfg: dict, device: torch.device) -> tuple[i
     block_k = cfg["BLOCK_K"]
     if SPLIT_K is not None:
         want = SPLIT_K
-    elif is_interpreter() or device.type != "cuda":
+    elif is_interpreter():
         want = 1
     else:
         tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = multiprocessor_count(device)
         want = min(triton.cdiv(2 * sms, tiles), triton.cdiv(K, 8 * block_k))  # >= 8 K-steps each
     want = max(1, min(want, triton.cdiv(max(K, 1), block_k)))
     k_per_split = triton.cdiv(triton.cdiv(max(K, 1), want), block_k) * block_k
@@ -235,7 +243,8 @@ def fep_gemm(
     if M > 0 and N > 0:
         dummy = out
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), n_split)
-        _fep_gemm_kernel[grid](
+        kernel = _fep_gemm_split_k_kernel if split_k else _fep_gemm_kernel
+        kernel[grid](
             a, b, out,
             dummy if a_shift is None else a_shift, dummy if a_mul is None else a_mul,
             dummy if b_shift is None else b_shift, dummy if b_mul is None else b_mul,
