@@ -88,6 +88,12 @@ def _warn_no_triton_on_cuda(op: str) -> None:
     )
 
 
+def is_auto(impl: str) -> bool:
+    """True when the call leaves the path to auto-detection (``impl="auto"`` and no
+    SONARLLM_KERNEL_IMPL): only then may an op's measured auto rule (AUTO_CUDA_PATHS) apply."""
+    return impl == "auto" and not os.environ.get(ENV_VAR, "").strip()
+
+
 def check_impl_name(impl: str, source: str = "impl", extra: tuple[str, ...] = ()) -> None:
     """Raise ValueError unless ``impl`` is one of IMPLS (or of an op's ``extra`` paths)."""
     if impl not in IMPLS + extra:
