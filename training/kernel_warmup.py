@@ -104,3 +104,28 @@ def _decoder_config(prepared_dir: str, sonar: str):
     from sonarllm.sonar.pipeline import SonarPipeline, SonarSpec
 
     return SonarPipeline.from_spec(SonarSpec.load(sonar), encoder=False).decoder.config
+
+
+def warm_up_run(model_cfg, decoder_cfg, dtype, device, *, documents: int, sentences: int, local_rank: int) -> dict | None:
+    """Compile the Triton kernels a training run launches, in parallel processes, before its first
+    step (CUDA only; one process per node does it, into the node's Triton cache, while the other
+    ranks wait). SONARLLM_WARMUP=0 turns it off. Returns kernels.warmup.warm_up's summary on the
+    process that compiled, else None."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from kernels._dispatch import is_interpreter, triton_available
+
+    if device.type != "cuda" or os.environ.get("SONARLLM_WARMUP", "1") == "0" or not triton_available() or is_interpreter():
+        return None
+    summary = None
+    if local_rank == 0:
+        from kernels.warmup import warm_up
+
+        summary = warm_up(training_workload(model_cfg, decoder_cfg, dtype, device, documents=documents, sentences=sentences))
+        torch.cuda.empty_cache()
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
