@@ -59,7 +59,7 @@ groups = {
     "packed": lambda: [packed(n) for n in ([5, 17, 60, 3], [33, 2], [7] * 31, [64, 1, 9])],
     "decode": lambda: [decode(n) for n in (1, 2, 17, 48, 64)],
     "decode_long": lambda: [decode(n) for n in (65, 70, 80)],
-    "project": lambda: [project(n, "in") for n in (16, 33, 100, 257)],
+    "project": lambda: [project(n, "in") for n in (16, 33, 100, 257, 2000)],  # 2000: a split-K d weight
 }
 out = {}
 for name, fn in groups.items():
