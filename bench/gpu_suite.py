@@ -115,7 +115,7 @@ def prepare_example_command(work: Path) -> list[str]:
     stage waits for it): the arguments train.py would prepare it with."""
     from training.config import EXAMPLE_CORPUS, load_config
 
-    d = load_config(EXAMPLE[1], {}).data
+    d = load_config(REPO / EXAMPLE[1], {}).data
     return [PY, "training/prepare_data.py", "--source", EXAMPLE_CORPUS, "--out", str(work / "example-data"),
             "--sonar", d.sonar, "--max-sentences", str(d.max_sentences), "--eval-documents", str(d.eval_documents),
             "--device", "cuda", "--quiet"]  # fmt: skip

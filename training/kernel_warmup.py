@@ -41,9 +41,10 @@ def training_workload(model_cfg, decoder_cfg, dtype, device, *, documents: int =
         g = torch.Generator().manual_seed(seed)
         for docs, sents, grad in ((documents, sentences + 1, True), (3, 5, True), (documents, sentences + 1, False)):
             lens = [sents - d % 3 if sents > 3 else sents for d in range(docs)]  # odd and even lengths
-            cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+            starts = [sum(lens[:d]) for d in range(docs + 1)]
+            cu = torch.tensor(starts, dtype=torch.int32, device=device)
             embeds = torch.randn(sum(lens), model_cfg.sonar_dim, generator=g).to(device, dtype)
-            pred_index = torch.tensor([int(cu[d]) + k for d in range(docs) for k in range(lens[d] - 1)], device=device)
+            pred_index = torch.tensor([starts[d] + k for d in range(docs) for k in range(lens[d] - 1)], device=device)
             with torch.set_grad_enabled(grad):
                 pred = model(embeds, cu_seqlens=cu, max_seqlen=max(lens))[pred_index]
                 if mse:
