@@ -1,4 +1,5 @@
-"""Fused kernels for SONAR-LLM, usable on their own: ``from kernels import fused_linear_cross_entropy``.
+"""Fused kernels for SONAR-LLM, usable on their own: ``from kernels import fused_linear_cross_entropy``
+(or ``linear_cross_entropy``, a drop-in for ``torch.nn.functional.linear_cross_entropy``).
 
 Every kernel has a Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``), a PyTorch path and
 a plain reference path, chosen by ``impl=`` (see ``kernels._dispatch``). This package never
@@ -15,6 +16,7 @@ from kernels.attention_ref import attention_ref
 from kernels.fused_embedding_projection import FusedEmbeddingProjection, fused_embedding_projection
 from kernels.fused_embedding_projection_ref import fused_embedding_projection_ref
 from kernels.fused_linear_cross_entropy import FusedLinearCrossEntropy, fused_linear_cross_entropy
+from kernels.fused_linear_cross_entropy_compat import linear_cross_entropy
 from kernels.fused_linear_cross_entropy_ref import fused_linear_cross_entropy_ref
 
 if _os.environ.get("SONARLLM_COMPILE_LOG"):
@@ -33,4 +35,5 @@ __all__ = [
     "fused_embedding_projection_ref",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_ref",
+    "linear_cross_entropy",
 ]

@@ -10,10 +10,16 @@ recomputed in the backward only when that cannot work: reduction="none" with a t
 or bias (the per-token incoming gradient must weight each token before the sum over tokens that
 forms dW), and a gradient flowing into the returned log-sum-exp. A frozen weight (SONAR's case) does no weight-gradient work at all.
 
-Per valid row i, with loss weight c_i and log-sum-exp weight d_i, the logit gradient is::
+Per valid row i, with loss weight c_i and log-sum-exp weight d_i, class weights cw (all 1 when
+not given; r_i = cw[y_i] is the row's weight and S = sum_j cw[j]), the logit gradient is::
 
-    dz_ij = (alpha_i * p_ij - beta_i * [j == y_i] - gamma_i) * softcap'(raw_ij)
-    alpha_i = c_i * (1 + 2 * z_loss * lse_i) + d_i,  beta_i = c_i * (1 - ls),  gamma_i = c_i * ls / V
+    dz_ij = (alpha_i * p_ij - beta_i * [j == y_i] - gamma_i * cw[j]) * softcap'(raw_ij)
+    alpha_i = c_i * (r_i * (1 - ls + 2 * z_loss * lse_i) + ls * S / V) + d_i
+    beta_i = c_i * r_i * (1 - ls),  gamma_i = c_i * ls / V
+
+(without class weights alpha_i = c_i * (1 + 2 * z_loss * lse_i) + d_i). The z-loss part returned
+with ``return_z_loss`` is differentiable too: its gradient is a log-sum-exp weight
+d_i = g_i * 2 * z_loss * r_i * lse_i.
 
 Backends implement ``chunk_rows(n_rows, vocab, dtype, device)`` and ``chunk(...)`` (ChunkBackend).
 """
@@ -24,24 +30,31 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 @dataclass(frozen=True)
 class FLCEParams:
-    """The non-tensor options of one call (one argument for the autograd Function)."""
+    """The non-tensor options of one call (one argument for the autograd Function).
+
+    ``shift`` is applied to the targets before the Function runs; it is kept here so that all
+    options of a call travel together."""
 
     ignore_index: int
     reduction: str
     label_smoothing: float
     z_loss: float
     softcap: float | None
+    shift: int
     return_lse: bool
+    return_z_loss: bool
 
 
 @dataclass
 class ChunkResult:
     """Per-row outputs of one chunk: lse, target logit, and the sum of logits over the vocabulary
-    (only with label smoothing) — all float32 or float64 — plus the hidden gradient when asked."""
+    (only with label smoothing; weighted by the class weights when given) — all float32 or
+    float64 — plus the hidden gradient when asked."""
 
     lse_C: torch.Tensor
     target_logit_C: torch.Tensor
@@ -61,6 +74,7 @@ class ChunkBackend(Protocol):
         y_C: torch.Tensor,
         params: FLCEParams,
         *,
+        cw_V: torch.Tensor | None,
         loss_scale_C: torch.Tensor | None,
         lse_scale_C: torch.Tensor | None,
         want_dh: bool,
@@ -68,7 +82,8 @@ class ChunkBackend(Protocol):
         db_acc_V: torch.Tensor | None,
     ) -> ChunkResult:
         """Log-sum-exp of one chunk; with ``loss_scale_C`` or ``lse_scale_C`` also the gradient:
-        returned for hidden (``want_dh``), added into the float32 accumulators for weight/bias."""
+        returned for hidden (``want_dh``), added into the float32 accumulators for weight/bias.
+        ``cw_V``: class weights (float32, float64 for float64 inputs, contiguous) or None."""
 
 
 def _chunks(n_valid: int, rows_per_chunk: int):
@@ -91,6 +106,7 @@ def _run_chunks(
     rows_N: torch.Tensor | None,
     n_valid: int,
     params: FLCEParams,
+    cw_V: torch.Tensor | None,
     *,
     loss_scale_N: torch.Tensor | None,
     lse_scale_N: torch.Tensor | None,
@@ -117,6 +133,7 @@ def _run_chunks(
             b_V,
             _gather(y_N, rows_N, start, stop),
             params,
+            cw_V=cw_V,
             loss_scale_C=None if loss_scale_N is None else loss_scale_N[start:stop],
             lse_scale_C=None if lse_scale_N is None else lse_scale_N[start:stop],
             want_dh=dh_ND is not None,
@@ -156,8 +173,37 @@ def _scatter_rows(values_M: torch.Tensor, rows_N: torch.Tensor | None, n_rows: i
     return out_N.index_copy_(0, rows_N, values_M)
 
 
+def _row_weights(cw_V: torch.Tensor | None, y_N: torch.Tensor, rows_N: torch.Tensor | None) -> torch.Tensor | None:
+    """The class weight of each valid row's target (None without class weights)."""
+    if cw_V is None:
+        return None
+    return cw_V[y_N if rows_N is None else y_N.index_select(0, rows_N)]
+
+
+def _token_losses(lse_M, target_M, sum_M, r_M, cw_V, vocab: int, params: FLCEParams):
+    """Per-valid-row loss and its z-loss part from the chunk statistics (NaN where lse is)."""
+    ls = params.label_smoothing
+    if r_M is None:
+        ce_M = lse_M - (1.0 - ls) * target_M
+        if sum_M is not None:
+            ce_M = ce_M - ls * sum_M / vocab
+        zl_M = params.z_loss * lse_M.square()
+    else:
+        ce_M = (1.0 - ls) * r_M * (lse_M - target_M)
+        if sum_M is not None:
+            ce_M = ce_M + (ls / vocab) * (cw_V.sum() * lse_M - sum_M)
+        zl_M = params.z_loss * r_M * lse_M.square()
+    finite_M = torch.isfinite(lse_M)
+    nan = torch.tensor(float("nan"), dtype=lse_M.dtype, device=lse_M.device)
+    return torch.where(finite_M, ce_M + zl_M, nan), torch.where(finite_M, zl_M, nan)
+
+
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
-    """Chunked fused linear cross-entropy. Inputs are already validated and flattened."""
+    """Chunked fused linear cross-entropy. Inputs are already validated and flattened; ``cw_V``
+    (class weights in the accumulation dtype, or None) gets no gradient.
+
+    Returns the loss, the per-row log-sum-exp (differentiable only with ``return_lse``) and the
+    z-loss part of the loss, reduced like the loss (differentiable only with ``return_z_loss``)."""
 
     @staticmethod
     def forward(
@@ -165,6 +211,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         h_ND: torch.Tensor,
         w_VD: torch.Tensor,
         b_V: torch.Tensor | None,
+        cw_V: torch.Tensor | None,
         y_N: torch.Tensor,
         rows_N: torch.Tensor | None,
         n_valid: int,
@@ -188,40 +235,43 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         # backward, in float32, so a low-precision gradient never underflows before it is scaled.
         loss_scale_N = torch.ones(n_valid, dtype=acc_dtype, device=h_ND.device) if grad_in_forward else None
         lse_M, target_M, sum_M, dh_ND, dw_VD, db_V = _run_chunks(
-            backend, h_ND, w_VD, b_V, y_N, rows_N, n_valid, params,
+            backend, h_ND, w_VD, b_V, y_N, rows_N, n_valid, params, cw_V,
             loss_scale_N=loss_scale_N, lse_scale_N=None,
             want_dh=want_dh, want_dw=want_dw, want_db=want_db,
         )  # fmt: skip
 
-        ls = params.label_smoothing
-        loss_M = lse_M - (1.0 - ls) * target_M + params.z_loss * lse_M.square()
-        if sum_M is not None:
-            loss_M = loss_M - ls * sum_M / vocab
-        loss_M = torch.where(torch.isfinite(lse_M), loss_M, torch.full_like(loss_M, float("nan")))
-        if per_token:
-            loss = _scatter_rows(loss_M, rows_N, n_rows)
-        elif params.reduction == "sum":
-            loss = loss_M.sum()
-        else:
-            loss = loss_M.sum() / denom.to(acc_dtype)
+        loss_M, zl_M = _token_losses(lse_M, target_M, sum_M, _row_weights(cw_V, y_N, rows_N), cw_V, vocab, params)
+
+        def reduce(x_M):
+            if per_token:
+                return _scatter_rows(x_M, rows_N, n_rows)
+            if params.reduction == "sum":
+                return x_M.sum()
+            return x_M.sum() / denom.to(acc_dtype)
+
+        loss, zl = reduce(loss_M), reduce(zl_M)
         lse_N = _scatter_rows(lse_M, rows_N, n_rows)
 
         ctx.params, ctx.backend, ctx.n_valid = params, backend, n_valid
         ctx.grad_in_forward = grad_in_forward
         ctx.wants = (want_dh, want_dw, want_db)
-        ctx.grad_dtypes = (w_VD.dtype, None if b_V is None else b_V.dtype)
+        ctx.grad_like = [(t.shape, t.dtype, t.device) if t is not None else None for t in (h_ND, w_VD, b_V)]
         ctx.set_materialize_grads(False)
-        need_inputs = any_grad and (not grad_in_forward or params.return_lse)
+        need_inputs = any_grad and (not grad_in_forward or params.return_lse or params.return_z_loss)
         saved = [dh_ND, dw_VD, db_V, denom]
-        saved += [h_ND, w_VD, b_V, y_N, rows_N] if need_inputs else [None] * 5
+        saved += [h_ND, w_VD, b_V, cw_V, y_N, rows_N] if need_inputs else [None] * 6
+        saved += [lse_M if need_inputs and params.return_z_loss else None]
         ctx.save_for_backward(*saved)
         if not params.return_lse:
             ctx.mark_non_differentiable(lse_N)
-        return loss, lse_N
+        if not params.return_z_loss:
+            ctx.mark_non_differentiable(zl)
+        return loss, lse_N, zl
 
     @staticmethod
-    def backward(ctx, g_loss, g_lse):
-        dh_ND, dw_VD, db_V, denom, h_ND, w_VD, b_V, y_N, rows_N = ctx.saved_tensors
+    @once_differentiable  # the gradient is precomputed in the forward: a double backward raises
+    def backward(ctx, g_loss, g_lse, g_zl):
+        dh_ND, dw_VD, db_V, denom, h_ND, w_VD, b_V, cw_V, y_N, rows_N, lse_M = ctx.saved_tensors
         params, backend = ctx.params, ctx.backend
         want_dh, want_dw, want_db = ctx.wants
         per_token = params.reduction == "none"
@@ -234,35 +284,46 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 None if db_V is None else db_V * scale.to(db_V.dtype),
             ]
 
-        # Recompute pass: per-token loss weights that reach dW/db, and/or a gradient into lse.
-        rec_loss = None
-        if g_loss is not None and not ctx.grad_in_forward:
-            rec_loss = g_loss.reshape(-1) if per_token else g_loss.expand(h_ND.shape[0])
-            if params.reduction == "mean":
-                rec_loss = rec_loss / denom
-        rec_lse = g_lse.reshape(-1) if (g_lse is not None and params.return_lse) else None
-        if (rec_loss is not None or rec_lse is not None) and ctx.n_valid > 0:
+        # Recompute pass: per-token loss weights that reach dW/db, and/or a gradient into lse
+        # (from the returned lse, or from the returned z-loss: d(z * r * lse^2) = 2 * z * r * lse).
+        if ctx.n_valid > 0 and h_ND is not None:
             acc_dtype = torch.promote_types(h_ND.dtype, torch.float32)
 
-            def pick(x_N):
-                if x_N is None:
+            def per_row(g, reduced: bool):  # an output's incoming gradient, per valid row
+                if g is None:
                     return None
-                x_N = x_N.to(acc_dtype)
-                return x_N if rows_N is None else x_N.index_select(0, rows_N)
+                g_N = g.expand(h_ND.shape[0]) if reduced and not per_token else g.reshape(-1)
+                if reduced and params.reduction == "mean":
+                    g_N = g_N / denom
+                g_N = g_N.to(acc_dtype)
+                return g_N if rows_N is None else g_N.index_select(0, rows_N)
 
-            _, _, _, dh2, dw2, db2 = _run_chunks(
-                backend, h_ND, w_VD, b_V, y_N, rows_N, ctx.n_valid, params,
-                loss_scale_N=pick(rec_loss), lse_scale_N=pick(rec_lse),
-                want_dh=want_dh, want_dw=want_dw, want_db=want_db,
-            )  # fmt: skip
-            for i, extra in enumerate((dh2, dw2, db2)):
-                if extra is not None:
-                    grads[i] = extra if grads[i] is None else grads[i] + extra
+            rec_loss = per_row(g_loss, True) if not ctx.grad_in_forward else None
+            rec_lse = per_row(g_lse, False) if params.return_lse else None
+            g_zl_M = per_row(g_zl, True) if params.return_z_loss and params.z_loss != 0 else None
+            if g_zl_M is not None:
+                r_M = _row_weights(cw_V, y_N, rows_N)
+                zl_lse_M = g_zl_M * (2.0 * params.z_loss) * lse_M * (1.0 if r_M is None else r_M)
+                rec_lse = zl_lse_M if rec_lse is None else rec_lse + zl_lse_M
+            if rec_loss is not None or rec_lse is not None:
+                _, _, _, dh2, dw2, db2 = _run_chunks(
+                    backend, h_ND, w_VD, b_V, y_N, rows_N, ctx.n_valid, params, cw_V,
+                    loss_scale_N=rec_loss, lse_scale_N=rec_lse,
+                    want_dh=want_dh, want_dw=want_dw, want_db=want_db,
+                )  # fmt: skip
+                for i, extra in enumerate((dh2, dw2, db2)):
+                    if extra is not None:
+                        grads[i] = extra if grads[i] is None else grads[i] + extra
 
+        # Every input that wants a gradient gets a tensor, zeros when no token reached it (all
+        # targets ignored, N = 0): optimizers and accumulation code skip or break on None.
+        for i, want in enumerate(ctx.wants):
+            if want and grads[i] is None:
+                shape, dtype, device = ctx.grad_like[i]
+                grads[i] = torch.zeros(shape, dtype=dtype, device=device)
         dh, dw, db = grads
-        w_dtype, b_dtype = ctx.grad_dtypes
         if dw is not None:
-            dw = dw.to(w_dtype)
+            dw = dw.to(ctx.grad_like[1][1])
         if db is not None:
-            db = db.to(b_dtype)
-        return dh, dw, db, None, None, None, None, None, None, None
+            db = db.to(ctx.grad_like[2][1])
+        return dh, dw, db, None, None, None, None, None, None, None, None

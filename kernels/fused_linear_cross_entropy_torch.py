@@ -37,6 +37,7 @@ class TorchChunkBackend:
         y_C: torch.Tensor,
         params: FLCEParams,
         *,
+        cw_V: torch.Tensor | None,
         loss_scale_C: torch.Tensor | None,
         lse_scale_C: torch.Tensor | None,
         want_dh: bool,
@@ -63,7 +64,9 @@ class TorchChunkBackend:
 
         rows_C = torch.arange(z_CV.shape[0], device=z_CV.device)
         target_C = z_CV[rows_C, y_C]
-        sum_C = z_CV.sum(dim=1) if params.label_smoothing > 0 else None
+        sum_C = None
+        if params.label_smoothing > 0:  # the smoothing term's (class-weighted) sum of logits
+            sum_C = z_CV.sum(dim=1) if cw_V is None else torch.mv(z_CV, cw_V)
         # log-sum-exp in place: exp(z - max) overwrites the logits (no temporary, one exp pass),
         # and is the unnormalised softmax the gradient needs. A non-finite max makes the row NaN.
         max_C = z_CV.amax(dim=1)
@@ -77,14 +80,26 @@ class TorchChunkBackend:
 
         dh_CD = None
         if loss_scale_C is not None or lse_scale_C is not None:
+            # alpha, beta, gamma of fused_linear_cross_entropy_function.py
+            ls = params.label_smoothing
             c_C = loss_scale_C if loss_scale_C is not None else torch.zeros_like(lse_C)
-            alpha_C = c_C * (1.0 + 2.0 * params.z_loss * lse_C)
+            if cw_V is None:
+                alpha_C = c_C * (1.0 + 2.0 * params.z_loss * lse_C)
+                beta_C = c_C * (1.0 - ls)
+            else:
+                r_C = cw_V[y_C]
+                alpha_C = c_C * (r_C * (1.0 - ls + 2.0 * params.z_loss * lse_C) + ls / vocab * cw_V.sum())
+                beta_C = c_C * r_C * (1.0 - ls)
             if lse_scale_C is not None:
                 alpha_C = alpha_C + lse_scale_C
             dz_CV = e_CV.mul_((alpha_C / sumexp_C)[:, None])  # alpha * softmax
-            if params.label_smoothing > 0:
-                dz_CV.sub_((c_C * (params.label_smoothing / vocab))[:, None])
-            dz_CV[rows_C, y_C] -= c_C * (1.0 - params.label_smoothing)
+            if ls > 0:
+                gamma_C = c_C * (ls / vocab)
+                if cw_V is None:
+                    dz_CV.sub_(gamma_C[:, None])
+                else:
+                    dz_CV.addr_(gamma_C, cw_V, alpha=-1)  # - gamma_i * cw_j, in place
+            dz_CV[rows_C, y_C] -= beta_C
             if softcap_grad_CV is not None:
                 dz_CV.mul_(softcap_grad_CV)
             dz_lp_CV = dz_CV.to(h_CD.dtype)

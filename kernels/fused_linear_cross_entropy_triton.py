@@ -5,16 +5,17 @@ For one chunk of C rows (float32 accumulation throughout):
 1. ``_flce_logits_kernel`` — GEMM ``h @ W.T`` (+bias, softcap) over (C-block, V-block) tiles. Its
    epilogue writes, per row and tile, the tile max and the sum of exp(logit - max), the target
    logit in float32 (exactly one tile holds it) and, with label smoothing, the tile's sum of
-   logits; and it stores the logits *relative to their tile max* in the input dtype. Relative
-   storage keeps the logits that carry probability mass (those near the row max) close to 0,
-   where bf16/fp16 are most precise.
+   logits (each times its class weight, with class weights); and it stores the logits *relative
+   to their tile max* in the input dtype. Relative storage keeps the logits that carry
+   probability mass (those near the row max) close to 0, where bf16/fp16 are most precise.
 2. ``_flce_lse_kernel`` — merges the per-tile statistics into the row log-sum-exp and the
-   gradient coefficients (alpha, beta, gamma of fused_linear_cross_entropy_function.py).
+   gradient coefficients (alpha, beta, gamma of fused_linear_cross_entropy_function.py; with
+   class weights they take the target's weight and the weights' sum).
 3. ``_flce_grad_hidden_kernel`` — GEMM ``dlogits @ W`` with K = V: every tile of the stored
-   logits is turned into ``dz = alpha*softmax - beta*onehot - gamma`` (times the softcap
-   derivative) in registers on load, and never written back. V is split across programs
-   (split-K) so that C x D output tiles fill the GPU; the partial sums are reduced
-   deterministically (no atomics).
+   logits is turned into ``dz = alpha*softmax - beta*onehot - gamma*cw`` (times the softcap
+   derivative; ``cw`` is the column's class weight, 1 without class weights) in registers on
+   load, and never written back. V is split across programs (split-K) so that C x D output
+   tiles fill the GPU; the partial sums are reduced deterministically (no atomics).
 4. ``_flce_grad_weight_kernel`` — only for a trainable weight: ``dW += dz.T @ h`` and
    ``db += sum(dz)`` into float32 accumulators, from the same stored logits.
 
@@ -65,7 +66,7 @@ def _tanh(x):
 
 @triton.jit
 def _flce_logits_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr,  # inputs: h [C, D], w [V, D], bias [V], target [C]
+    h_ptr, w_ptr, b_ptr, cw_ptr, y_ptr,  # inputs: h [C, D], w [V, D], bias [V], class weights [V], target [C]
     z_ptr,  # out: logits minus their tile max [C, V], input dtype
     tile_max_ptr, tile_sum_ptr, tile_zsum_ptr,  # out: per (row, V-tile) stats [C, NT], fp32
     target_ptr,  # out: target logit [C], fp32
@@ -73,7 +74,7 @@ def _flce_logits_kernel(
     stride_hc, stride_hd, stride_wv, stride_wd, stride_zc, stride_tc,
     softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    STORE_LOGITS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_CLASS_WEIGHT: tl.constexpr, STORE_LOGITS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_C: tl.constexpr,
 ):  # fmt: skip
     # --- map the program to a (C-block, V-block) tile, grouped so W tiles are reused from L2
@@ -124,7 +125,10 @@ def _flce_logits_kernel(
     tl.store(tile_max_ptr + t_offs, tile_max, mask=mask_c)  # -inf for an all -inf tile: no mass in the merge
     tl.store(tile_sum_ptr + t_offs, tile_sum, mask=mask_c)
     if HAS_SMOOTHING:
-        tl.store(tile_zsum_ptr + t_offs, tl.sum(tl.where(mask_v[None, :], acc, 0.0), axis=1), mask=mask_c)
+        zs = tl.where(mask_v[None, :], acc, 0.0)
+        if HAS_CLASS_WEIGHT:  # the smoothing term sums cw[j] * z[j]
+            zs *= tl.load(cw_ptr + offs_v, mask=mask_v, other=0.0)[None, :]
+        tl.store(tile_zsum_ptr + t_offs, tl.sum(zs, axis=1), mask=mask_c)
     y = tl.load(y_ptr + offs_c, mask=mask_c, other=-1)
     hit = offs_v[None, :] == y[:, None]
     in_tile = (y >= pid_v * BLOCK_V) & (y < pid_v * BLOCK_V + BLOCK_V)
@@ -139,11 +143,12 @@ def _flce_logits_kernel(
 def _flce_lse_kernel(
     tile_max_ptr, tile_sum_ptr, tile_zsum_ptr,  # in: per (row, V-tile) stats [C, NT]
     loss_scale_ptr, lse_scale_ptr,  # in: per-row weights of the loss and of lse [C] (optional)
+    row_weight_ptr, weight_sum_ptr,  # in: class weight of each row's target [C], sum of the class weights [1]
     lse_ptr, zsum_ptr, alpha_ptr, beta_ptr, gamma_ptr,  # out [C]
     C, NT, stride_tc, V,
     z_loss, smoothing,
     HAS_SMOOTHING: tl.constexpr, HAS_LOSS_SCALE: tl.constexpr, HAS_LSE_SCALE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_CLASS_WEIGHT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < C
@@ -175,18 +180,24 @@ def _flce_lse_kernel(
         c = tl.load(loss_scale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
     else:
         c = tl.zeros((BLOCK_R,), tl.float32)
-    alpha = c * (1.0 + 2.0 * z_loss * lse)
+    if HAS_CLASS_WEIGHT:
+        r = tl.load(row_weight_ptr + offs_r, mask=mask_r, other=0.0)
+        alpha = c * (r * (1.0 - smoothing + 2.0 * z_loss * lse) + smoothing / V * tl.load(weight_sum_ptr))
+        beta = c * r * (1.0 - smoothing)
+    else:
+        alpha = c * (1.0 + 2.0 * z_loss * lse)
+        beta = c * (1.0 - smoothing)
     if HAS_LSE_SCALE:
         alpha += tl.load(lse_scale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
     tl.store(alpha_ptr + offs_r, alpha, mask=mask_r)
-    tl.store(beta_ptr + offs_r, c * (1.0 - smoothing), mask=mask_r)
+    tl.store(beta_ptr + offs_r, beta, mask=mask_r)
     tl.store(gamma_ptr + offs_r, c * (smoothing / V), mask=mask_r)
 
 
 @triton.jit
-def _dlogits(z_ptr, tile_max_ptr, y, lse, alpha, beta, gamma, offs_c, offs_v, mask_c, mask_v,
+def _dlogits(z_ptr, tile_max_ptr, cw_ptr, y, lse, alpha, beta, gamma, offs_c, offs_v, mask_c, mask_v,
              stride_zc, stride_tc, tile_idx, softcap,
-             HAS_SOFTCAP: tl.constexpr, HAS_GAMMA: tl.constexpr):  # fmt: skip
+             HAS_SOFTCAP: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr):  # fmt: skip
     """dz[c, v] for a [C-block, V-block] tile, from the stored relative logits (float32)."""
     zrel = tl.load(
         z_ptr + offs_c[:, None].to(tl.int64) * stride_zc + offs_v[None, :],
@@ -196,7 +207,10 @@ def _dlogits(z_ptr, tile_max_ptr, y, lse, alpha, beta, gamma, offs_c, offs_v, ma
     z = zrel + tl.where(tmax == float("-inf"), 0.0, tmax)[:, None]  # kernel 1 stored z - shift
     dz = alpha[:, None] * tl.exp2((z - lse[:, None]) * 1.4426950408889634)
     if HAS_GAMMA:
-        dz -= gamma[:, None]
+        if HAS_CLASS_WEIGHT:
+            dz -= gamma[:, None] * tl.load(cw_ptr + offs_v, mask=mask_v, other=0.0)[None, :]
+        else:
+            dz -= gamma[:, None]
     dz -= tl.where(offs_v[None, :] == y[:, None], beta[:, None], 0.0)
     if HAS_SOFTCAP:
         t = z / softcap
@@ -206,12 +220,12 @@ def _dlogits(z_ptr, tile_max_ptr, y, lse, alpha, beta, gamma, offs_c, offs_v, ma
 
 @triton.jit
 def _flce_grad_hidden_kernel(
-    z_ptr, tile_max_ptr, w_ptr, y_ptr, lse_ptr, alpha_ptr, beta_ptr, gamma_ptr,
+    z_ptr, tile_max_ptr, w_ptr, cw_ptr, y_ptr, lse_ptr, alpha_ptr, beta_ptr, gamma_ptr,
     part_ptr,  # out: partial dh [SPLIT, C, D], fp32
     C, V, D, v_per_split,
     stride_zc, stride_tc, stride_wv, stride_wd,
     softcap,
-    HAS_SOFTCAP: tl.constexpr, HAS_GAMMA: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -235,8 +249,8 @@ def _flce_grad_hidden_kernel(
     for v0 in range(v_start, tl.minimum(v_start + v_per_split, V), BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
-        dz = _dlogits(z_ptr, tile_max_ptr, y, lse, alpha, beta, gamma, offs_c, offs_v, mask_c, mask_v,
-                      stride_zc, stride_tc, v0 // BLOCK_V, softcap, HAS_SOFTCAP, HAS_GAMMA)  # fmt: skip
+        dz = _dlogits(z_ptr, tile_max_ptr, cw_ptr, y, lse, alpha, beta, gamma, offs_c, offs_v, mask_c, mask_v,
+                      stride_zc, stride_tc, v0 // BLOCK_V, softcap, HAS_SOFTCAP, HAS_GAMMA, HAS_CLASS_WEIGHT)  # fmt: skip
         w = tl.load(
             w_ptr + offs_v[:, None].to(tl.int64) * stride_wv + offs_d[None, :].to(tl.int64) * stride_wd,
             mask=mask_v[:, None] & mask_d[None, :], other=0.0,
@@ -251,12 +265,13 @@ def _flce_grad_hidden_kernel(
 
 @triton.jit
 def _flce_grad_weight_kernel(
-    z_ptr, tile_max_ptr, h_ptr, y_ptr, lse_ptr, alpha_ptr, beta_ptr, gamma_ptr,
+    z_ptr, tile_max_ptr, h_ptr, cw_ptr, y_ptr, lse_ptr, alpha_ptr, beta_ptr, gamma_ptr,
     dw_ptr, db_ptr,  # in/out: float32 accumulators dW [V, D], db [V]
     C, V, D,
     stride_zc, stride_tc, stride_hc, stride_hd,
     softcap,
-    HAS_SOFTCAP: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
+    HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -279,8 +294,8 @@ def _flce_grad_weight_kernel(
         alpha = tl.load(alpha_ptr + offs_c, mask=mask_c, other=0.0)
         beta = tl.load(beta_ptr + offs_c, mask=mask_c, other=0.0)
         gamma = tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0)
-        dz = _dlogits(z_ptr, tile_max_ptr, y, lse, alpha, beta, gamma, offs_c, offs_v, mask_c, mask_v,
-                      stride_zc, stride_tc, pid_v, softcap, HAS_SOFTCAP, HAS_GAMMA)  # fmt: skip
+        dz = _dlogits(z_ptr, tile_max_ptr, cw_ptr, y, lse, alpha, beta, gamma, offs_c, offs_v, mask_c, mask_v,
+                      stride_zc, stride_tc, pid_v, softcap, HAS_SOFTCAP, HAS_GAMMA, HAS_CLASS_WEIGHT)  # fmt: skip
         if HAS_DW:
             h = tl.load(
                 h_ptr + offs_c[:, None].to(tl.int64) * stride_hc + offs_d[None, :].to(tl.int64) * stride_hd,
@@ -349,6 +364,7 @@ class TritonChunkBackend:
         y_C: torch.Tensor,
         params: FLCEParams,
         *,
+        cw_V: torch.Tensor | None,
         loss_scale_C: torch.Tensor | None,
         lse_scale_C: torch.Tensor | None,
         want_dh: bool,
@@ -376,15 +392,20 @@ class TritonChunkBackend:
         b_V = None if b_V is None else b_V.contiguous()  # the kernels index the bias densely
         loss_scale_C = None if loss_scale_C is None else loss_scale_C.float().contiguous()
         lse_scale_C = None if lse_scale_C is None else lse_scale_C.float().contiguous()
+        has_cw = cw_V is not None  # float32 and contiguous (the Function's accumulation dtype)
+        if has_cw:
+            row_weight_C = cw_V[y_C].contiguous()
+            weight_sum = cw_V.sum().reshape(1)
+        cw_smoothing = has_cw and smoothing  # kernels 1, 3, 4 read the class weights only for smoothing
         grid = (triton.cdiv(C, blocks["BLOCK_C"]) * NT,)
         _flce_logits_kernel[grid](
-            h_CD, w_VD, b_V if b_V is not None else target, y_C,
+            h_CD, w_VD, b_V if b_V is not None else target, cw_V if has_cw else target, y_C,
             z, tile_max, tile_sum, tile_zsum, target,
             C, V, D,
             h_CD.stride(0), h_CD.stride(1), w_VD.stride(0), w_VD.stride(1), z.stride(0) if grad else 0, NT,
             softcap,
             HAS_BIAS=b_V is not None, HAS_SOFTCAP=params.softcap is not None, HAS_SMOOTHING=smoothing,
-            STORE_LOGITS=grad, UPCAST=self.interpret, DOT_PRECISION=precision,
+            HAS_CLASS_WEIGHT=cw_smoothing, STORE_LOGITS=grad, UPCAST=self.interpret, DOT_PRECISION=precision,
             BLOCK_C=blocks["BLOCK_C"], BLOCK_V=BLOCK_V, BLOCK_D=blocks["BLOCK_D"], GROUP_C=8,
             num_warps=blocks["num_warps"], num_stages=blocks["num_stages"],
         )  # fmt: skip
@@ -397,11 +418,12 @@ class TritonChunkBackend:
             tile_max, tile_sum, tile_zsum,
             loss_scale_C if loss_scale_C is not None else lse,
             lse_scale_C if lse_scale_C is not None else lse,
+            row_weight_C if has_cw else lse, weight_sum if has_cw else lse,
             lse, zsum, alpha, beta, gamma,
             C, NT, NT, V,
             params.z_loss, params.label_smoothing,
             HAS_SMOOTHING=smoothing, HAS_LOSS_SCALE=loss_scale_C is not None,
-            HAS_LSE_SCALE=lse_scale_C is not None,
+            HAS_LSE_SCALE=lse_scale_C is not None, HAS_CLASS_WEIGHT=has_cw,
             BLOCK_R=BLOCK_R, BLOCK_T=min(256, triton.next_power_of_2(NT)) if not self.interpret else triton.next_power_of_2(NT),
         )  # fmt: skip
 
@@ -410,7 +432,8 @@ class TritonChunkBackend:
             gblocks = self._blocks(True, h_CD.dtype)
             gblocks["BLOCK_V"] = BLOCK_V  # must match the tiles whose max kernel 1 stored
             common = dict(
-                HAS_SOFTCAP=params.softcap is not None, HAS_GAMMA=smoothing, UPCAST=self.interpret,
+                HAS_SOFTCAP=params.softcap is not None, HAS_GAMMA=smoothing, HAS_CLASS_WEIGHT=cw_smoothing,
+                UPCAST=self.interpret,
                 DOT_PRECISION=precision, BLOCK_C=gblocks["BLOCK_C"], BLOCK_V=BLOCK_V,
                 BLOCK_D=gblocks["BLOCK_D"], num_warps=gblocks["num_warps"],
                 num_stages=gblocks["num_stages"],
@@ -422,7 +445,7 @@ class TritonChunkBackend:
                 split = triton.cdiv(V, v_per_split)
                 part = torch.empty((split, C, D), **f32)
                 _flce_grad_hidden_kernel[(n_tiles, split)](
-                    z, tile_max, w_VD, y_C, lse, alpha, beta, gamma, part,
+                    z, tile_max, w_VD, cw_V if has_cw else lse, y_C, lse, alpha, beta, gamma, part,
                     C, V, D, v_per_split,
                     z.stride(0), NT, w_VD.stride(0), w_VD.stride(1),
                     softcap, **common,
@@ -431,7 +454,7 @@ class TritonChunkBackend:
             if dw_acc_VD is not None or db_acc_V is not None:
                 grid_w = (NT * triton.cdiv(D, gblocks["BLOCK_D"]),)
                 _flce_grad_weight_kernel[grid_w](
-                    z, tile_max, h_CD, y_C, lse, alpha, beta, gamma,
+                    z, tile_max, h_CD, cw_V if has_cw else lse, y_C, lse, alpha, beta, gamma,
                     dw_acc_VD if dw_acc_VD is not None else lse, db_acc_V if db_acc_V is not None else lse,
                     C, V, D,
                     z.stride(0), NT, h_CD.stride(0), h_CD.stride(1),

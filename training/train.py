@@ -363,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     try:
+        from training.engine import check_precision
+
+        check_precision(cfg.system.precision)
         if dist.get_rank() == 0:
             Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
             tmp = Path(cfg.run.output_dir) / "config.json.tmp"

@@ -27,31 +27,45 @@ gpu = pytest.mark.gpu
 
 
 def _run(impl, h, w, y, b, *, trainable, upstream_seed=1, **opts):
-    """Forward + backward through one path; returns (loss, lse, dh, dw, db)."""
+    """Forward + backward through one path; returns (loss, lse, z-loss, dh, dw, db)."""
     h = h.detach().clone().requires_grad_(True)
     w = w.detach().clone().requires_grad_(trainable)
     b = None if b is None else b.detach().clone().requires_grad_(trainable)
     out = fused_linear_cross_entropy(h, w, y, bias=b, impl=impl, **opts)
-    loss, lse = out if opts.get("return_lse") else (out, None)
+    out = list(out) if isinstance(out, tuple) else [out]
+    loss = out.pop(0)
+    lse = out.pop(0) if opts.get("return_lse") else None
+    zl = out.pop(0) if opts.get("return_z_loss") else None
     g = torch.Generator().manual_seed(upstream_seed)
     # An upstream gradient other than 1 (0.37), so the backward's scaling is exercised too.
     total = loss * 0.37 if loss.dim() == 0 else (loss * torch.rand(loss.shape, generator=g).to(loss)).sum()
-    if lse is not None:
-        total = total + (lse * torch.rand(lse.shape, generator=g).to(lse)).sum()
+    for extra in (lse, zl):
+        if extra is not None:
+            total = total + (extra * torch.rand(extra.shape, generator=g).to(extra)).sum()
     total.backward()
-    return (loss.detach(), None if lse is None else lse.detach(), h.grad, w.grad, None if b is None else b.grad)
+    detach = lambda t: None if t is None else t.detach()
+    return (loss.detach(), detach(lse), detach(zl), h.grad, w.grad, None if b is None else b.grad)
 
 
 def _check_all(device, path, dtype, h64, w64, y, b64, *, trainable, **opts):
     cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)
     y = y.to(device)
+    opts = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in opts.items()}  # class_weight
     gold = _run("reference", h64.to(device), w64.to(device), y, None if b64 is None else b64.to(device), trainable=trainable, **opts)
     ref = _run("reference", cast(h64), cast(w64), y, cast(b64), trainable=trainable, **opts)
     fast = _run(path, cast(h64), cast(w64), y, cast(b64), trainable=trainable, **opts)
-    for i, name in enumerate(("loss", "lse", "d hidden", "d weight", "d bias")):
-        assert_parity(fast[i], ref[i], gold[i], dtype, f"{path} {name} {opts}", grad=i >= 2)
+    for i, name in enumerate(("loss", "lse", "z-loss", "d hidden", "d weight", "d bias")):
+        assert_parity(fast[i], ref[i], gold[i], dtype, f"{path} {name} {opts}", grad=i >= 3)
     if not trainable:
-        assert fast[3] is None, "a frozen weight must not get a gradient"
+        assert fast[4] is None, "a frozen weight must not get a gradient"
+
+
+def _class_weights(v: int) -> torch.Tensor:
+    """Per-class weights in [0, 2], some exactly 0 (float64, as torch's weight= would be)."""
+    g = torch.Generator().manual_seed(7)
+    cw = torch.rand(v, generator=g, dtype=torch.float64) * 2
+    cw[::11] = 0.0
+    return cw
 
 
 OPTION_SETS = [
@@ -60,7 +74,11 @@ OPTION_SETS = [
     pytest.param({"z_loss": 1e-3}, id="zloss"),
     pytest.param({"softcap": 4.0}, id="softcap"),
     pytest.param({"return_lse": True}, id="lse"),
-    pytest.param({"label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 7.0, "return_lse": True, "ignore_index": 5}, id="all"),
+    pytest.param({"class_weight": _class_weights(1009)}, id="classweight"),
+    pytest.param({"class_weight": _class_weights(1009), "label_smoothing": 0.3}, id="classweight-smoothing"),
+    pytest.param({"shift": 2, "z_loss": 1e-2, "return_z_loss": True}, id="shift-zlossout"),
+    pytest.param({"label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 7.0, "return_lse": True, "ignore_index": 5,
+                  "class_weight": _class_weights(1009), "shift": 1, "return_z_loss": True}, id="all"),
 ]
 
 
@@ -69,10 +87,13 @@ OPTION_SETS = [
 @pytest.mark.parametrize("opts", OPTION_SETS)
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
 def test_parity_options(device, path, dtype, reduction, opts, trainable):
-    """Odd sizes (V = 1009, D = 96), ~20% ignored targets, peaky logits, bias when trainable."""
+    """Odd sizes (V = 1009, D = 96), ~20% ignored targets, peaky logits, bias when trainable;
+    with ``shift`` a batch of 4 sequences of 9."""
     h, w, y, b = flce_inputs(37, 96, 1009, torch.float64, bias=trainable)
     if opts.get("ignore_index") == 5:
         y = torch.where(y == -100, torch.full_like(y, 5), y)
+    if opts.get("shift"):
+        h, y = h[:36].reshape(4, 9, 96), y[:36].reshape(4, 9)
     _check_all(device, path, dtype, h, w, y, b, trainable=trainable, reduction=reduction, **opts)
 
 
@@ -96,20 +117,37 @@ def test_parity_many_chunks(device, path, dtype, monkeypatch):
     _check_all(device, path, dtype, h, w, y, b, trainable=True, reduction="mean", label_smoothing=0.1)
 
 
-@pytest.mark.parametrize("device,path,dtype", device_cases())
-def test_all_ignored_gives_zero_loss_and_zero_grads(device, path, dtype):
-    h, w, _, _ = flce_inputs(9, 16, 50, dtype, device=device)
-    y = torch.full((9,), -100, device=device)
-    h.requires_grad_(True)
-    w.requires_grad_(True)
-    for reduction in ("mean", "sum"):
-        h.grad = w.grad = None
-        loss = fused_linear_cross_entropy(h, w, y, reduction=reduction, impl=path)
-        assert loss.item() == 0.0 and not torch.isnan(loss)
-        loss.backward()
-        assert torch.count_nonzero(h.grad) == 0 and torch.count_nonzero(w.grad) == 0
-    loss = fused_linear_cross_entropy(h, w, y, reduction="none", impl=path)
-    assert loss.shape == (9,) and torch.count_nonzero(loss) == 0
+PATHS = ["reference", "torch", pytest.param("triton", marks=needs_triton)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("params", ["frozen", "trainable", "bias"])
+@pytest.mark.parametrize("shape", [(0,), (2, 0), (9,), (3, 4)], ids=["N0", "N0-batched", "ignored", "ignored-batched"])
+@pytest.mark.parametrize("backprop", ["loss", "loss+lse", "lse"])
+def test_no_target_gives_zero_loss_and_zero_grads(path, reduction, params, shape, backprop):
+    """N = 0 or every target ignored: loss 0 (also "mean"), lse 0, and every input that requires a
+    gradient gets a zero tensor, never None (optimizers and accumulation code rely on it) — also
+    when the gradient flows only through the returned lse."""
+    h = torch.randn(*shape, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=params != "frozen")
+    b = torch.randn(50, requires_grad=True) if params == "bias" else None
+    y = torch.full(shape, -100)
+    with_lse = "lse" in backprop
+    out = fused_linear_cross_entropy(h, w, y, bias=b, reduction=reduction, return_lse=with_lse, impl=path)
+    loss, lse = out if with_lse else (out, None)
+    assert loss.shape == (shape if reduction == "none" else ()) and torch.count_nonzero(loss) == 0
+    total = loss.sum() * 0.37 if "loss" in backprop else 0.0
+    if with_lse:
+        assert lse.shape == shape and torch.count_nonzero(lse) == 0
+        total = total + lse.sum()
+    total.backward()
+    for name, t in (("hidden", h), ("weight", w), ("bias", b)):
+        if t is not None and t.requires_grad:
+            assert t.grad is not None, f"{name}.grad is None"
+            assert t.grad.shape == t.shape and torch.count_nonzero(t.grad) == 0, f"{name}.grad is not zero"
+    if params == "frozen":
+        assert w.grad is None
 
 
 @pytest.mark.parametrize("device,path,dtype", device_cases())
@@ -276,7 +314,7 @@ def test_bad_tensors_raise(mutate, exc, match):
     [
         ({"reduction": "avg"}, ValueError, "reduction must be one of"),
         ({"impl": "cuda"}, ValueError, "impl must be one of"),
-        ({"label_smoothing": 1.0}, ValueError, "label_smoothing"),
+        ({"label_smoothing": 1.5}, ValueError, "label_smoothing"),
         ({"label_smoothing": -0.1}, ValueError, "label_smoothing"),
         ({"z_loss": -1.0}, ValueError, "z_loss"),
         ({"softcap": 0.0}, ValueError, "softcap"),
@@ -342,16 +380,17 @@ import kernels.fused_linear_cross_entropy_triton as ft
 
 assert not ft.is_interpreter()
 fp32_ptrs = {"tile_max_ptr", "tile_sum_ptr", "tile_zsum_ptr", "target_ptr", "loss_scale_ptr", "lse_scale_ptr",
-             "lse_ptr", "zsum_ptr", "alpha_ptr", "beta_ptr", "gamma_ptr", "part_ptr", "dw_ptr", "db_ptr"}
+             "lse_ptr", "zsum_ptr", "alpha_ptr", "beta_ptr", "gamma_ptr", "part_ptr", "dw_ptr", "db_ptr",
+             "cw_ptr", "row_weight_ptr", "weight_sum_ptr"}
 for size, operand, precision in ((2, "*bf16", "tf32"), (4, "*fp32", "ieee")):
     blocks = {k: v for k, v in ft._GPU_BLOCKS[("logits", size)].items() if k.startswith("BLOCK")}
     grad = {k: v for k, v in ft._GPU_BLOCKS[("grad", size)].items() if k.startswith("BLOCK")}
-    flags = dict(HAS_SOFTCAP=True, HAS_GAMMA=True, UPCAST=False, DOT_PRECISION=precision)
+    flags = dict(HAS_SOFTCAP=True, HAS_GAMMA=True, HAS_CLASS_WEIGHT=True, UPCAST=False, DOT_PRECISION=precision)
     kernels = [
-        (ft._flce_logits_kernel, blocks | dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SMOOTHING=True, STORE_LOGITS=True,
-         UPCAST=False, DOT_PRECISION=precision, GROUP_C=8), ft._GPU_BLOCKS[("logits", size)]),
-        (ft._flce_lse_kernel, dict(HAS_SMOOTHING=True, HAS_LOSS_SCALE=True, HAS_LSE_SCALE=True, BLOCK_R=16, BLOCK_T=256),
-         dict(num_warps=4, num_stages=1)),
+        (ft._flce_logits_kernel, blocks | dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SMOOTHING=True, HAS_CLASS_WEIGHT=True,
+         STORE_LOGITS=True, UPCAST=False, DOT_PRECISION=precision, GROUP_C=8), ft._GPU_BLOCKS[("logits", size)]),
+        (ft._flce_lse_kernel, dict(HAS_SMOOTHING=True, HAS_LOSS_SCALE=True, HAS_LSE_SCALE=True, HAS_CLASS_WEIGHT=True,
+         BLOCK_R=16, BLOCK_T=256), dict(num_warps=4, num_stages=1)),
         (ft._flce_grad_hidden_kernel, grad | flags, ft._GPU_BLOCKS[("grad", size)]),
         (ft._flce_grad_weight_kernel, grad | flags | dict(HAS_DW=True, HAS_DB=True), ft._GPU_BLOCKS[("grad", size)]),
     ]
@@ -374,8 +413,9 @@ print("ok")
 
 @pytest.mark.slow
 def test_triton_kernels_compile_for_hopper_without_a_gpu():
-    """Compile (not run) the four kernels for sm_90 with the pinned bf16 and fp32 configs: GPU-only
-    compile errors, which the interpreter accepts, and shared-memory overflows fail here too."""
+    """Compile (not run) the four kernels for sm_90 with the pinned bf16 and fp32 configs, every
+    option on (class weights included): GPU-only compile errors, which the interpreter accepts,
+    and shared-memory overflows fail here too."""
     backends = pytest.importorskip("triton.backends")
     if "nvidia" not in backends.backends:
         pytest.skip("Triton's NVIDIA backend is not installed")
