@@ -46,8 +46,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-DEFAULT_TARGET = "sm_90"
-
 
 @dataclass(frozen=True)
 class Variant:
@@ -183,7 +181,7 @@ def ptxas_usage(ptx: str, arch: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        gpu = arch if arch.endswith("a") or arch < "sm_90" else arch + "a"  # Triton builds sm_90a for Hopper
+        gpu = "sm_90a" if arch == "sm_90" else arch  # Triton builds sm_90a (wgmma) for Hopper
         out = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", str(src), "-o", str(Path(tmp) / "k.cubin")],
                              capture_output=True, text=True)  # fmt: skip
     text = out.stdout + out.stderr
