@@ -251,6 +251,28 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def _warm_up_kernels(self) -> None:
+        """CUDA: compile the run's Triton kernel variants in parallel before the first step."""
+        from training.kernel_warmup import warm_up_run
+
+        summary = warm_up_run(self.engine.module.config, self.token_loss.decoder.config, self.dtype, self.device,
+                              documents=self.cfg.loop.micro_batch_documents, sentences=self.cfg.data.max_sentences,
+                              local_rank=self.local_rank)  # fmt: skip
+        if summary is not None and self.rank == 0:
+            print(f"kernels: {summary['variants']} variants compiled in {summary['seconds']:.1f} s", flush=True)
+
+    def _log_first_step(self, step: int) -> None:
+        """Seconds from process start to the end of this invocation's first step (all kernels
+        compiled) and the peak memory then, in metrics.jsonl and on the console."""
+        import psutil
+
+        record = {"step": step, "first_step_s": round(time.time() - psutil.Process().create_time(), 2)}
+        if self.device.type == "cuda":
+            record["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        self.metrics.write(record)
+        if self.rank == 0:
+            print(f"first step done {record['first_step_s']:.1f} s after start", flush=True)
+
     def run(self) -> int:
         from tqdm.auto import tqdm
 
@@ -267,12 +289,15 @@ class Trainer:
         bar = tqdm(total=loop.max_steps, initial=start, disable=self.rank != 0 or not self.cfg.system.progress,
                    desc="train", unit="step", dynamic_ncols=True)  # fmt: skip
         step, last_saved, window = start, start, []
+        self._warm_up_kernels()
         t0 = time.perf_counter()
         while step < loop.max_steps:
             tic = time.perf_counter()
             lr = self.engine.get_lr()[0]
             out = self.train_step(step) | {"lr": lr}
             step += 1
+            if step == start + 1:
+                self._log_first_step(step)
             dt = time.perf_counter() - tic
             window.append((out, dt))
             bar.update(1)
