@@ -53,6 +53,15 @@ def save_bundle(directory: str | os.PathLike, model: SonarLLM, spec: SonarSpec) 
     return directory
 
 
+def _check_finite(model: SonarLLM, directory: Path) -> None:
+    """A model with NaN or infinite weights predicts nothing usable: name the first such tensor."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise ValueError(f"{directory} holds non-finite weights (NaN or inf in {bad[0]}{more}); the model is unusable, "
+                         "export it again from a checkpoint taken before training diverged")  # fmt: skip
+
+
 def load_bundle(directory: str | os.PathLike, *, device=None, dtype=None, kernel_impl: str | None = None,
                 encoder: bool = True, decoder: bool = True) -> Bundle:  # fmt: skip
     """Load a bundle; raises FileNotFoundError/ValueError naming what is missing or incompatible."""
@@ -61,6 +70,7 @@ def load_bundle(directory: str | os.PathLike, *, device=None, dtype=None, kernel
         raise FileNotFoundError(f"model directory not found: {directory}")
     overrides = {} if kernel_impl is None else {"kernel_impl": kernel_impl}
     model = SonarLLM.from_pretrained(directory, device=device, dtype=dtype, **overrides)
+    _check_finite(model, directory)
     spec = SonarSpec.load(directory / SPEC_NAME)
     pipeline = SonarPipeline.from_spec(spec, encoder=encoder, decoder=decoder, device=device,
                                        kernel_impl=kernel_impl or "auto")  # fmt: skip

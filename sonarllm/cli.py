@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import os
 import sys
@@ -400,9 +401,12 @@ def cmd_evaluate(args) -> int:
     data = Path(args.data)
     if not data.exists():
         raise FileNotFoundError(f"evaluation data not found: {data}")
-    bundle = _load(args)
     documents = read_documents(data, text_field=args.text_field)
-    results = evaluate(bundle.model, bundle.pipeline, documents, options)
+    first = next(documents, None)  # fail before the model loads
+    if first is None:
+        raise UsageError(f"--data {data} holds no documents")
+    bundle = _load(args)
+    results = evaluate(bundle.model, bundle.pipeline, itertools.chain([first], documents), options)
     results["model"], results["data"] = str(args.model), str(data)
     text = json.dumps(results, indent=2)
     if args.json == "-":

@@ -4,6 +4,9 @@
 * ``.jsonl`` (or ``.jsonl.gz``): one JSON object per line, the document in its ``"text"`` field
   (``text_field`` to change it);
 * a directory: every ``.txt``/``.txt.gz`` file below it (sorted) is one document.
+
+A file that is not UTF-8 text, or not gzip data although its name ends in ``.gz`` (or a
+truncated one), raises ValueError naming the file and the cause.
 """
 
 from __future__ import annotations
@@ -11,12 +14,25 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 
 def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def _read_error(path: Path, exc: Exception) -> ValueError:
+    """The ValueError for a file that cannot be decoded: it names the file and the cause."""
+    if isinstance(exc, UnicodeDecodeError):
+        return ValueError(f"{path} is not UTF-8 text (invalid byte 0x{exc.object[exc.start]:02x}); convert it to UTF-8")
+    if isinstance(exc, EOFError):
+        return ValueError(f"{path} is a truncated gzip file ({exc})")
+    return ValueError(f"{path} is not a valid gzip file ({exc})")
+
+
+DECODE_ERRORS = (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error)
 
 
 def _kind(path: Path) -> str:
@@ -32,13 +48,23 @@ def read_documents(path: str | os.PathLike, *, text_field: str = "text") -> Iter
         if not files:
             raise ValueError(f"{path} contains no .txt files")
         for f in files:
-            with _open_text(f) as fh:
-                text = fh.read().strip()
+            try:
+                with _open_text(f) as fh:
+                    text = fh.read().strip()
+            except DECODE_ERRORS as exc:
+                raise _read_error(f, exc) from exc
             if text:
                 yield text
         return
     if not path.is_file():
         raise FileNotFoundError(f"corpus not found: {path}")
+    try:
+        yield from _file_documents(path, text_field)
+    except DECODE_ERRORS as exc:
+        raise _read_error(path, exc) from exc
+
+
+def _file_documents(path: Path, text_field: str) -> Iterator[str]:
     kind = _kind(path)
     with _open_text(path) as fh:
         if kind == ".jsonl":

@@ -133,6 +133,18 @@ def test_missing_checkpoint_file_exits_1(capsys, model_copy):
     assert_one_line_error(err, "config.json", "missing")
 
 
+def test_model_with_nan_weights_exits_1(capsys, toy_bundle_dir, tmp_path):
+    model = SonarLLM.from_pretrained(toy_bundle_dir)
+    with torch.no_grad():
+        model.output_proj.weight[0, 0] = float("nan")
+    save_bundle(tmp_path / "nan", model, SonarSpec.load(toy_bundle_dir / "sonar.json"))
+    (tmp_path / "held_out.txt").write_text("The cat sat. A dog ran.\n")
+    for command in (["generate", "--prompt", "A cat."], ["evaluate", "--data", str(tmp_path / "held_out.txt")]):
+        code, _, err = run(capsys, command[0], "--model", str(tmp_path / "nan"), *command[1:])
+        assert code == 1
+        assert_one_line_error(err, str(tmp_path / "nan"), "non-finite weights", "output_proj.weight")
+
+
 def test_incompatible_checkpoint_exits_1(capsys, toy_bundle_dir, tmp_path):
     """A model of another SONAR width (32) than the bundle's toy SONAR (64)."""
     narrow = SonarLLM(SonarLLMConfig.from_name("toy", sonar_dim=32))
@@ -296,6 +308,19 @@ def test_evaluate_prints_a_table_and_writes_json(capsys, toy_bundle_dir, tmp_pat
     )
     assert code == 0
     assert json.loads(out)["documents"] == 1
+
+
+def test_evaluate_empty_or_undecodable_data(capsys, toy_bundle_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    code, out, err = run(capsys, "evaluate", "--model", str(toy_bundle_dir), "--data", str(empty), "--no-nlg")
+    assert code == 2 and out == ""
+    assert_one_line_error(err, f"--data {empty} holds no documents")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9. Deux.".encode("latin-1"))
+    code, _, err = run(capsys, "evaluate", "--model", str(toy_bundle_dir), "--data", str(latin1), "--no-nlg")
+    assert code == 1
+    assert_one_line_error(err, f"{latin1} is not UTF-8 text")
 
 
 def test_evaluate_missing_data_exits_1(capsys, toy_bundle_dir, tmp_path):
