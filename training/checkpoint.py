@@ -1,11 +1,18 @@
-"""Atomic DeepSpeed checkpoints with exact resume, and the final inference export.
+"""Atomic, verified DeepSpeed checkpoints with exact resume, and the final inference export.
 
-A checkpoint is written by every rank into ``checkpoints/.staging/<tag>/`` and only then moved
-(by global rank 0; the run directory must be on a filesystem all ranks share) to
-``checkpoints/<tag>/``; the pointer ``checkpoints/latest`` is replaced atomically last. A run
-killed at any moment therefore leaves ``latest`` naming a complete checkpoint (the previous one
-while a save is in flight); leftovers in ``.staging`` are removed by the next save. Older
-checkpoints beyond ``keep`` are deleted after the pointer has moved, never the one it names.
+A checkpoint is written by every rank into ``checkpoints/.staging/<tag>/``; the ranks then hash
+its files (SHA-256, split between them) and global rank 0 writes ``checkpoint.json`` (step,
+each file's digest and size, and what defines the run, training/identity.py) into it before it
+is moved (the run directory must be on a filesystem all ranks share) to ``checkpoints/<tag>/``;
+the pointer ``checkpoints/latest`` is replaced atomically last. A run killed at any moment
+therefore leaves ``latest`` naming a complete checkpoint (the previous one while a save is in
+flight); leftovers in ``.staging`` are removed by the next save, and by a save that fails (a
+full disk: the error says so). Older checkpoints beyond ``keep`` are deleted after the pointer
+has moved, never the one it names.
+
+Resuming verifies a checkpoint's files against its ``checkpoint.json`` first and falls back to
+the newest one that verifies; the ones that did not (corrupted, truncated or empty files) are
+named and moved to ``checkpoints/rejected/``, out of the rotation, never deleted.
 
 The client state stores the global step and the RNG states, so a resumed run continues with the
 same data order and produces the same losses as an uninterrupted one.
@@ -13,6 +20,8 @@ same data order and produces the same losses as an uninterrupted one.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import random
 import shutil
@@ -22,13 +31,69 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from training.shards import sha256_file, write_json_atomic
+
 LATEST = "latest"
 STAGING = ".staging"
+REJECTED = "rejected"
+MANIFEST = "checkpoint.json"
+FORMAT_VERSION = 1
+_LOW_SPACE = 1 << 20  # bytes free below which a failed write is reported as a full disk
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written, verified or loaded; the message names it."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
+
+
+def _gather(obj) -> list:
+    """``obj`` of every rank, in rank order (collective)."""
+    if not _distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Global rank 0's ``obj`` on every rank (collective)."""
+    if not _distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _raise_if_any(error: str | None) -> None:
+    """Collective: every rank raises the first rank's error, so no rank waits on a failed one."""
+    errors = [e for e in _gather(error) if e]
+    if errors:
+        raise CheckpointError(errors[0])
+
+
+def describe_io_error(exc: BaseException, where: Path) -> str:
+    """Why reading or writing under ``where`` failed, in words; a full disk is called one (torch.save
+    reports it as "unexpected pos ..." without an errno, so the free space decides)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"out of space on the filesystem of {where} ({exc.strerror})"
+    try:
+        free = shutil.disk_usage(where if where.exists() else where.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < _LOW_SPACE:
+        return f"out of space on the filesystem of {where} ({free} bytes free)"
+    if isinstance(exc, OSError) and exc.strerror:
+        named = exc.filename is not None and Path(exc.filename) != where
+        return f"{exc.filename}: {exc.strerror}" if named else exc.strerror
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def rng_state() -> dict:
@@ -46,13 +111,27 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class Checkpointer:
-    """Saves and finds checkpoints under ``<run_dir>/checkpoints`` (a filesystem every rank shares:
-    global rank 0 publishes what all ranks wrote)."""
+def file_digests(directory: Path, names: list[str], *, rank: int, world: int) -> dict[str, dict]:
+    """Collective: SHA-256 and size of each file (file i hashed by rank i % world); an
+    unreadable file gets ``{"error": why}``."""
+    mine = {}
+    for i, name in enumerate(names):
+        if i % world == rank:
+            try:
+                mine[name] = {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
+            except OSError as exc:
+                mine[name] = {"error": exc.strerror or str(exc)}
+    return {name: entry for part in _gather(mine) for name, entry in part.items()}
 
-    def __init__(self, run_dir: str | os.PathLike, keep: int, *, rank: int = 0):
+
+class Checkpointer:
+    """Saves, verifies and finds checkpoints under ``<run_dir>/checkpoints`` (a filesystem every
+    rank shares: global rank 0 publishes what all ranks wrote). ``save``, ``verify``,
+    ``newest_verified``, ``reject`` and ``load`` are collective: every rank calls them."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep: int, *, rank: int = 0, world: int = 1):
         self.root = Path(run_dir) / "checkpoints"
-        self.keep, self.rank = keep, rank
+        self.keep, self.rank, self.world = keep, rank, world
 
     def _saved(self) -> list[Path]:
         """Published checkpoints, oldest first (by the time they were published)."""
@@ -68,46 +147,160 @@ class Checkpointer:
         saved = self._saved()
         return saved[-1] if saved else None
 
-    def save(self, engine, step: int, client_state: dict) -> Path:
-        """Collective: every rank calls it. A directory ``latest`` names is never replaced or
+    def candidates(self) -> list[Path]:
+        """Published checkpoints to resume from, best first: the one ``latest`` names, then the
+        others newest first."""
+        first = self.latest()
+        return ([first] if first else []) + [p for p in reversed(self._saved()) if p != first]
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def save(self, engine, step: int, client_state: dict, identity: dict | None = None) -> Path:
+        """Write, hash and publish a checkpoint. A directory ``latest`` names is never replaced or
         deleted: a second save of the same step (after resuming from an older checkpoint) gets a
-        new name."""
+        new name. Raises CheckpointError (on every rank) if any rank cannot write; the staging
+        directory is then removed and the published checkpoints are untouched."""
         tag, n = f"step-{step:08d}", 0
         while (self.root / tag).exists():
             n += 1
             tag = f"step-{step:08d}-r{n}"
         staging = self.root / STAGING
+        folder = staging / tag
+        failed = f"cannot write checkpoint {tag} in {self.root}"
+        error = None
         if self.rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True, exist_ok=True)
-        _barrier()
-        engine.save_checkpoint(str(staging), tag=tag, client_state=client_state | {"step": step}, save_latest=False)
-        _barrier()
+            try:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                error = f"{failed}: {describe_io_error(exc, self.root)}"
+        _raise_if_any(error)
+        try:
+            try:
+                engine.save_checkpoint(str(staging), tag=tag, client_state=client_state | {"step": step},
+                                       save_latest=False)  # fmt: skip
+            except (OSError, RuntimeError) as exc:
+                error = f"{failed}: {describe_io_error(exc, staging)}"
+            _raise_if_any(error)
+            names = broadcast_object(sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+                               if self.rank == 0 else None)  # fmt: skip
+            files = file_digests(folder, names, rank=self.rank, world=self.world)
+            unreadable = [f"{name} ({entry['error']})" for name, entry in files.items() if "error" in entry]
+            _raise_if_any(f"{failed}: cannot read back {', '.join(unreadable)}" if unreadable else None)
+            if self.rank == 0:
+                try:
+                    manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files, "run": identity or {}}
+                    write_json_atomic(folder / MANIFEST, manifest)
+                    self._publish(folder, tag)
+                except OSError as exc:
+                    error = f"{failed}: {describe_io_error(exc, self.root)}"
+            _raise_if_any(error)
+        except CheckpointError as exc:
+            if self.rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)  # give the space back
+            previous = self.latest()
+            kept = f"; the previous checkpoint {previous.name} is intact" if previous else ""
+            raise CheckpointError(f"{exc}{kept}") from None
         if self.rank == 0:
-            final = self.root / tag
-            os.replace(staging / tag, final)
-            os.utime(final)  # publication time orders the rotation
-            tmp = self.root / (LATEST + ".tmp")
-            tmp.write_text(tag + "\n")
-            os.replace(tmp, self.root / LATEST)
             for old in self._saved()[: -self.keep]:
                 if old.name != tag:
                     shutil.rmtree(old, ignore_errors=True)
         _barrier()
         return self.root / tag
 
+    def _publish(self, folder: Path, tag: str) -> None:
+        final = self.root / tag
+        os.replace(folder, final)
+        os.utime(final)  # publication time orders the rotation
+        tmp = self.root / (LATEST + ".tmp")
+        tmp.write_text(tag + "\n")
+        os.replace(tmp, self.root / LATEST)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _read_manifest(path: Path) -> tuple[dict | None, str | None]:
+        """(checkpoint.json, None), or (None, why the checkpoint is unusable) from its sizes alone."""
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            return None, f"it has no {MANIFEST} (incomplete, or written by an older sonarllm)"
+        except (OSError, ValueError) as exc:
+            return None, f"its {MANIFEST} is unreadable ({exc})"
+        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+            return None, f"its {MANIFEST} has an unknown format"
+        for name, entry in sorted(manifest["files"].items()):
+            file = path / name
+            if not file.is_file():
+                return None, f"{name} is missing"
+            size = file.stat().st_size
+            if size != entry["bytes"]:
+                what = "empty" if size == 0 else "truncated" if size < entry["bytes"] else "larger than written"
+                return None, f"{name} is {what} ({size} bytes, {entry['bytes']} written)"
+        return manifest, None
+
+    def verify(self, path: str | os.PathLike) -> tuple[dict | None, str | None]:
+        """(checkpoint.json, None) if every file of the checkpoint matches its digest, else
+        (None, why not). Collective: the ranks share the hashing."""
+        path = Path(path)
+        manifest, reason = broadcast_object(self._read_manifest(path) if self.rank == 0 else None)
+        if reason is not None:
+            return None, reason
+        names = sorted(manifest["files"])
+        digests = file_digests(path, names, rank=self.rank, world=self.world)
+        for name in names:
+            if digests[name].get("sha256") != manifest["files"][name]["sha256"]:
+                return None, f"{name} failed its checksum"
+        return manifest, None
+
+    def newest_verified(self) -> tuple[Path | None, dict | None, list[tuple[Path, str]]]:
+        """Collective: the best candidate that verifies and its checkpoint.json (or None, None),
+        and the (path, reason) of each better one that did not."""
+        rejected = []
+        for path in broadcast_object(self.candidates() if self.rank == 0 else None):
+            manifest, reason = self.verify(path)
+            if reason is None:
+                return path, manifest, rejected
+            rejected.append((path, reason))
+        return None, None, rejected
+
+    def reject(self, path: Path) -> Path:
+        """Collective: move a checkpoint that failed verification to ``checkpoints/rejected/``
+        (kept for inspection, out of the rotation); returns where it went."""
+        target = self.root / REJECTED / path.name
+        n = 0
+        while target.exists():
+            n += 1
+            target = self.root / REJECTED / f"{path.name}-{n}"
+        target = broadcast_object(target)
+        if self.rank == 0:
+            target.parent.mkdir(exist_ok=True)
+            os.replace(path, target)
+        _barrier()
+        return target
+
     @staticmethod
     def load(engine, path: str | os.PathLike) -> dict:
         """Restore model, optimizer, scheduler and RNG from a checkpoint; returns the client state."""
         path = Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+            raise CheckpointError(f"checkpoint not found: {path}")
+        try:
+            loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+        except Exception as exc:  # DeepSpeed's own errors, which can be anything: say which checkpoint
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            raise CheckpointError(f"cannot load checkpoint {path}: {message}") from exc
         if loaded is None or client is None or "step" not in client:
-            raise ValueError(f"{path} is not a complete sonarllm checkpoint")
+            raise CheckpointError(f"{path} is not a complete sonarllm checkpoint")
         if "rng" in client:
             set_rng_state(client["rng"])
         return client
+
+
+def nonfinite_parameters(module: torch.nn.Module) -> list[str]:
+    """Names of the parameters holding NaN or inf on this rank (its partition under ZeRO-3)."""
+    return [name for name, p in module.named_parameters()
+            if not torch.isfinite(getattr(p, "ds_tensor", p)).all()]  # fmt: skip
 
 
 def export_model(engine, directory: str | os.PathLike, spec, *, rank: int) -> None:

@@ -21,6 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+OVERRIDES = "model.overrides"
 EXAMPLE_CORPUS = str(Path(__file__).resolve().parent / "example" / "stories.jsonl.gz")
 
 
@@ -64,7 +65,8 @@ class ModelConfig:
     preset: str = "toy"
     """A SonarLLMConfig preset: toy, 39M, 100M, 300M, 600M, 900M, 1.3B."""
     overrides: dict = field(default_factory=dict)
-    """SonarLLMConfig fields to change, e.g. {"num_layers": 4}."""
+    """SonarLLMConfig fields to change, e.g. {"num_layers": 4}; on the command line either
+    ``--model.overrides '{"num_layers": 4}'`` or one field at a time, ``--model.overrides.num_layers 4``."""
     objective: str = "sonar"
     """"sonar" (token cross-entropy through the frozen decoder) or "mse" (the LCM baseline)."""
     kernel_impl: str = "auto"
@@ -125,6 +127,15 @@ class TrainConfig:
 
 
 def _set(cfg: TrainConfig, key: str, value, *, from_text: bool) -> None:
+    if key.startswith(OVERRIDES + "."):  # one field of model.overrides: --model.overrides.sonar_dim 32
+        field_name = key[len(OVERRIDES) + 1 :]
+        if from_text:
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass  # a bare string
+        cfg.model.overrides = {**cfg.model.overrides, field_name: value}
+        return
     section_name, _, name = key.partition(".")
     section = getattr(cfg, section_name, None) if section_name in {f.name for f in fields(TrainConfig)} else None
     if section is None or not name or name not in {f.name for f in fields(section)}:
@@ -163,7 +174,8 @@ def _kind(kind: type) -> str:
 
 def known_keys() -> list[str]:
     cfg = TrainConfig()
-    return [f"{s.name}.{f.name}" for s in fields(cfg) for f in fields(getattr(cfg, s.name))]
+    keys = [f"{s.name}.{f.name}" for s in fields(cfg) for f in fields(getattr(cfg, s.name))]
+    return keys + [OVERRIDES + ".<field>"]
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, str] | None = None) -> TrainConfig:
@@ -199,6 +211,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.run.resume in ("auto", "never") or os.path.exists(cfg.run.resume), "run.resume",
          "must be 'auto', 'never' or an existing checkpoint directory")  # fmt: skip
     need(bool(cfg.run.output_dir), "run.output_dir", "must not be empty")
+    need(not os.path.exists(cfg.run.output_dir) or os.path.isdir(cfg.run.output_dir), "run.output_dir",
+         "must be a directory (or a path to create), but it is a file")  # fmt: skip
     need(cfg.run.stop_after >= 0, "run.stop_after", "must be >= 0")
     need(cfg.data.max_sentences >= 1, "data.max_sentences", "must be >= 1")
     need(not cfg.data.source or os.path.exists(cfg.data.source), "data.source", "must be an existing file or directory")

@@ -14,7 +14,10 @@ seeded random toy SONAR encoder/decoder; ``--sonar basic`` uses the released SON
 
 Re-running resumes: shards already written are verified against their SHA-256 and kept; a
 missing or corrupted shard (reported by name) is rebuilt. Changing an option that alters the
-data of an existing directory is refused.
+data of an existing directory is refused before anything is written (a toy SONAR that must be
+rebuilt is built in a scratch directory and installed only once the options check passed).
+Sentence splitting reads only what ``--max-sentences`` needs of each document (sonarllm/text.py),
+so preparation time is linear in the corpus size, and a progress bar counts the documents.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import json
 import logging
 import os
 import shlex
+import shutil
+import tempfile
 
 import torch
 
@@ -98,10 +103,12 @@ def _source_digest(source: Path) -> str:
     return h.hexdigest()
 
 
-def load_documents(source: Path, max_sentences: int, max_docs: int | None) -> list[list[str]]:
+def load_documents(source: Path, max_sentences: int, max_docs: int | None, *, progress: bool = False) -> list[list[str]]:
     """Sentence lists (with the end sentence) of every document with at least two items."""
+    from tqdm.auto import tqdm
+
     docs = []
-    for text in read_documents(source):
+    for text in tqdm(read_documents(source), desc="split", unit="doc", disable=not progress, dynamic_ncols=True):
         sentences = document_sentences(text, max_sentences=max_sentences)
         if len(sentences) >= 2:
             docs.append(sentences)
@@ -112,15 +119,34 @@ def load_documents(source: Path, max_sentences: int, max_docs: int | None) -> li
     return docs
 
 
-def _build_toy_sonar(args, folder: Path, train_docs: list[list[str]], source_digest: str) -> None:
-    """Build (and train) the toy SONAR in ``folder`` unless ``toy.json`` says it was built
-    with these options; toy.json is written last, so an interrupted build is redone."""
-    marker = folder / "toy.json"
-    wanted = {"vocab_size": args.toy_vocab_size, "seed": args.toy_seed, "train_steps": args.toy_train_steps,
-              "lang": args.lang, "source_sha256": source_digest}  # fmt: skip
-    if marker.is_file() and json.loads(marker.read_text()) == wanted:
-        return
-    marker.unlink(missing_ok=True)
+TOY_FILES = ("toy_spm.model", "toy_encoder.pt", "toy_decoder.pt")
+TOY_MARKER = "toy.json"
+TOY_FLAGS = {"vocab_size": "--toy-vocab-size", "seed": "--toy-seed", "train_steps": "--toy-train-steps",
+             "lang": "--lang", "source_sha256": "a corpus of SHA-256"}  # fmt: skip
+
+
+def _toy_options(args, source_digest: str) -> dict:
+    """What a toy SONAR is built from (recorded in its ``toy.json``)."""
+    return {"vocab_size": args.toy_vocab_size, "seed": args.toy_seed, "train_steps": args.toy_train_steps,
+            "lang": args.lang, "source_sha256": source_digest}  # fmt: skip
+
+
+def _read_toy_marker(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / TOY_MARKER).read_text())
+    except (OSError, ValueError):
+        return None  # absent or half-written
+
+
+def _build_toy_sonar(args, folder: Path, scratch: Path, train_docs: list[list[str]], source_digest: str) -> Path:
+    """Where the toy SONAR of these options is: ``folder`` if its ``toy.json`` says it was built
+    with them, else ``scratch``, where it is built (and trained) now; ``_install_toy_sonar``
+    moves it into place once the options check has passed."""
+    wanted = _toy_options(args, source_digest)
+    if _read_toy_marker(folder) == wanted and all((folder / f).is_file() for f in TOY_FILES):
+        return folder
+    folder = scratch
+    marker = folder / TOY_MARKER
     sentences = [s for doc in train_docs for s in doc]
     spm_path = train_toy_tokenizer(sentences[:200_000], folder / "toy_spm.model", vocab_size=args.toy_vocab_size)
     tokenizer = SonarTokenizer(spm_path)
@@ -130,20 +156,36 @@ def _build_toy_sonar(args, folder: Path, train_docs: list[list[str]], source_dig
                                  lang=args.lang, progress=not args.quiet)  # fmt: skip
         log.info("toy SONAR trained as an autoencoder: loss %.3f -> %.4f", losses[0], losses[-1])
     write_json_atomic(marker, wanted)
+    return folder
 
 
-def resolve_sonar(args, out: Path, train_docs: list[list[str]], source_digest: str) -> SonarSpec:
-    """The SONAR to use, building the toy one (deterministically) when asked."""
+def _install_toy_sonar(built: Path, folder: Path) -> None:
+    """Copy a toy SONAR built in scratch space into ``folder``, each file atomically and the
+    marker last (an interrupted install is rebuilt by the next run)."""
+    if built == folder:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / TOY_MARKER).unlink(missing_ok=True)
+    for name in TOY_FILES + (TOY_MARKER,):
+        tmp = folder / (name + ".tmp")
+        shutil.copyfile(built / name, tmp)
+        os.replace(tmp, folder / name)
+
+
+def resolve_sonar(args, out: Path, scratch: Path, train_docs: list[list[str]], source_digest: str) -> tuple[SonarSpec, SonarSpec]:
+    """The SONAR to use: (where its files are now, what ``sonar.json`` in ``out`` will say).
+    A toy SONAR that is not built yet is built (deterministically) in ``scratch``; nothing is
+    written to ``out``."""
     if args.sonar == "toy":
-        _build_toy_sonar(args, out / "sonar", train_docs, source_digest)
-        spec = SonarSpec("sonar/toy_spm.model", "sonar/toy_encoder.pt", "sonar/toy_decoder.pt", args.lang)
-    elif args.sonar == "basic":
+        built = _build_toy_sonar(args, out / "sonar", scratch, train_docs, source_digest)
+        now = SonarSpec(*(str((built / f).resolve()) for f in TOY_FILES), args.lang)
+        return now, SonarSpec(*(f"sonar/{f}" for f in TOY_FILES), args.lang)
+    if args.sonar == "basic":
         spec = SonarSpec(BASIC_SONAR.tokenizer, BASIC_SONAR.encoder, BASIC_SONAR.decoder, args.lang)
     else:
         spec = SonarSpec.load(args.sonar)
         spec = dataclasses.replace(spec, lang=args.lang)  # its encoder/decoder configs kept
-    spec.save(out / "sonar.json")
-    return SonarSpec.load(out / "sonar.json")
+    return spec, spec
 
 
 def decoder_positions(spec: SonarSpec) -> int:
@@ -186,27 +228,42 @@ def _encode_shard(pipe: SonarPipeline, docs: list[list[str]], lang: str, max_tar
 def prepare(args: argparse.Namespace) -> dict:
     """Run (or resume) preparation; returns the manifest."""
     source, out = Path(args.source), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    docs = load_documents(source, args.max_sentences, args.max_docs)
-    n_eval = min(args.eval_documents, len(docs) // 2)
-    train_docs, eval_docs = docs[: len(docs) - n_eval], docs[len(docs) - n_eval :]
-    digest = _source_digest(source)
-    spec = resolve_sonar(args, out, train_docs, digest)
-    max_target = min(args.max_target_tokens, decoder_positions(spec))  # decoder inputs must fit
-    options = {
-        "source": str(source.resolve()), "source_sha256": digest, "lang": args.lang,
-        "max_sentences": args.max_sentences, "max_target_tokens": max_target,
-        "eval_documents": n_eval, "shard_documents": args.shard_documents, "max_docs": args.max_docs,
-        "embedding_dtype": args.embedding_dtype, "eos_sentence": EOS_SENTENCE, "sonar": _identity(spec),
-    }  # fmt: skip
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"--out {out} is a file, not a directory")
     manifest_path = out / MANIFEST
     manifest = read_manifest(out) if manifest_path.exists() else None
-    if manifest is not None and manifest["options"] != options:
-        changed = sorted(k for k in options if manifest["options"].get(k) != options[k])
-        raise ShardError(
-            f"{out} was prepared with different options ({', '.join(changed)}); use a new --out directory "
-            f"or delete {manifest_path}"
-        )
+    docs = load_documents(source, args.max_sentences, args.max_docs, progress=not args.quiet)
+    n_eval = min(args.eval_documents, len(docs) // 2)
+    if n_eval < args.eval_documents:
+        log.warning("--eval-documents %d capped to %d: the corpus has %d usable document(s) and at least half are "
+                    "kept for training", args.eval_documents, n_eval, len(docs))  # fmt: skip
+    train_docs, eval_docs = docs[: len(docs) - n_eval], docs[len(docs) - n_eval :]
+    digest = _source_digest(source)
+    marker, wanted = _read_toy_marker(out / "sonar"), _toy_options(args, digest)
+    if manifest is not None and args.sonar == "toy" and marker is not None and marker != wanted:
+        built = ", ".join(f"{TOY_FLAGS.get(k, k)} {v}" for k, v in marker.items() if wanted.get(k) != v)
+        raise ShardError(f"{out} was prepared with different options (sonar); its toy SONAR was built with {built}; "
+                         f"use a new --out directory or delete {manifest_path}")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="sonarllm-toy-") as scratch:
+        spec, saved_spec = resolve_sonar(args, out, Path(scratch), train_docs, digest)
+        max_target = min(args.max_target_tokens, decoder_positions(spec))  # decoder inputs must fit
+        options = {
+            "source": str(source.resolve()), "source_sha256": digest, "lang": args.lang,
+            "max_sentences": args.max_sentences, "max_target_tokens": max_target,
+            "eval_documents": n_eval, "shard_documents": args.shard_documents, "max_docs": args.max_docs,
+            "embedding_dtype": args.embedding_dtype, "eos_sentence": EOS_SENTENCE, "sonar": _identity(spec),
+        }  # fmt: skip
+        if manifest is not None and manifest["options"] != options:
+            changed = sorted(k for k in options if manifest["options"].get(k) != options[k])
+            raise ShardError(
+                f"{out} was prepared with different options ({', '.join(changed)}); use a new --out directory "
+                f"or delete {manifest_path}"
+            )
+        out.mkdir(parents=True, exist_ok=True)  # the first write
+        if args.sonar == "toy":
+            _install_toy_sonar(Path(spec.tokenizer).parent, out / "sonar")
+        saved_spec.save(out / "sonar.json")
+    spec = SonarSpec.load(out / "sonar.json")
     done = {s["name"]: s for s in manifest["shards"]} if manifest else {}
     plan = []
     for split, split_docs in (("train", train_docs), ("eval", eval_docs)):

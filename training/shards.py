@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,12 +89,24 @@ def write_shard(path: Path, embeddings: torch.Tensor, sentence_offsets, tokens, 
     return digest
 
 
+def rebuild_command(manifest: dict, directory: str | os.PathLike) -> str:
+    """The preparation command recorded in the manifest, with ``--out`` naming ``directory``
+    (where the data is now, which need not be where it was prepared)."""
+    command = manifest.get("command")
+    if not command:
+        return f"training/prepare_data.py --out {shlex.quote(str(directory))} with the options in {MANIFEST}"
+    words = shlex.split(command)
+    if "--out" in words[:-1]:
+        words[words.index("--out") + 1] = str(directory)
+    return shlex.join(words)
+
+
 def verify_shards(directory: str | os.PathLike, manifest: dict | None = None) -> None:
     """Check every shard's presence and SHA-256 against the manifest; the error names the shard
     and gives the command that rebuilds it."""
     directory = Path(directory)
     manifest = manifest or read_manifest(directory)
-    rebuild = manifest.get("command") or "training/prepare_data.py with the options in manifest.json"
+    rebuild = rebuild_command(manifest, directory)
     for entry in manifest["shards"]:
         path = directory / entry["name"]
         if not path.is_file():

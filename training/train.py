@@ -12,6 +12,11 @@ On CPU it uses gloo, on CUDA NCCL. Each micro-batch's loss is its token sum divi
 number of label tokens of the whole optimizer step over all ranks, so gradient accumulation and
 data parallelism average exactly like one big batch. SIGINT/SIGTERM stop at the next step with
 a checkpoint.
+
+A run holds an exclusive lock on its output directory (training/runlock.py). Resuming verifies
+the checkpoint's files and that it belongs to the same run (training/identity.py); a training
+loss or parameters that become NaN/inf stop the run without writing a checkpoint from that
+state. Every error ends in one line (exit status 2 for a bad configuration, 1 otherwise).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ if __package__ in (None, ""):  # run as a script: import this repository's packa
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import json
+import math
 import os
 import signal
 import socket
@@ -32,8 +38,21 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from training.config import EXAMPLE_CORPUS, ConfigError, TrainConfig, load_config, parse_cli
+from training.checkpoint import CheckpointError
+from training.config import (
+    EXAMPLE_CORPUS,
+    ConfigError,
+    DataConfig,
+    TrainConfig,
+    load_config,
+    parse_cli,
+)
+from training.runlock import RunLockedError
 from training.shards import ShardError
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss or parameters); the message says why."""
 
 
 def _free_port() -> int:
@@ -62,6 +81,7 @@ class Trainer:
         from training.checkpoint import Checkpointer
         from training.data import StepSchedule
         from training.engine import build_engine
+        from training.identity import run_identity
         from training.metrics import MetricsLog
         from training.shards import ShardedDocuments
 
@@ -97,6 +117,9 @@ class Trainer:
                     f"model.preset {cfg.model.preset!r} works in {mcfg.sonar_dim}-d SONAR space but {what} "
                     f"is {width}-d; set model.overrides.sonar_dim or use the matching data.sonar"
                 )
+        self.identity = run_identity(cfg, self.train_docs.manifest["options"], mcfg.to_dict(), self.world)
+        self.ckpt = Checkpointer(self.run_dir, cfg.loop.keep_checkpoints, rank=self.rank, world=self.world)
+        self.resume_from = self._checkpoint_to_resume()  # before the costly part: a refusal comes quickly
         torch.manual_seed(cfg.run.seed)
         model = SonarLLM(mcfg)
         model.gradient_checkpointing = cfg.model.gradient_checkpointing
@@ -108,7 +131,6 @@ class Trainer:
         self.schedule = StepSchedule(self.train_docs, micro=cfg.loop.micro_batch_documents, accum=cfg.loop.grad_accum_steps,
                                      world=self.world, seed=cfg.run.seed, duplicate_eos=cfg.data.duplicate_eos)  # fmt: skip
         self.metrics = MetricsLog(self.run_dir, enabled=self.rank == 0)
-        self.ckpt = Checkpointer(self.run_dir, cfg.loop.keep_checkpoints, rank=self.rank)
         self.stop_requested = False
 
     # --- set-up -------------------------------------------------------------------------------
@@ -121,7 +143,7 @@ class Trainer:
         from sonarllm.sonar.download import ASSETS, fetch
         from sonarllm.sonar.pipeline import SonarSpec
         from training import prepare_data
-        from training.shards import MANIFEST, verify_shards
+        from training.shards import MANIFEST, rebuild_command, verify_shards
 
         wait = dist.new_group(backend="gloo", timeout=timedelta(days=7))
         prepared = Path(self.cfg.data.prepared_dir)
@@ -130,6 +152,15 @@ class Trainer:
         complete = existing.get("complete", False)
         if complete:
             self._check_prepared_matches(existing["options"])
+        elif not self.cfg.data.source and os.path.normpath(prepared) != os.path.normpath(DataConfig.prepared_dir):
+            # only the default directory is prepared from the embedded example: a mistyped path
+            # must not silently train on it
+            state = (f"an unfinished preparation (finish it with: {rebuild_command(existing, prepared)})" if existing
+                     else f"no prepared data ({MANIFEST} missing)")  # fmt: skip
+            raise ConfigError(
+                f"data.prepared_dir {prepared} holds {state} and data.source is empty; set data.source to the "
+                f"corpus to prepare there, or check the path"
+            )
         if not complete and self.rank == 0:
             d = self.cfg.data
             args = prepare_data.parse_args([
@@ -137,7 +168,10 @@ class Trainer:
                 "--max-sentences", str(d.max_sentences), "--eval-documents", str(d.eval_documents),
                 "--device", self.device.type,
             ] + ([] if self.cfg.system.progress else ["--quiet"]))  # fmt: skip
-            prepare_data.prepare(args)
+            try:
+                prepare_data.prepare(args)
+            except (ValueError, OSError) as exc:
+                raise ShardError(f"cannot prepare data.prepared_dir {prepared}: {exc}") from exc
         dist.barrier(group=wait)
         if self.local_rank == 0:
             spec = SonarSpec.load(prepared / "sonar.json")
@@ -159,17 +193,55 @@ class Trainer:
                 f"not data.source {source}; choose another data.prepared_dir"
             )
 
+    def _checkpoint_to_resume(self) -> Path | None:
+        """The checkpoint run.resume asks for, verified and of this run (None: start fresh).
+        With "auto", the newest one that verifies; those newer that do not are named and moved
+        aside once a good one is found (if none verifies, nothing is moved and the run stops)."""
+        from training.identity import compare
+
+        choice = self.cfg.run.resume
+        if choice == "never":
+            if self.ckpt.latest() is not None:
+                raise ConfigError(
+                    f"run.resume is 'never' but {self.run_dir} already holds checkpoints; choose another "
+                    "run.output_dir or resume with run.resume auto"
+                )
+            return None
+        if choice == "auto":
+            path, manifest, rejected = self.ckpt.newest_verified()
+            if path is None and rejected:
+                reasons = "; ".join(f"{p.name}: {why}" for p, why in rejected)
+                raise CheckpointError(
+                    f"no checkpoint in {self.ckpt.root} verifies ({reasons}); to start fresh, move them away "
+                    "or choose another run.output_dir"
+                )
+        else:
+            path, rejected = Path(choice), []
+            manifest, why = self.ckpt.verify(path)
+            if why is not None:
+                raise CheckpointError(f"run.resume {path} cannot be used: {why}")
+        if path is None:
+            return None
+        refused, allowed = compare(manifest.get("run") or {}, self.identity)
+        if refused:
+            raise ConfigError(
+                f"cannot resume from {path}: this run differs from it in {'; '.join(refused)}; resume with the "
+                "checkpoint's settings, or start fresh with another run.output_dir"
+            )
+        if allowed and self.rank == 0:
+            print(f"train.py: note: resuming {path.name} with {'; '.join(allowed)}", file=sys.stderr, flush=True)
+        for bad, why in rejected:
+            moved = self.ckpt.reject(bad)
+            if self.rank == 0:
+                print(f"train.py: warning: checkpoint {bad.name} is unusable ({why}); moved it to {moved}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+        return path
+
     def resume(self) -> int:
         """The step to start from (0, or the step after the checkpoint loaded)."""
         from training.checkpoint import Checkpointer
 
-        choice = self.cfg.run.resume
-        path = self.ckpt.latest() if choice == "auto" else None if choice == "never" else Path(choice)
-        if choice == "never" and self.ckpt.latest() is not None:
-            raise ConfigError(
-                f"run.resume is 'never' but {self.run_dir} already holds checkpoints; choose another "
-                "run.output_dir or resume with run.resume auto"
-            )
+        path = self.resume_from
         if path is None:
             self.metrics.truncate_after(0)  # records of an earlier attempt that never checkpointed
             return 0
@@ -242,9 +314,23 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------------
 
     def _save(self, step: int) -> None:
-        from training.checkpoint import rng_state
+        """Checkpoint the state after ``step``, unless it is not finite (it would replace good
+        checkpoints with a useless one)."""
+        from training.checkpoint import nonfinite_parameters, rng_state
 
-        self.ckpt.save(self.engine, step, {"rng": rng_state()})
+        bad = nonfinite_parameters(self.engine.module)
+        flag = torch.tensor([float(len(bad))], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            raise TrainingError(
+                f"the model's parameters became NaN or inf by step {step} ({bad[0] if bad else 'on another process'}); "
+                f"stopped without writing a checkpoint from this state, {self._kept()}"
+            )
+        self.ckpt.save(self.engine, step, {"rng": rng_state()}, self.identity)
+
+    def _kept(self) -> str:
+        latest = self.ckpt.latest()
+        return f"the last checkpoint is {latest}" if latest else "no checkpoint was written"
 
     def _should_stop(self) -> bool:
         flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
@@ -296,6 +382,11 @@ class Trainer:
             lr = self.engine.get_lr()[0]
             out = self.train_step(step) | {"lr": lr}
             step += 1
+            if not math.isfinite(out["loss"]):
+                raise TrainingError(
+                    f"the training loss became {out['loss']} at step {step}; stopped without writing a checkpoint "
+                    f"from this state, {self._kept()}"
+                )
             if step == start + 1:
                 self._log_first_step(step)
             dt = time.perf_counter() - tic
@@ -350,8 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         path, overrides = parse_cli(argv)
         cfg = load_config(path, overrides)
     except ConfigError as exc:
-        print(f"train.py: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc, 2)
     use_cuda = cfg.system.device == "cuda" or (cfg.system.device == "auto" and torch.cuda.is_available())
     if cfg.system.device == "cuda" and not torch.cuda.is_available():
         print("train.py: error: system.device is 'cuda' but no CUDA device is available", file=sys.stderr)
@@ -371,25 +461,60 @@ def main(argv: list[str] | None = None) -> int:
         # slow every process down by an order of magnitude.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    from training.checkpoint import describe_io_error
+    from training.runlock import RunLock
+
+    lock = RunLock(cfg.run.output_dir)
     try:
         from training.engine import check_precision
 
         check_precision(cfg.system.precision)
+        _lock_run(cfg, lock)
         if dist.get_rank() == 0:
-            Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
             tmp = Path(cfg.run.output_dir) / "config.json.tmp"
             tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
             os.replace(tmp, Path(cfg.run.output_dir) / "config.json")
         return Trainer(cfg, device).run()
     except ConfigError as exc:
-        print(f"train.py: error: {exc}", file=sys.stderr)
-        return 2
-    except ShardError as exc:
-        print(f"train.py: error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(exc, 2)
+    except (ShardError, CheckpointError, RunLockedError, TrainingError) as exc:
+        return _fail(exc, 1)
+    except OSError as exc:
+        return _fail(describe_io_error(exc, Path(cfg.run.output_dir)), 1)
     finally:
+        lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _fail(error, code: int) -> int:
+    """Report an error in one line (once, by global rank 0, when every rank fails alike)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"train.py: error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+    return code
+
+
+def _lock_run(cfg: TrainConfig, lock) -> None:
+    """Global rank 0 creates the output directory and locks it; every rank raises if it cannot."""
+    from training.checkpoint import broadcast_object, describe_io_error
+    from training.runlock import describe_holder
+
+    out = Path(cfg.run.output_dir)
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            stale = lock.acquire()
+            if stale:
+                print(f"train.py: note: {out} was locked by a run that ended without releasing it "
+                      f"({describe_holder(stale)}); taking it over", file=sys.stderr, flush=True)  # fmt: skip
+        except RunLockedError as exc:
+            error = str(exc)
+        except OSError as exc:
+            error = f"cannot use run.output_dir {out}: {describe_io_error(exc, out)}"
+    error = broadcast_object(error)
+    if error:
+        raise RunLockedError(error)
 
 
 if __name__ == "__main__":

@@ -108,3 +108,25 @@ def test_shipped_run_configs_are_valid():
     for path in files:  # the corpus of a real-data config is the user's to supply
         cfg = load_config(path, {"data.source": EXAMPLE_CORPUS})
         assert "auto" not in json.dumps(build_ds_config(cfg, world_size=8)), path
+
+
+def test_model_overrides_one_field_at_a_time_from_the_command_line():
+    """The error about a SONAR width mismatch tells users to set model.overrides.sonar_dim."""
+    _, overrides = parse_cli(["--model.overrides.sonar_dim", "32", "--model.overrides.num_layers=3"])
+    cfg = load_config(None, overrides)
+    assert cfg.model.overrides == {"sonar_dim": 32, "num_layers": 3}
+    path_cfg = load_config(None, {"model.overrides": '{"num_heads": 2}', "model.overrides.num_layers": "1"})
+    assert path_cfg.model.overrides == {"num_heads": 2, "num_layers": 1}
+    with pytest.raises(ConfigError, match="model.overrides .* are invalid: .*sonar_dimm"):
+        load_config(None, {"model.overrides.sonar_dimm": "32"})
+
+
+def test_an_output_dir_that_is_a_file_is_a_configuration_error(tmp_path, capsys):
+    from training.train import main
+
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(ConfigError, match="run.output_dir must be a directory .* but it is a file"):
+        load_config(None, {"run.output_dir": str(tmp_path / "taken")})
+    assert main(["--run.output_dir", str(tmp_path / "taken")]) == 2  # before any process group starts
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run.output_dir must be a directory" in err and str(tmp_path / "taken") in err

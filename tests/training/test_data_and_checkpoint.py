@@ -1,12 +1,21 @@
-"""The step schedule (which documents go where), collation, and the atomic checkpoint protocol."""
+"""The step schedule (which documents go where), collation, the atomic checkpoint protocol with
+its verification and fallback, the run identity, and the run-directory lock."""
 
+import errno
+import json
+import os
 from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from training.checkpoint import Checkpointer
+from training import checkpoint
+from training.checkpoint import Checkpointer, CheckpointError, nonfinite_parameters
 from training.data import StepSchedule, collate
+from training.identity import compare
+from training.runlock import RunLock, RunLockedError
 from training.shards import ShardedDocuments
 
 
@@ -52,18 +61,20 @@ def test_too_few_documents_for_one_step_is_an_error(prepared):
 
 
 class _FakeEngine:
-    """Writes DeepSpeed-like files; can die half-way through a save."""
+    """Writes DeepSpeed-like files; can die half-way through a save, or fail like a full disk."""
 
-    def __init__(self, die=False):
-        self.die = die
+    def __init__(self, die=False, fail=None):
+        self.die, self.fail = die, fail
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         assert save_latest is False
-        d = __import__("pathlib").Path(save_dir) / tag
+        d = Path(save_dir) / tag
         d.mkdir(parents=True)
         (d / "mp_rank_00_model_states.pt").write_text(str(client_state["step"]))
         if self.die:
             raise KeyboardInterrupt("killed during the save")
+        if self.fail is not None:
+            raise self.fail
         (d / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_text("optim")
 
 
@@ -94,3 +105,99 @@ def test_resaving_a_step_keeps_the_published_checkpoint_and_rotation_follows_tim
     assert names == ["step-00000005-r1", "step-00000009"]
     (tmp_path / "checkpoints" / "latest").write_text("step-00000099\n")  # dangling pointer
     assert ckpt.latest() == again  # the newest published checkpoint
+
+
+def test_resume_takes_the_newest_checkpoint_that_verifies_and_names_the_others(tmp_path):
+    """Corrupted bytes, a truncated optimizer file, an empty model-states file and a checkpoint
+    without checkpoint.json are each rejected with the reason; the intact one is chosen."""
+    ckpt = Checkpointer(tmp_path, keep=5)
+    saved = [ckpt.save(_FakeEngine(), step, {}, {"model.objective": "sonar"}) for step in (1, 2, 3, 4, 5)]
+    (saved[4] / "mp_rank_00_model_states.pt").write_bytes(b"\xff")
+    optim = saved[3] / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    optim.write_bytes(optim.read_bytes()[:2])
+    (saved[2] / "mp_rank_00_model_states.pt").write_bytes(b"")
+    published = saved[1].stat().st_mtime_ns
+    (saved[1] / "checkpoint.json").unlink()
+    os.utime(saved[1], ns=(published, published))  # as a checkpoint of an older sonarllm
+    path, manifest, rejected = ckpt.newest_verified()
+    assert path == saved[0] and manifest["step"] == 1 and manifest["run"] == {"model.objective": "sonar"}
+    reasons = {p.name: why for p, why in rejected}
+    assert reasons == {
+        "step-00000005": "mp_rank_00_model_states.pt failed its checksum",
+        "step-00000004": "zero_pp_rank_0_mp_rank_00_optim_states.pt is truncated (2 bytes, 5 written)",
+        "step-00000003": "mp_rank_00_model_states.pt is empty (0 bytes, 1 written)",
+        "step-00000002": "it has no checkpoint.json (incomplete, or written by an older sonarllm)",
+    }
+    moved = ckpt.reject(saved[4])
+    assert moved == tmp_path / "checkpoints" / "rejected" / "step-00000005" and moved.is_dir()
+    assert ckpt.candidates()[0] == saved[3]  # the rejected one is out of the way, not deleted
+    for p in saved[1:4]:
+        ckpt.reject(p)
+    assert ckpt.newest_verified() == (saved[0], manifest, [])
+
+
+def test_a_full_disk_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    ckpt = Checkpointer(tmp_path, keep=2)
+    first = ckpt.save(_FakeEngine(), 1, {})
+    full = _FakeEngine(fail=OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    with pytest.raises(CheckpointError, match="cannot write checkpoint step-00000002 .*: out of space .*; "
+                                              "the previous checkpoint step-00000001 is intact"):  # fmt: skip
+        ckpt.save(full, 2, {})
+    # torch.save reports a full disk without an errno; the free space tells
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda _: SimpleNamespace(free=512))
+    with pytest.raises(CheckpointError, match=r"out of space on the filesystem of .*\(512 bytes free\)"):
+        ckpt.save(_FakeEngine(fail=RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 3904 vs 3796")), 2, {})
+    assert ckpt.latest() == first and ckpt.newest_verified()[0] == first
+    assert not (tmp_path / "checkpoints" / ".staging").exists()  # the partial files are gone
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="RuntimeError: something else"):
+        ckpt.save(_FakeEngine(fail=RuntimeError("something else")), 2, {})
+
+
+def test_nonfinite_parameters_are_named():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    assert nonfinite_parameters(model) == []
+    with torch.no_grad():
+        model[1].bias[0] = float("nan")
+    assert nonfinite_parameters(model) == ["1.bias"]
+    partitioned = torch.nn.Linear(2, 2)  # under ZeRO-3 the local partition is param.ds_tensor
+    partitioned.weight.ds_tensor = torch.tensor([float("inf")])
+    assert nonfinite_parameters(partitioned) == ["weight"]
+
+
+def _identity(**changes):
+    base = {"data": {"source_sha256": "a", "sonar": {"decoder": "d1"}}, "model": {"num_layers": 2},
+            "model.objective": "sonar", "data.duplicate_eos": True, "run.seed": 0, "global batch": 8,
+            "system.zero_stage": 2, "system.precision": "fp32", "processes": 1}  # fmt: skip
+    return base | changes
+
+
+def test_resume_compares_what_defines_the_run():
+    assert compare(_identity(), _identity()) == ([], [])
+    refused, _ = compare(_identity(), _identity(data={"source_sha256": "a", "sonar": {"decoder": "d2"}},
+                                                  model={"num_layers": 3}, **{"model.objective": "mse"}))  # fmt: skip
+    assert refused == ["the prepared data (sonar differ)", "the model (num_layers 2 -> 3)", "model.objective 'sonar' -> 'mse'"]
+    refused, _ = compare(_identity(), _identity(processes=2, **{"global batch": 16}))
+    assert refused[0].startswith("the global batch") and refused[1].startswith("the number of processes 1 -> 2 (DeepSpeed")
+    # ZeRO stage 0 in fp32 keeps the whole optimizer state in every process: resumable
+    zero0 = {"system.zero_stage": 0}
+    refused, allowed = compare(_identity(**zero0), _identity(processes=2, **zero0))
+    assert refused == [] and allowed[0].startswith("the number of processes 1 -> 2 (ZeRO stage 0")
+    refused, _ = compare(_identity(**zero0), _identity(processes=2, **zero0, **{"system.precision": "bf16"}))
+    assert any("processes" in r for r in refused) and any("system.precision" in r for r in refused)
+
+
+def test_one_run_per_directory_and_a_stale_lock_is_taken_over(tmp_path):
+    first = RunLock(tmp_path)
+    assert first.acquire() is None
+    holder = json.loads((tmp_path / "run.lock").read_text())
+    assert holder["pid"] == os.getpid() and holder["host"]
+    with pytest.raises(RunLockedError, match=f"in use by another training run \\(pid {os.getpid()} on host"):
+        RunLock(tmp_path).acquire()
+    first.release()
+    again = RunLock(tmp_path)
+    assert again.acquire() is None  # released cleanly: nothing stale
+    again._fd and os.close(again._fd)  # the process "dies": the kernel drops the lock, the record stays
+    again._fd = None
+    stale = RunLock(tmp_path).acquire()
+    assert stale is not None and stale["pid"] == os.getpid()

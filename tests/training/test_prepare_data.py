@@ -1,5 +1,6 @@
 """Data preparation: shards, manifest, resume, checksum failures, and the shard reader."""
 
+import gzip
 import json
 
 import pytest
@@ -9,6 +10,7 @@ from sonarllm.sonar.pipeline import SonarPipeline, SonarSpec
 from sonarllm.text import EOS_SENTENCE
 from tests.training.conftest import tiny_corpus
 from training import prepare_data
+from training.config import EXAMPLE_CORPUS
 from training.shards import ShardedDocuments, ShardError, sha256_file
 
 
@@ -117,3 +119,68 @@ def test_target_sentences_are_cut_to_the_decoder_positions(tmp_path):
     assert manifest["options"]["max_target_tokens"] == 128  # the toy decoder's positions, not 256
     doc = ShardedDocuments(out, "train")[0]
     assert max(len(t) for t in doc.tokens) == 128 and doc.tokens[0][-1] == 3  # cut, </s> kept
+
+
+def _snapshot(directory):
+    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, sha256_file(p)) for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_rerun_writes_nothing(tmp_path):
+    corpus = tiny_corpus(tmp_path / "c.jsonl", 12)
+    out = tmp_path / "data"
+    prepare_data.prepare(_args(corpus, out))
+    before = _snapshot(out)
+    for change in (["--sonar", "basic"], ["--toy-vocab-size", "150"], ["--max-sentences", "4"]):
+        with pytest.raises(ShardError, match="prepared with different options"):
+            prepare_data.prepare(_args(corpus, out, *change))
+        assert _snapshot(out) == before, change
+    assert prepare_data.main([*map(str, ["--source", corpus, "--out", out, "--sonar", "basic", "--quiet"])]) == 1
+    assert _snapshot(out) == before
+
+
+def test_eval_documents_capped_by_the_corpus_are_reported(tmp_path, caplog):
+    corpus = tiny_corpus(tmp_path / "c.jsonl", 12)
+    caplog.set_level("WARNING", logger="sonarllm.prepare")
+    manifest = prepare_data.prepare(_args(corpus, tmp_path / "data", "--eval-documents", "100"))
+    assert manifest["totals"]["eval"]["documents"] == 6
+    assert "--eval-documents 100 capped to 6: the corpus has 12 usable document(s)" in caplog.text
+
+
+def test_the_rebuild_hint_names_the_directory_in_use(tmp_path):
+    corpus = tiny_corpus(tmp_path / "c.jsonl", 12)
+    prepare_data.prepare(_args(corpus, tmp_path / "data"))
+    moved = tmp_path / "moved here"
+    (tmp_path / "data").rename(moved)
+    (moved / "train-00001.safetensors").unlink()
+    with pytest.raises(ShardError, match="rebuild it with: sonarllm prepare .*--out '.*moved here'") as info:
+        ShardedDocuments(moved, "train")
+    assert str(tmp_path / "data") + " " not in str(info.value)
+
+
+@pytest.mark.parametrize("name,content,cause", [
+    ("latin1.txt", "caf\xe9 au lait. Second sentence.\n".encode("latin-1"), "is not UTF-8 text (invalid byte 0xe9)"),
+    ("plain.jsonl.gz", b'{"text": "Not compressed. At all."}\n', "is not a valid gzip file"),
+    ("cut.jsonl.gz", gzip.compress(b'{"text": "A story. It ends."}\n' * 50)[:40], "is a truncated gzip file"),
+])  # fmt: skip
+def test_undecodable_input_is_named(tmp_path, capsys, name, content, cause):
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    assert prepare_data.main(["--source", str(bad), "--out", str(tmp_path / "o"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bad} {cause}" in err
+    assert not (tmp_path / "o").exists()  # nothing written
+    folder = tmp_path / "folder"  # a directory of .txt files names the file too
+    folder.mkdir()
+    (folder / "bad.txt").write_bytes("caf\xe9.".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{folder / 'bad.txt'} is not UTF-8"):
+        prepare_data.load_documents(folder, 32, None)
+
+
+def test_long_single_document_is_split_with_progress(tmp_path, capsys):
+    with gzip.open(EXAMPLE_CORPUS, "rt") as f:
+        stories = [json.loads(line)["text"] for line in f]
+    big = tmp_path / "one.txt"
+    big.write_text(" ".join(stories * 5))  # one document of about 5 MB
+    docs = prepare_data.load_documents(big, max_sentences=32, max_docs=None, progress=True)
+    assert len(docs) == 1 and len(docs[0]) == 33
+    assert "split: " in capsys.readouterr().err  # the progress bar

@@ -82,8 +82,11 @@ def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, prepared):
     from safetensors.torch import load_file
 
     a, b = load_file(straight / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    # That rounding noise reaches the weights amplified: Adam divides by sqrt(v), so an element whose
+    # gradients are near zero moves by up to ~lr (3e-3) per step on noise. Observed: up to 5e-6 (at
+    # atol 1e-7 this failed 2 runs in 3). The losses above are the sharp check.
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
@@ -195,16 +198,23 @@ def _wait_for(path, proc, seconds=300):
 
 def test_killed_and_stopped_runs_resume_from_a_loadable_checkpoint(tmp_path, prepared):
     """SIGKILL while checkpoints are being written every step leaves `latest` loadable;
-    SIGTERM stops at the end of a step with a checkpoint (exit 130); both runs resume."""
+    SIGTERM stops at the end of a step with a checkpoint (exit 130); both runs resume. A second
+    run on the directory of a live one is refused; the lock of the killed one is taken over."""
     run = tmp_path / "run"
     args = ("--loop.max_steps", "400", "--loop.checkpoint_every", "1", "--loop.keep_checkpoints", "2")
     proc = subprocess.Popen(_command(run, prepared, *args), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
     _wait_for(run / "checkpoints" / "latest", proc)
+    second = train(run, prepared, "--loop.max_steps", "3", check=False)
+    assert second.returncode == 1 and "Traceback" not in second.stderr
+    assert f"run.output_dir {run} is in use by another training run (pid {proc.pid} on host" in second.stderr
+    assert json.loads((run / "config.json").read_text())["loop"]["max_steps"] == 400  # untouched
+    assert proc.poll() is None  # the first run goes on
     time.sleep(1.5)  # several saves later: most of the time is spent saving
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     resumed = train(run, prepared, "--loop.max_steps", "6", *args[2:], "--run.stop_after", "1")
+    assert f"was locked by a run that ended without releasing it (pid {proc.pid} on host" in resumed.stderr
     assert "resumed from" in resumed.stdout
     step = int(resumed.stdout.split("(step ")[1].split(")")[0])
     assert step >= 1

@@ -1,0 +1,186 @@
+"""Training runs under injected faults (subprocesses, the smallest configuration): corrupted,
+truncated and empty checkpoint files, a loss or parameters that turn NaN, a resume into another
+run, another number of processes, a full disk, and start-up faults. Each ends in one clear line
+and loses nothing a user made."""
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.training.conftest import read_losses
+from tests.training.test_train import REPO, SCRIPT, _command, _env, train
+from training import prepare_data
+from training.shards import sha256_file
+
+CKPT = ("--loop.checkpoint_every", "1", "--loop.keep_checkpoints", "4")
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, prepared):
+    """A run of 4 steps with a checkpoint after each (ZeRO stage 2, one process)."""
+    run = tmp_path_factory.mktemp("base") / "run"
+    train(run, prepared, "--loop.max_steps", "4", *CKPT)
+    return run
+
+
+def _copy(run, tmp_path):
+    return shutil.copytree(run, tmp_path / "run")
+
+
+def _checkpoints(run):
+    root = run / "checkpoints"
+    return sorted(p.name for p in root.glob("step-*")), (root / "latest").read_text().strip()
+
+
+def _one_line(err, *fragments):
+    """The last line of stderr is the error; no traceback anywhere."""
+    assert "Traceback" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("train.py: error: "), err[-3000:]
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    return line
+
+
+def _resign(folder):
+    """Rewrite checkpoint.json's digests, as if the files had been written like this."""
+    manifest = json.loads((folder / "checkpoint.json").read_text())
+    for name, entry in manifest["files"].items():
+        entry.update(sha256=sha256_file(folder / name), bytes=(folder / name).stat().st_size)
+    (folder / "checkpoint.json").write_text(json.dumps(manifest))
+
+
+def test_corrupted_truncated_and_empty_checkpoints_fall_back_to_the_newest_intact_one(tmp_path, prepared, four_steps):
+    run = _copy(four_steps, tmp_path)
+    ckpts = run / "checkpoints"
+    with open(ckpts / "step-00000004" / "mp_rank_00_model_states.pt", "r+b") as f:
+        f.seek(3000)
+        f.write(b"\xff" * 256)
+    optim = ckpts / "step-00000003" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    optim.write_bytes(optim.read_bytes()[:1000])
+    (ckpts / "step-00000002" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    out = train(run, prepared, "--loop.max_steps", "4", *CKPT)
+    for step, why in (("4", "mp_rank_00_model_states.pt failed its checksum"),
+                      ("3", "zero_pp_rank_0_mp_rank_00_optim_states.pt is truncated (1000 bytes"),
+                      ("2", "mp_rank_00_model_states.pt is empty")):  # fmt: skip
+        assert f"checkpoint step-0000000{step} is unusable ({why}" in out.stderr
+        assert (ckpts / "rejected" / f"step-0000000{step}").is_dir()  # kept for inspection
+    assert "(step 1)" in out.stdout
+    # the run continued exactly as the original did from step 1
+    torch.testing.assert_close(torch.tensor(read_losses(run)), torch.tensor(read_losses(four_steps)), rtol=2e-7, atol=0)
+    assert _checkpoints(run) == (["step-00000001", "step-00000002", "step-00000003", "step-00000004"], "step-00000004")
+
+
+def test_nonfinite_loss_or_parameters_stop_without_replacing_checkpoints(tmp_path, prepared, four_steps):
+    run = _copy(four_steps, tmp_path)
+    latest = run / "checkpoints" / "step-00000004"
+    before = _checkpoints(run)
+    model_file, optim_file = latest / "mp_rank_00_model_states.pt", latest / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    original = model_file.read_bytes()
+    state = torch.load(model_file, weights_only=False)
+    state["module"]["output_proj.weight"].fill_(float("nan"))
+    torch.save(state, model_file)
+    _resign(latest)
+    out = train(run, prepared, "--loop.max_steps", "6", *CKPT, check=False)
+    assert out.returncode == 1
+    _one_line(out.stderr, "the training loss became nan at step 5", "stopped without writing a checkpoint",
+              f"the last checkpoint is {latest}")  # fmt: skip
+    assert _checkpoints(run) == before
+
+    model_file.write_bytes(original)  # finite weights, but an optimizer state that makes them NaN
+    state = torch.load(optim_file, weights_only=False)
+    state["optimizer_state_dict"]["base_optimizer_state"]["state"][0]["exp_avg_sq"].fill_(float("nan"))
+    torch.save(state, optim_file)
+    _resign(latest)
+    out = train(run, prepared, "--loop.max_steps", "6", *CKPT, check=False)
+    assert out.returncode == 1
+    _one_line(out.stderr, "the model's parameters became NaN or inf by step 5", "stopped without writing a checkpoint")
+    assert _checkpoints(run) == before
+
+
+def test_resuming_into_another_run_is_refused_in_one_line(tmp_path, prepared, four_steps):
+    run = _copy(four_steps, tmp_path)
+    other = tmp_path / "other_sonar"  # the same corpus, prepared with another toy SONAR
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    args = prepare_data.parse_args(["--source", manifest["options"]["source"], "--out", str(other), "--eval-documents",
+                                    "16", "--shard-documents", "20", "--toy-vocab-size", "300", "--toy-seed", "1",
+                                    "--toy-train-steps", "0", "--quiet"])  # fmt: skip
+    prepare_data.prepare(args)
+    before = _checkpoints(run)
+    out = train(run, other, "--loop.max_steps", "6", "--model.objective", "mse", "--model.overrides.num_layers", "3",
+                "--system.zero_stage", "3", check=False)  # fmt: skip
+    assert out.returncode == 2
+    _one_line(out.stderr, "cannot resume from", "step-00000004", "the prepared data (sonar differ)",
+              "the model (num_layers 2 -> 3)", "model.objective 'sonar' -> 'mse'", "system.zero_stage 2 -> 3",
+              "start fresh with another run.output_dir")  # fmt: skip
+    assert _checkpoints(run) == before
+
+
+def test_zero_stage_0_resumes_with_another_number_of_processes(tmp_path, prepared):
+    """Every process holds the whole optimizer state under ZeRO stage 0: a run written by one
+    process continues on two, with the same global batch, exactly."""
+    one = tmp_path / "one"
+    common = ("--loop.max_steps", "3", "--system.zero_stage", "0", *CKPT)
+    train(one, prepared, *common, "--loop.grad_accum_steps", "2")
+    two = shutil.copytree(one, tmp_path / "two")
+    shutil.rmtree(two / "checkpoints" / "step-00000002")
+    shutil.rmtree(two / "checkpoints" / "step-00000003")
+    (two / "checkpoints" / "latest").unlink()
+    out = train(two, prepared, *common, "--loop.grad_accum_steps", "1", launcher="torchrun", nproc=2)
+    assert "resuming step-00000001 with the number of processes 1 -> 2" in out.stderr and "(step 1)" in out.stdout
+    torch.testing.assert_close(torch.tensor(read_losses(two)), torch.tensor(read_losses(one)), rtol=1e-5, atol=1e-6)
+
+
+def _can_mount(*unshare_args: str, mount: str) -> bool:
+    """Whether this user may mount in a new namespace (root, or unprivileged user namespaces)."""
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", *unshare_args, "sh", "-c", mount], capture_output=True).returncode == 0
+
+
+def test_a_full_disk_during_a_checkpoint_says_so(tmp_path, prepared):
+    """A real 3 MB filesystem: the first checkpoint (1.7 MB) fits, the second does not. (The
+    in-process variant, test_a_full_disk_during_a_save_says_so_and_keeps_the_previous_checkpoint,
+    runs where mounting is not allowed.)"""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    tmpfs = f"mount -t tmpfs -o size=3m tmpfs {shlex.quote(str(mnt))}"
+    if not _can_mount("-rm", mount=tmpfs):
+        pytest.skip("mounting a tmpfs is not allowed here (the in-process ENOSPC test covers the logic)")
+    cmd = shlex.join(map(str, _command(mnt / "run", prepared, "--loop.max_steps", "4", "--loop.checkpoint_every", "1")))
+    script = f"{tmpfs} && {cmd}; echo exit=$?; cp -r {shlex.quote(str(mnt / 'run'))} {shlex.quote(str(tmp_path / 'after'))}"
+    out = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert "exit=1" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    _one_line(out.stderr, "cannot write checkpoint step-00000002", "out of space",
+              "the previous checkpoint step-00000001 is intact")  # fmt: skip
+    after = tmp_path / "after" / "checkpoints"
+    assert (after / "latest").read_text().strip() == "step-00000001" and not (after / ".staging").exists()
+
+
+def test_a_mistyped_prepared_dir_is_not_prepared_from_the_example(tmp_path):
+    typo = train(tmp_path / "run", tmp_path / "prepraed", check=False)
+    assert typo.returncode == 2
+    _one_line(typo.stderr, f"data.prepared_dir {tmp_path / 'prepraed'} holds no prepared data", "data.source is empty")
+    assert not (tmp_path / "prepraed").exists()
+
+
+def test_a_read_only_output_dir_ends_in_one_line(tmp_path, prepared):
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    cmd = [sys.executable, SCRIPT, "--run.output_dir", str(readonly / "run"), "--data.prepared_dir", str(prepared)]
+    if os.geteuid() == 0:  # root writes anywhere: make the directory read-only for real
+        bind = f"mount --bind -o ro {shlex.quote(str(readonly))} {shlex.quote(str(readonly))}"
+        if not _can_mount("-m", mount=bind):
+            pytest.skip("running as root where a read-only bind mount is not allowed: nothing is read-only to root")
+        cmd = ["unshare", "-m", "sh", "-c", f'{bind} && exec "$@"', "sh", *cmd]
+    out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1
+    _one_line(out.stderr, f"cannot use run.output_dir {readonly / 'run'}: ")
