@@ -37,6 +37,9 @@ LATEST = "latest"
 STAGING = ".staging"
 REJECTED = "rejected"
 MANIFEST = "checkpoint.json"
+# Why a checkpoint of an older sonarllm (before checksums) does not verify; train.py resumes one
+# only when run.resume names it.
+NO_MANIFEST = f"it has no {MANIFEST} (incomplete, or written by an older sonarllm)"
 FORMAT_VERSION = 1
 _LOW_SPACE = 1 << 20  # bytes free below which a failed write is reported as a full disk
 
@@ -224,7 +227,7 @@ class Checkpointer:
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except FileNotFoundError:
-            return None, f"it has no {MANIFEST} (incomplete, or written by an older sonarllm)"
+            return None, NO_MANIFEST
         except (OSError, ValueError) as exc:
             return None, f"its {MANIFEST} is unreadable ({exc})"
         if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:

@@ -38,7 +38,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from training.checkpoint import CheckpointError
+from training.checkpoint import NO_MANIFEST, CheckpointError
 from training.config import (
     EXAMPLE_CORPUS,
     ConfigError,
@@ -211,14 +211,22 @@ class Trainer:
             path, manifest, rejected = self.ckpt.newest_verified()
             if path is None and rejected:
                 reasons = "; ".join(f"{p.name}: {why}" for p, why in rejected)
+                legacy = [p for p, why in rejected if why == NO_MANIFEST]
+                hint = (f"; one written by an older sonarllm can be resumed unverified with run.resume {legacy[0]}"
+                        if legacy else "")  # fmt: skip
                 raise CheckpointError(
                     f"no checkpoint in {self.ckpt.root} verifies ({reasons}); to start fresh, move them away "
-                    "or choose another run.output_dir"
+                    f"or choose another run.output_dir{hint}"
                 )
         else:
             path, rejected = Path(choice), []
             manifest, why = self.ckpt.verify(path)
-            if why is not None:
+            if why == NO_MANIFEST and path.is_dir():  # named by the user: a checkpoint from before checksums
+                if self.rank == 0:
+                    print(f"train.py: warning: {path} predates checksums and run records: resuming it unverified",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                return path
+            elif why is not None:
                 raise CheckpointError(f"run.resume {path} cannot be used: {why}")
         if path is None:
             return None

@@ -77,6 +77,24 @@ def test_corrupted_truncated_and_empty_checkpoints_fall_back_to_the_newest_intac
     assert _checkpoints(run) == (["step-00000001", "step-00000002", "step-00000003", "step-00000004"], "step-00000004")
 
 
+def test_a_checkpoint_from_before_checksums_resumes_only_when_named(tmp_path, prepared, four_steps):
+    """An older sonarllm wrote no checkpoint.json: "auto" stops and says how to resume it; naming it
+    in run.resume resumes it unverified (with a warning), exactly where the original run was."""
+    run = _copy(four_steps, tmp_path)
+    ckpts = run / "checkpoints"
+    for folder in ckpts.glob("step-*"):
+        (folder / "checkpoint.json").unlink()
+    before = _checkpoints(run)
+    out = train(run, prepared, "--loop.max_steps", "4", *CKPT, check=False)
+    assert out.returncode == 1
+    _one_line(out.stderr, "no checkpoint in", "has no checkpoint.json",
+              f"resumed unverified with run.resume {ckpts / 'step-00000004'}")  # fmt: skip
+    assert _checkpoints(run) == before  # nothing moved aside
+    out = train(run, prepared, "--loop.max_steps", "4", *CKPT, "--run.resume", str(ckpts / "step-00000002"))
+    assert "predates checksums" in out.stderr and "(step 2)" in out.stdout
+    torch.testing.assert_close(torch.tensor(read_losses(run)), torch.tensor(read_losses(four_steps)), rtol=2e-7, atol=0)
+
+
 def test_nonfinite_loss_or_parameters_stop_without_replacing_checkpoints(tmp_path, prepared, four_steps):
     run = _copy(four_steps, tmp_path)
     latest = run / "checkpoints" / "step-00000004"
