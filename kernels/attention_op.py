@@ -5,8 +5,9 @@ and ``attention_bwd`` of kernels/attention_triton.py (imported on first call: Tr
 optional). To the compiler each is one opaque call with a shape function; the kernel launches
 (and their retry with smaller tiles) run inside. Sequence maxima are ints, symbolic under
 ``dynamic=True``, so batches of other lengths reuse the compiled graph. The backward
-recomputes from the saved output and log-sum-exp (FlashAttention-2); it has no gradient of its
-own: a double backward raises.
+recomputes from the saved output and log-sum-exp (FlashAttention-2); it has no autograd formula
+of its own (a double backward raises). Eager mode calls the autograd Function of
+attention_triton.py, as before.
 """
 
 from typing import Optional
@@ -74,16 +75,6 @@ def _bwd_fake(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, causal, softmax_s
     return empty(q), empty(k), empty(v)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "attention (triton): the backward is once_differentiable: a gradient of the gradient (double "
-        "backward) is not supported; use impl='torch'"
-    )
-
-
-_bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
-
-
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_q, cu_k = inputs[:5]
     o, lse = output
@@ -103,5 +94,12 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def attention_triton_op(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, max_seqlen_q, max_seqlen_k):
-    """Differentiable Triton attention; inputs validated by ``kernels.attention.attention``."""
-    return _fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, max_seqlen_q, max_seqlen_k)[0]
+    """Differentiable Triton attention; inputs validated by ``kernels.attention.attention``. In a
+    compiled graph the custom ops; in eager mode the same kernels through their autograd Function
+    (the dispatcher's per-call cost would buy nothing there)."""
+    if torch.compiler.is_compiling():
+        return _fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, max_seqlen_q, max_seqlen_k)[0]
+    from kernels.attention_triton import attention_triton
+
+    params = _params(causal, softmax_scale, max_seqlen_q, max_seqlen_k)
+    return attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, params)

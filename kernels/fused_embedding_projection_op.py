@@ -5,8 +5,9 @@
 ``FusedEmbeddingProjectionFunction`` (kernels/fused_embedding_projection_triton.py, imported on
 first call: Triton stays optional) as plain functions, through a stand-in for autograd's ctx.
 To the compiler each is one opaque call with a shape function. Which gradients the backward
-computes comes from autograd (a frozen weight costs no weight-gradient GEMM); the backward has
-no gradient of its own: a double backward raises.
+computes comes from autograd (a frozen weight costs no weight-gradient GEMM); the backward op
+has no autograd formula of its own (a double backward raises). Eager mode calls the autograd
+Function itself, as before.
 """
 
 from typing import Optional
@@ -76,16 +77,6 @@ def _bwd_fake(g_NO, x_NI, w_OI, b_O, center, scale, mode, need_x, need_w, need_b
     return like(need_x, x_NI), like(need_w, w_OI), like(need_b, b_O), like(need_center, center), like(need_scale, scale)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "fused_embedding_projection (triton): the backward is once_differentiable: a gradient of the gradient "
-        "(double backward) is not supported; use impl='torch'"
-    )
-
-
-_bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
-
-
 def _setup_context(ctx, inputs, output):
     ctx.mode = inputs[5]
     ctx.save_for_backward(*inputs[:5])
@@ -102,7 +93,13 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_embedding_projection_triton_op(x, weight, bias, center, scale, mode: str) -> Tensor:
-    """Differentiable Triton projection; inputs validated; x is [..., in_features]."""
+    """Differentiable Triton projection; inputs validated; x is [..., in_features]. In a compiled
+    graph the custom ops; in eager mode the autograd Function itself (the dispatcher's per-call
+    cost would buy nothing there)."""
+    if not torch.compiler.is_compiling():
+        from kernels.fused_embedding_projection_triton import fused_embedding_projection_triton
+
+        return fused_embedding_projection_triton(x, weight, bias, center, scale, mode)
     bias = None if bias is None else bias.contiguous()  # the kernel reads the bias densely
     y_NO = _fwd_op(x.reshape(-1, x.shape[-1]), weight, bias, center, scale, mode)
     return y_NO.reshape(*x.shape[:-1], weight.shape[0])
