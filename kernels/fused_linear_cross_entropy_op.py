@@ -46,6 +46,10 @@ def _triton_backend():
 
 BACKENDS = {"torch": lambda: TorchChunkBackend(), "triton": _triton_backend}
 
+# The ops read counts on the host, which a CUDA graph cannot capture: tagged so that inductor's
+# "reduce-overhead" mode leaves them out of its CUDA graphs (where this torch has the tag).
+_HOST_SYNC = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
+
 
 def _params(ignore_index, reduction, label_smoothing, z_loss, softcap, return_lse, return_z_loss) -> FLCEParams:
     # shift is applied to the targets before the op; 0 here.
@@ -94,7 +98,7 @@ def _forward(
     return loss, lse_N, zl, _or_empty(dh_ND, h_ND, h_ND.dtype), _or_empty(dw_VD, h_ND, acc), _or_empty(db_V, h_ND, acc), denom
 
 
-_forward_op = torch.library.custom_op("sonarllm::flce_forward", _forward, mutates_args=())
+_forward_op = torch.library.custom_op("sonarllm::flce_forward", _forward, mutates_args=(), tags=_HOST_SYNC)
 
 
 @_forward_op.register_fake
@@ -163,7 +167,7 @@ def _backward_grads(
     return tuple(_or_empty(g, denom, dtype) for g in grads)
 
 
-_backward_op = torch.library.custom_op("sonarllm::flce_backward", _backward_grads, mutates_args=())
+_backward_op = torch.library.custom_op("sonarllm::flce_backward", _backward_grads, mutates_args=(), tags=_HOST_SYNC)
 
 
 @_backward_op.register_fake
