@@ -113,7 +113,7 @@ def _forward_fake(h_ND, w_VD, b_V, cw_V, y_N, num_items_count, num_items_tensor,
         h_ND.new_empty(per_token, dtype=acc),
         h_ND.new_empty((n_rows,), dtype=acc),
         h_ND.new_empty(per_token, dtype=acc),
-        grad(want_dh, h_ND.shape, h_ND.dtype),
+        torch.empty_like(h_ND) if in_forward and want_dh else h_ND.new_empty(0),  # zeros_like(h_ND)'s strides
         grad(want_dw, w_VD.shape, acc),
         grad(want_db, (w_VD.shape[0],), acc),
         h_ND.new_empty((), dtype=torch.float64),
@@ -153,7 +153,8 @@ def _backward_grads(
     dim: int,
     dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dh_ND, dw_VD, db_V) in the inputs' dtype, empty [0] where not wanted; see ``flce_backward``."""
+    """(dh_ND, dw_VD, db_V), contiguous, in the inputs' dtype, empty [0] where not wanted; see
+    ``flce_backward``."""
     params = _params(ignore_index, reduction, label_smoothing, z_loss, softcap, return_lse, return_z_loss)
     wants = (want_dh, want_dw, want_db)
     in_forward = grad_in_forward(reduction, *wants)
@@ -164,7 +165,7 @@ def _backward_grads(
     grads = flce_backward(
         BACKENDS[backend](), params, (g_loss, g_lse, g_zl), forward_grads, denom, inputs, lse_N, wants, grad_like
     )
-    return tuple(_or_empty(g, denom, dtype) for g in grads)
+    return tuple(_or_empty(g, denom, dtype).contiguous() for g in grads)  # hidden's gradient follows its strides
 
 
 _backward_op = torch.library.custom_op("sonarllm::flce_backward", _backward_grads, mutates_args=(), tags=_HOST_SYNC)
