@@ -180,7 +180,9 @@ def fused_linear_cross_entropy(
         return_lse: also return the per-token log-sum-exp (differentiable; 0 where ignored).
         return_z_loss: also return the z-loss part of the loss, reduced like the loss (for
             logging, as Liger-Kernel's ``return_z_loss``; differentiable).
-        impl: "auto", "triton", "torch" or "reference" (see kernels/_dispatch.py).
+        impl: "auto", "triton", "torch" or "reference" (see kernels/_dispatch.py). Under
+            torch.compile "triton" and "torch" are custom ops that trace without a graph break
+            (kernels/fused_linear_cross_entropy_op.py), with the same numbers and errors.
 
     Returns:
         The loss (float32, or float64 for float64 inputs); with ``return_lse`` and/or
@@ -210,7 +212,8 @@ def fused_linear_cross_entropy(
     shifted = _shift_targets(target, params.shift, params.ignore_index) if params.shift else target
     y_N = shifted.reshape(-1).long()
     if path == "reference":
-        valid_rows(y_N, weight.shape[0], params.ignore_index, num_items, cw_V)  # the checks, eager only
+        # The target checks on the host: under torch.compile the specification breaks the graph here.
+        valid_rows(y_N, weight.shape[0], params.ignore_index, num_items, cw_V)
         return fused_linear_cross_entropy_ref(
             hidden, weight, target, bias=bias, class_weight=class_weight, ignore_index=ignore_index,
             reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, shift=shift,
