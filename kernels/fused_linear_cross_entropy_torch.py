@@ -7,9 +7,8 @@ own buffer beside it; with softcap one more buffer holds its derivative). Every 
 GEMM is a single in-place or into-buffer pass, so the memory high-water mark is independent of
 the number of tokens:
 
-- stats: row max (16-bit: of the input-dtype logits, exact), ``exp(z - max)`` written once into
-  the float32 buffer (for 16-bit inputs the subtraction reads the 16-bit logits: no separate
-  upcast pass), its row sum;
+- stats: row max, ``exp(z - max)`` written once into the float32 buffer (on CUDA, for 16-bit
+  inputs, the subtraction reads the 16-bit logits: no separate upcast pass), its row sum;
 - gradient: ``dz = (alpha / sum) * exp(z - max) - beta * onehot`` — for 16-bit inputs without
   softcap, class-weighted smoothing or a weight gradient, written straight into the 16-bit
   logits buffer (one multiply-and-round pass; the target column is recomputed in float32, so
@@ -64,8 +63,9 @@ class TorchChunkBackend:
 
         finite_C = None
         softcap_grad_CV = None
-        if params.softcap is not None or (low and cw_V is not None and ls > 0):
-            # These need the float32 logits themselves: upcast once, then work in place.
+        if params.softcap is not None or (low and ((cw_V is not None and ls > 0) or not z_CV.is_cuda)):
+            # Softcap and class-weighted smoothing need the float32 logits themselves: upcast once,
+            # then work in place (also on CPU, where the copy is faster than a mixed-dtype subtraction).
             f_CV = z_CV.to(acc_dtype)  # no copy for float32/float64 inputs
             if params.softcap is not None:
                 c = params.softcap

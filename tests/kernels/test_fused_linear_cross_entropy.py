@@ -426,3 +426,38 @@ def test_fp16_gradient_survives_loss_scaling():
         grads[name] = hh.grad
     assert torch.count_nonzero(grads["fast"]) == grads["fast"].numel()
     assert_parity(grads["fast"], grads["ref"], grads["gold"], torch.float16, "fp16 d hidden", grad=True)
+
+
+@needs_triton
+def test_float32_accumulation_of_16bit_weight_gradients(monkeypatch):
+    """The hybrid schedule's dW += dz.T @ h with bf16 operands lands in the float32 accumulator
+    with float32 accumulation: torch.addmm(out_dtype=float32) where torch has it (CUDA), else
+    float32 blocks (this CPU)."""
+    import kernels.fused_linear_cross_entropy_triton as flce_triton
+
+    monkeypatch.setattr(flce_triton, "_ADDMM_OUT_DTYPE", True)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 4000, generator=g).bfloat16(), torch.randn(4000, 24, generator=g).bfloat16()
+    acc = torch.randn(300, 24, generator=g)
+    want = acc.double() + a.double() @ b.double()
+    flce_triton._addmm_float32(acc, a, b)
+    assert acc.dtype == torch.float32
+    assert (acc.double() - want).abs().max().item() < 5e-3  # a bf16 result would be off by ~0.25
+
+
+@needs_triton
+def test_tile_table_is_validated():
+    import kernels.fused_linear_cross_entropy_triton as flce_triton
+
+    good = {"schedule": "hybrid", **flce_triton._TILES["sm_90"]["2"]["hybrid"]}
+    assert flce_triton.check_config(good) is good
+    with pytest.raises(ValueError, match="must have keys"):
+        flce_triton.check_config({k: v for k, v in good.items() if k != "BLOCK_V"})
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        flce_triton.check_config(dict(good, schedule="cublas"))
+    fused = {"schedule": "fused", **flce_triton._TILES["sm_90"]["2"]["fused"]}
+    bad = dict(fused, grad=dict(fused["grad"], BLOCK_K=96))
+    with pytest.raises(ValueError, match="must divide logits.BLOCK_V"):
+        flce_triton.check_config(bad)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        flce_triton.TritonChunkBackend(schedule="cublas")
