@@ -3,8 +3,12 @@
 
 Every kernel has a Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``), a PyTorch path and
 a plain reference path, chosen by ``impl=`` (see ``kernels._dispatch``). This package never
-imports ``sonarllm``.
+imports ``sonarllm`` (the ``python -m kernels.warmup`` command does, to build a training run).
+
+``SONARLLM_COMPILE_LOG=FILE`` logs every Triton compilation of the process to FILE (kernels.warmup).
 """
+
+import os as _os
 
 from kernels._dispatch import KernelImpl
 from kernels.attention import attention, cu_seqlens_from_lengths
@@ -14,6 +18,11 @@ from kernels.fused_embedding_projection_ref import fused_embedding_projection_re
 from kernels.fused_linear_cross_entropy import FusedLinearCrossEntropy, fused_linear_cross_entropy
 from kernels.fused_linear_cross_entropy_compat import linear_cross_entropy
 from kernels.fused_linear_cross_entropy_ref import fused_linear_cross_entropy_ref
+
+if _os.environ.get("SONARLLM_COMPILE_LOG"):
+    from kernels.warmup import log_compilations
+
+    log_compilations(_os.environ["SONARLLM_COMPILE_LOG"])
 
 __all__ = [
     "KernelImpl",

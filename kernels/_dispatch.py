@@ -8,7 +8,9 @@ memory-frugal pure-PyTorch path, used on CPU and wherever Triton is missing) or
 2. then the environment variable ``SONARLLM_KERNEL_IMPL``;
 3. then auto-detection: Triton for CUDA tensors; Triton for CPU tensors when the Triton
    interpreter is on (``TRITON_INTERPRET=1``, which must be set before ``kernels`` is
-   imported); ``"torch"`` otherwise.
+   imported) or while ``kernels.warmup`` records the kernel launches of a run for a GPU
+   target (:func:`compile_only`: CPU tensors stand in for CUDA ones, nothing is launched);
+   ``"torch"`` otherwise.
 
 An explicit request that cannot run raises; auto-detection never silently downgrades a CUDA
 tensor (it warns once if Triton cannot be imported there).
@@ -30,9 +32,34 @@ ENV_VAR = "SONARLLM_KERNEL_IMPL"
 NO_FLOAT64 = "supports float32, bfloat16 and float16; use impl='torch' for float64"
 
 
+# CUDA multiprocessors assumed for CPU tensors standing in for CUDA ones (compile_only): the H200's.
+OFFLINE_MULTIPROCESSORS = 132
+_compile_only = False
+
+
 def is_interpreter() -> bool:
     """True when Triton kernels run on the CPU through ``TRITON_INTERPRET=1``."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def compile_only() -> bool:
+    """True while kernels.warmup records launches on CPU tensors for a GPU target: the Triton
+    paths then accept CPU tensors and pick their GPU launch settings (nothing runs)."""
+    return _compile_only
+
+
+def set_compile_only(on: bool) -> None:
+    """Switch :func:`compile_only` (kernels.warmup does, around a recorded run)."""
+    global _compile_only
+    _compile_only = bool(on)
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; OFFLINE_MULTIPROCESSORS for CPU tensors that
+    stand in for CUDA ones (compile_only), so launch settings match the target GPU's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return OFFLINE_MULTIPROCESSORS
 
 
 @functools.cache
@@ -59,6 +86,12 @@ def _warn_no_triton_on_cuda(op: str) -> None:
         RuntimeWarning,
         stacklevel=4,
     )
+
+
+def is_auto(impl: str) -> bool:
+    """True when the call leaves the path to auto-detection (``impl="auto"`` and no
+    SONARLLM_KERNEL_IMPL): only then may an op's measured auto rule (AUTO_CUDA_PATHS) apply."""
+    return impl == "auto" and not os.environ.get(ENV_VAR, "").strip()
 
 
 def check_impl_name(impl: str, source: str = "impl", extra: tuple[str, ...] = ()) -> None:
@@ -98,13 +131,13 @@ def resolve_impl(impl: str, device: torch.device, op: str, extra_impls: tuple[st
                 return "triton"
             _warn_no_triton_on_cuda(op)
             return "torch"
-        if device.type == "cpu" and is_interpreter() and triton_available():
+        if device.type == "cpu" and (is_interpreter() or compile_only()) and triton_available():
             return "triton"
         return "torch"
     if impl == "triton":
         if not triton_available():
             raise RuntimeError(f"{op}: impl='triton' but Triton cannot be imported ({triton_import_error()})")
-        if device.type == "cpu" and not is_interpreter():
+        if device.type == "cpu" and not (is_interpreter() or compile_only()):
             raise RuntimeError(
                 f"{op}: impl='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
                 "in the environment before `kernels` is imported"

@@ -14,8 +14,9 @@ Paths (``impl``, see kernels/_dispatch.py): "triton" (our FlashAttention-2 kerne
 kernels/attention_triton.py), "torch" (PyTorch SDPA, kernels/attention_torch.py), "reference"
 (the specification, kernels/attention_ref.py) and, outside the shared dispatch names for now,
 "flash" (flash-attn's ``flash_attn_func`` / ``flash_attn_varlen_func``). Auto-detection on CUDA
-prefers flash-attn when it imports and q is fp16/bf16, else Triton; it uses "torch" whenever the
-Triton kernels cannot serve the call (dropout, float64, head dim > 128).
+prefers flash-attn when it imports and q is fp16/bf16, else the path AUTO_CUDA_PATHS names for
+the kind of call (the measured faster of Triton and SDPA); it uses "torch" whenever the Triton
+kernels cannot serve the call (dropout, float64, head dim > 128).
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from __future__ import annotations
 import functools
 import math
 import operator
-import os
 
 import torch
 
-from kernels._dispatch import ENV_VAR, KernelImpl, resolve_impl
+from kernels._dispatch import KernelImpl, is_auto, resolve_impl
 from kernels.attention_ref import attention_ref
 from kernels.attention_torch import attention_torch_batched, attention_torch_varlen
 
@@ -35,6 +35,12 @@ TRITON_MAX_HEAD_DIM = 128  # = kernels.attention_triton.MAX_HEAD_DIM (not import
 FLASH_MAX_HEAD_DIM = 256
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+# The path impl="auto" takes on CUDA where our Triton kernels can serve the call, per kind of
+# call (call_kind): "triton" or "torch" (PyTorch SDPA), whichever bench/bench_attention.py
+# measures faster on the H200 (bash bench/gpu_suite.sh prints what its measurements imply;
+# bench/RESULTS.md holds them). Not measured yet: Triton everywhere.
+AUTO_CUDA_PATHS = {"dense": "triton", "varlen": "triton", "decode": "triton"}
 
 
 @functools.cache
@@ -196,9 +202,18 @@ def _triton_usable(dtype: torch.dtype, head_dim: int, dropout_p: float) -> bool:
     return dtype != torch.float64 and head_dim <= TRITON_MAX_HEAD_DIM and dropout_p == 0
 
 
-def _choose_path(impl: str, device: torch.device, dtype: torch.dtype, head_dim: int, dropout_p: float) -> str:
+def call_kind(varlen: bool, seqlen_q: int) -> str:
+    """The kind of call AUTO_CUDA_PATHS is keyed by: "varlen" (packed sequences), "decode" (one
+    query per sequence against a KV cache, batched) or "dense" (batched)."""
+    if varlen:
+        return "varlen"
+    return "decode" if seqlen_q == 1 else "dense"
+
+
+def _choose_path(impl: str, device: torch.device, dtype: torch.dtype, head_dim: int, dropout_p: float,
+                 kind: str = "dense") -> str:  # fmt: skip
     """The concrete path: "flash", "triton", "torch" or "reference" (raises if impossible)."""
-    auto = impl == "auto" and not os.environ.get(ENV_VAR, "").strip()
+    auto = is_auto(impl)
     impl = resolve_impl(impl, device, "attention", extra_impls=("flash",))
     if impl == "flash":
         if _flash_attn() is None:
@@ -214,6 +229,8 @@ def _choose_path(impl: str, device: torch.device, dtype: torch.dtype, head_dim: 
     if auto and device.type == "cuda" and _flash_attn() is not None and _flash_usable(dtype, head_dim):
         return "flash"
     path = impl
+    if auto and path == "triton" and device.type == "cuda":
+        path = AUTO_CUDA_PATHS[kind]
     if path == "triton" and not _triton_usable(dtype, head_dim, dropout_p):
         if auto:
             return "torch"
@@ -260,8 +277,9 @@ def attention(
             (see :func:`cu_seqlens_from_lengths`); selects the varlen layout. Empty sequences
             are allowed.
         cu_seqlens_k: int32 [B + 1] for k/v; default ``cu_seqlens_q``.
-        max_seqlen_q, max_seqlen_k: longest query / key sequence (varlen only). Computed when
-            None, which costs a host sync; when both are given on CUDA, cu_seqlens and the
+        max_seqlen_q, max_seqlen_k: longest query / key sequence (varlen only); max_seqlen_k
+            defaults to max_seqlen_q when k shares q's cu_seqlens. Computed when None, which
+            costs a host sync; when both are given on CUDA, cu_seqlens and the
             maxima are trusted, not checked: a too-small maximum leaves rows out (zeros on
             "triton"; wrong rows or a device-side assert on "torch"), so pass exact values.
         dropout_p: dropout on the attention weights, applied whenever > 0 (a training-mode
@@ -281,13 +299,15 @@ def attention(
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     dropout_p = float(dropout_p)
-    path = _choose_path(impl, q.device, q.dtype, head_dim, dropout_p)
+    path = _choose_path(impl, q.device, q.dtype, head_dim, dropout_p, call_kind(varlen, q.shape[1]))
 
     cu_q = cu_k = None
     max_q, max_k = (q.shape[1], k.shape[1]) if not varlen else (None, None)
     if varlen:
         cu_q = cu_seqlens_q.contiguous()
         cu_k = cu_q if cu_seqlens_k is None else cu_seqlens_k.contiguous()
+        if cu_seqlens_k is None and max_seqlen_k is None:
+            max_seqlen_k = max_seqlen_q  # k has q's lengths: no host sync to find its maximum
         max_q, max_k = _varlen_max_lengths(q, k, cu_q, cu_k, max_seqlen_q, max_seqlen_k)
 
     if path == "reference":

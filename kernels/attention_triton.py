@@ -26,9 +26,11 @@ no visible key outputs zeros and stores lse = +inf. The grid is (B * H, query or
 B * H goes on axis 0 (limit 2**31 - 1) because the packed decoder's thousands of sentences x 16
 heads exceed the 65,535 limit of axes 1 and 2.
 
-Launch settings: pinned per kernel, precision and head dim (``_GPU_BLOCKS``), shrunk to the
-longest sequence (64-row blocks for sentences of at most 60 tokens), and shrunk further at the
-first launch if Triton reports that a config does not fit in shared memory (``_launch``).
+Launch settings: pinned per kernel, precision and head dim (``_GPU_BLOCKS``), at most 64 rows
+when the longest sequence has at most 64 (sentences of at most 60 tokens), and shrunk further at
+the first launch if Triton reports that a config does not fit in shared memory (``_launch``).
+Compiled variants: one per (kernel, dtype, head dim, layout, causal, short/long sequences);
+batch sizes, token counts and sequence lengths are runtime ints (``_RUNTIME_SIZES``).
 
 Supported: float32, bfloat16, float16 inputs; any head dim <= 128 (padded to a power of two >= 16
 inside the kernels; powers of two waste nothing); no dropout. Under ``TRITON_INTERPRET=1`` the same
@@ -85,6 +87,13 @@ _GPU_BLOCKS = {
 # The interpreter pays ~5 ms per program loop step whatever the tile: one big tile for all.
 _INTERP_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
 MIN_BLOCK = 16  # tl.dot needs every dimension >= 16
+SHORT_SEQ = 64  # sequences up to this long (sentences, documents of sentences) use one tile size
+
+# Sizes that change with every batch (token counts, longest sequence, heads) are runtime ints,
+# not specialised: Triton would otherwise compile one variant per "divisible by 16" / "== 1"
+# class of each, i.e. new compilations in the middle of a run. None of them indexes a
+# contiguous dimension, so specialising them would not change the generated loads.
+_RUNTIME_SIZES = ["H", "seqlen_q", "seqlen_k", "stride_lh"]
 
 
 @dataclass(frozen=True)
@@ -170,7 +179,7 @@ def _attn_fwd_inner(
 # Forward
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_SIZES)
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr,  # in: [B, S, H, Dh] or [T, H, Dh]
     o_ptr,  # out: q's layout
@@ -247,7 +256,7 @@ def _attn_fwd_kernel(
 # Backward
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_SIZES)
 def _attn_bwd_preprocess_kernel(
     o_ptr, do_ptr,  # in: q's layout
     delta_ptr,  # out: [H, N_rows] float32, rowsum(o * do)
@@ -307,7 +316,7 @@ def _attn_bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_SIZES)
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,  # in
     dk_ptr, dv_ptr,  # out: k's layout
@@ -425,7 +434,7 @@ def _attn_bwd_dq_inner(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_SIZES)
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,  # in
     dq_ptr,  # out: q's layout
@@ -505,8 +514,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _fit(block: int, seqlen: int) -> int:
-    """Shrink a block for short sequences (the packed decoder's ~15 tokens), never below 16."""
-    return max(MIN_BLOCK, min(block, triton.next_power_of_2(max(seqlen, 1))))
+    """The block for sequences of at most ``seqlen``: at most SHORT_SEQ for short ones (the
+    packed decoder's sentences of <= 60 tokens, documents of ~33 sentences), else the pinned
+    size. Two classes only, so batches whose longest sequence differs share one compiled
+    variant (Hopper's tensor-core tiles are 64 rows anyway)."""
+    return block if seqlen > SHORT_SEQ else min(block, SHORT_SEQ)
 
 
 def _blocks(kind: str, dtype: torch.dtype, head_dim: int, max_seqlen_q: int, max_seqlen_k: int) -> dict:

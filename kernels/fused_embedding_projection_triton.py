@@ -39,17 +39,20 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._dispatch import is_interpreter
+from kernels._dispatch import is_interpreter, multiprocessor_count
 
 # Number of token splits of the weight-gradient GEMM (K = tokens, few output tiles); None picks
 # enough splits to give every SM two programs. Tests set it to exercise the split path.
 SPLIT_K: int | None = None
 
-# Hopper-style GEMM tiles, chosen by the usual rules, not yet tuned on hardware: 128 x 128 output
-# tiles, 64-deep (16-bit) or 32-deep (fp32) K steps, 3 stages = 96 KiB of shared memory.
+# Hopper-style GEMM tiles, chosen by the usual rules, not yet tuned on hardware: 64 x 128 output
+# tiles (one warpgroup's wgmma height; 4 warps), 64-deep (16-bit) or 32-deep (fp32) K steps, 3
+# stages. One size for every token count, so that a run compiles one variant per product: a
+# training micro-batch of 64 x 33 tokens at D = 1024 makes 264 tiles, two full waves on an
+# H200's 132 SMs (128-row tiles would make 136: a second wave of 4).
 _GPU_BLOCKS = {
-    2: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-    4: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+    2: dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
+    4: dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=3),
 }
 # The interpreter pays ~5 ms per program loop step whatever the tile size: use big tiles.
 _INTERP_BLOCKS = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=1)
@@ -57,8 +60,7 @@ _INTERP_BLOCKS = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_sta
 _NONE, _ALONG_N, _ALONG_M = 0, 1, 2  # where an epilogue multiplier's index runs
 
 
-@triton.jit
-def _fep_gemm_kernel(
+def _fep_gemm(
     a_ptr,  # A [M, K], any strides
     b_ptr,  # B [K, N], any strides
     out_ptr,  # out [SPLIT, M, N]: this split's product (the result itself when SPLIT == 1)
@@ -157,6 +159,15 @@ def _fep_gemm_kernel(
             tl.store(rowsum_ptr + split * M + offs_m, rsum, mask=mask_m)
 
 
+# One kernel, two compiled families. Token counts change with every batch; they are runtime ints
+# (not specialised on "divisible by 16" / "== 1"), so that every batch of a run shares one
+# variant. They are M (rows of x or dy) in the forward and d x products, K (the reduction) in the
+# split-K weight-gradient product. Neither indexes a contiguous dimension there; the feature
+# sizes, which do (vector loads), stay specialised.
+_fep_gemm_kernel = triton.jit(do_not_specialize=["M", "stride_os"])(_fep_gemm)
+_fep_gemm_split_k_kernel = triton.jit(do_not_specialize=["K", "k_per_split"])(_fep_gemm)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 follows torch's matmul precision setting (tf32 only when the user allows it)."""
     if is_interpreter() or (dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"):
@@ -164,15 +175,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _blocks(dtype: torch.dtype, M: int, N: int, device: torch.device) -> dict:
-    if is_interpreter() or device.type != "cuda":
-        return dict(_INTERP_BLOCKS)
-    cfg = dict(_GPU_BLOCKS[dtype.itemsize])
-    # Few output tiles (small token counts): halve BLOCK_M so that the grid covers the SMs.
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]) < sms:
-        cfg.update(BLOCK_M=64, num_warps=4)
-    return cfg
+def _blocks(dtype: torch.dtype) -> dict:
+    return dict(_INTERP_BLOCKS if is_interpreter() else _GPU_BLOCKS[dtype.itemsize])
 
 
 def _split_k(M: int, N: int, K: int, cfg: dict, device: torch.device) -> tuple[int, int]:
@@ -180,11 +184,11 @@ def _split_k(M: int, N: int, K: int, cfg: dict, device: torch.device) -> tuple[i
     block_k = cfg["BLOCK_K"]
     if SPLIT_K is not None:
         want = SPLIT_K
-    elif is_interpreter() or device.type != "cuda":
+    elif is_interpreter():
         want = 1
     else:
         tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = multiprocessor_count(device)
         want = min(triton.cdiv(2 * sms, tiles), triton.cdiv(K, 8 * block_k))  # >= 8 K-steps each
     want = max(1, min(want, triton.cdiv(max(K, 1), block_k)))
     k_per_split = triton.cdiv(triton.cdiv(max(K, 1), want), block_k) * block_k
@@ -226,16 +230,19 @@ def fep_gemm(
     assert a_mul is not None or a_shift is None, "a_shift needs a_mul"
     assert (b_shift is None) == (b_mul is None), "b_shift and b_mul go together"
     device = a.device
-    cfg = _blocks(a.dtype, M, N, device)
+    cfg = _blocks(a.dtype)
     n_split, k_per_split = _split_k(M, N, K, cfg, device) if split_k else (1, max(K, 1))
     assert n_split == 1 or (bias is None and ep_add is None), "split-K takes no bias/shift"
-    part_dtype = out_dtype if n_split == 1 else torch.float32
+    # Split-K partial sums are float32 even when K makes one split: the compiled variant must not
+    # depend on the token count.
+    part_dtype = torch.float32 if split_k else out_dtype
     out = torch.empty((n_split, M, N), dtype=part_dtype, device=device)
     rowsum = torch.empty((n_split, M), dtype=torch.float32, device=device) if want_rowsum else None
     if M > 0 and N > 0:
-        dummy = out
+        dummy = torch.empty(1, dtype=torch.float32, device=device)  # unused pointers: one type always
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), n_split)
-        _fep_gemm_kernel[grid](
+        kernel = _fep_gemm_split_k_kernel if split_k else _fep_gemm_kernel
+        kernel[grid](
             a, b, out,
             dummy if a_shift is None else a_shift, dummy if a_mul is None else a_mul,
             dummy if b_shift is None else b_shift, dummy if b_mul is None else b_mul,
@@ -252,7 +259,7 @@ def fep_gemm(
         )  # fmt: skip
     elif M > 0 and want_rowsum:
         rowsum.zero_()
-    result = out[0] if n_split == 1 else out.sum(dim=0).to(out_dtype)
+    result = (out[0] if n_split == 1 else out.sum(dim=0)).to(out_dtype)
     if rowsum is not None:
         rowsum = rowsum[0] if n_split == 1 else rowsum.sum(dim=0)
     return result, rowsum

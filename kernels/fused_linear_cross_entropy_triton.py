@@ -36,7 +36,7 @@ import torch
 import triton
 
 from kernels import fused_linear_cross_entropy_triton_kernels as K
-from kernels._dispatch import is_interpreter
+from kernels._dispatch import compile_only, is_interpreter, multiprocessor_count
 from kernels.fused_linear_cross_entropy_function import ChunkResult, FLCEParams
 
 SCHEDULES = ("hybrid", "fused")
@@ -113,13 +113,16 @@ _TILES = load_tiles()
 
 
 def device_arch(device: torch.device) -> str:
-    """'sm_90' for an H100/H200: the key of the tile table."""
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}"
+    """The key of the tile table: 'sm_90' for an H100/H200. For CPU tensors standing in for CUDA
+    ones (kernels.warmup's compile_only), the GPU that Triton compiles for; otherwise sm_90."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"sm_{major}{minor}"
+    if compile_only():
+        from triton.runtime.driver import driver
 
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+        return f"sm_{driver.active.get_current_target().arch}"
+    return "sm_90"
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -183,7 +186,7 @@ class TritonChunkBackend:
         """The configuration a chunk of ``dtype`` on ``device`` runs with."""
         if self.config is not None:
             return check_config(self.config)
-        if self.interpret or device.type != "cuda":
+        if self.interpret:
             name = self.schedule or _TILES["default"]["4"]["schedule"]
             return {"schedule": name, **_INTERP_CONFIGS[name]}
         entry = _TILES.get(device_arch(device), _TILES["default"])[str(dtype.itemsize)]
@@ -260,10 +263,11 @@ class TritonChunkBackend:
         softcap = params.softcap if params.softcap is not None else 1.0
         f32 = dict(dtype=torch.float32, device=h_CD.device)
 
+        gemms = not compile_only()  # CPU tensors standing in for CUDA ones: only Triton launches count
         z_CV = _chunk_buffer(C, V, h_CD.dtype, h_CD.device)
-        if b_V is None:
+        if gemms and b_V is None:
             torch.mm(h_CD, w_VD.t(), out=z_CV)
-        else:
+        elif gemms:
             torch.addmm(b_V, h_CD, w_VD.t(), out=z_CV)
 
         block_v = cfg["BLOCK_V"]
@@ -290,10 +294,10 @@ class TritonChunkBackend:
                 V, seg_len, n_iter, z_CV.stride(0), softcap, HAS_GAMMA=smoothing, **flags,
             )  # fmt: skip
             if want_dh:
-                dh_CD = torch.mm(z_CV, w_VD)
-            if dw_acc_VD is not None:
+                dh_CD = torch.mm(z_CV, w_VD) if gemms else torch.empty_like(h_CD)
+            if dw_acc_VD is not None and gemms:
                 _addmm_float32(dw_acc_VD, z_CV.t(), h_CD)
-            if db_acc_V is not None:
+            if db_acc_V is not None and gemms:
                 db_acc_V += z_CV.sum(dim=0, dtype=db_acc_V.dtype)
         return ChunkResult(lse, target, zsum, dh_CD)
 
@@ -342,7 +346,7 @@ class TritonChunkBackend:
                 n_kblocks = triton.cdiv(V, gc["BLOCK_K"])
                 split = self.split
                 if split is None:
-                    split = 1 if self.interpret or dev.type != "cuda" else waves * _sm_count(dev) // n_tiles
+                    split = 1 if self.interpret else waves * multiprocessor_count(dev) // n_tiles
                 n_k = triton.cdiv(n_kblocks, max(1, min(split, n_kblocks)))
                 split = triton.cdiv(n_kblocks, n_k)
                 part = torch.empty((split, C, D), **f32)

@@ -19,6 +19,7 @@ from sonarllm.sonar import (
     SonarTextConfig,
     SonarTokenizer,
     decoder_from_fairseq2,
+    encoder_from_fairseq2,
     load_sonar_decoder,
     load_sonar_encoder,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "SonarTokenLoss",
     "SonarTokenizer",
     "decoder_from_fairseq2",
+    "encoder_from_fairseq2",
     "load_sonar_decoder",
     "load_sonar_encoder",
 ]

@@ -11,6 +11,7 @@ path or asset name instead of copied.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ def save_bundle(directory: str | os.PathLike, model: SonarLLM, spec: SonarSpec) 
         elif value is not None and os.path.exists(value):
             value = str(Path(value).resolve())
         files[field] = value
-    SonarSpec(**files, lang=spec.lang).save(directory / SPEC_NAME)
+    dataclasses.replace(spec, **files).save(directory / SPEC_NAME)  # configs and lang kept
     return directory
 
 

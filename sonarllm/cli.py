@@ -4,6 +4,7 @@
     sonarllm evaluate --model DIR --data held_out.jsonl [--json results.json]
     sonarllm prepare ...   # delegated to training.prepare_data.main
     sonarllm train ...     # delegated to training.train.main
+    sonarllm compare ...   # delegated to training.compare.main
 
 Conventions: ``--help`` on every command; exit status 0 on success, 2 for a bad command line
 (argparse's errors, an empty prompt), 1 for a runtime error (missing or incompatible model
@@ -26,6 +27,10 @@ PROG = "sonarllm"
 DELEGATES = {
     "prepare": ("training.prepare_data", "prepare a corpus: split, SONAR-encode and shard it"),
     "train": ("training.train", "train a SONAR-LLM (DeepSpeed)"),
+    "compare": (
+        "training.compare",
+        "compare training objectives over seeds (SONAR-LLM vs MSE-LCM)",
+    ),
 }
 
 
@@ -68,6 +73,20 @@ def _threshold(text: str) -> float | None:
         ) from None
     if not -1.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [-1, 1] or 'none', got {text!r}")
+    return value
+
+
+def _cosine(text: str) -> float:
+    value = _bounded(float, -1.0, "a number in [-1, 1]")(text)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [-1, 1], got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
 
 
@@ -185,6 +204,32 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=32,
         help="prompts generated together (default: 32)",
+    )
+    gen.add_argument(
+        "--no-repeat-sentences",
+        type=_non_negative_int,
+        default=0,
+        metavar="K",
+        help="repetition control: a sentence within --repeat-threshold (cosine) of one of the "
+        "last K is redrawn with noise, then ends generation ('repetition'); 0 = off (default)",
+    )
+    gen.add_argument(
+        "--repeat-threshold",
+        type=_cosine,
+        default=0.95,
+        help="cosine at which a sentence repeats an earlier one (default: 0.95)",
+    )
+    gen.add_argument(
+        "--repeat-retries",
+        type=_non_negative_int,
+        default=2,
+        help="noisy redraws of a repeat before generation ends (default: 2)",
+    )
+    gen.add_argument(
+        "--repeat-noise",
+        type=_positive_float,
+        default=0.2,
+        help="noise of a redraw, like --temperature (default: 0.2)",
     )
     gen.add_argument(
         "--stream",
@@ -311,6 +356,10 @@ def cmd_generate(args) -> int:
         seed=args.seed,
         lang=args.lang,
         batch_size=args.batch_size,
+        no_repeat_sentences=args.no_repeat_sentences,
+        repeat_threshold=args.repeat_threshold,
+        repeat_retries=args.repeat_retries,
+        repeat_noise=args.repeat_noise,
     )
     bundle = _load(args)
     if args.stream:

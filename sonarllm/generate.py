@@ -26,8 +26,17 @@ with ``seed * 1_000_003 + prompt index``: results depend on (seed, prompt index)
 the device, on batching, or on when other prompts finish. The noisy vector is only decoded;
 the context gets the re-encoded sentence as always.
 
+Repetition control (off by default, so the paper's algorithm is the default): with
+``no_repeat_sentences`` k >= 1, a decoded sentence whose re-encoded embedding has a cosine >=
+``repeat_threshold`` with one of the document's last k sentences (prompt sentences included) is
+a repeat. It is decoded again from ``p + repeat_noise * rms(p) * z`` (fresh z each time, from a
+second generator private to the prompt, seeded from (seed, prompt index) like the first) up to
+``repeat_retries`` times; a sentence that is still a repeat ends the prompt with stop reason
+"repetition" (not emitted). A redraw that is the end sentence ends it with "eos".
+
 Pure steps in gpt-fast style: ``split_prompts``, ``prefill``, ``predict_next`` (KV cache) or
-``predict_recomputed`` (full forward), ``perturb``, ``decode_sentences``, ``should_stop``;
+``predict_recomputed`` (full forward), ``perturb``, ``decode_sentences``, ``should_stop``,
+``is_repeat``;
 ``stream`` runs the loop and yields sentences as they are produced, ``generate`` collects them.
 
 Shape legend: B prompts still running, E SONAR dim, T packed prompt sentences.
@@ -50,7 +59,9 @@ from sonarllm.text import EOS_SENTENCE, MAX_SENTENCES, split_sentences
 
 STOP_EOS = "eos"
 STOP_MAX_SENTENCES = "max_sentences"
+STOP_REPETITION = "repetition"
 _SEED_STRIDE = 1_000_003  # prompt i of seed s draws from a generator seeded s * stride + i
+_REPEAT_SEED_OFFSET = 2**62  # its repetition redraws from one seeded 2**62 + s * stride + i
 
 
 def _is_int(value) -> bool:
@@ -59,7 +70,6 @@ def _is_int(value) -> bool:
 
 def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
 
 
 REFERENCE_MAX_SEQ_LEN = 256  # the SONAR-LLM reference decodes with predict(..., max_seq_len=256)
@@ -93,6 +103,16 @@ class GenerationOptions:
     recompute: bool = False
     """Re-run the full forward over the context every step instead of the KV cache (the
     reference's way; slower, kept to test that both agree)."""
+    no_repeat_sentences: int = 0
+    """Repetition control: compare each decoded sentence with the document's last this many
+    sentences (see the module docstring). 0 (default) = off, the paper's algorithm."""
+    repeat_threshold: float = 0.95
+    """A sentence is a repeat when its re-encoded embedding's cosine with one of those sentences'
+    is >= this; in [-1, 1]."""
+    repeat_retries: int = 2
+    """Redraws of a repeat before the prompt stops with stop reason "repetition" (0: stop at once)."""
+    repeat_noise: float = 0.2
+    """Noise of a redraw, as ``temperature``: p + repeat_noise * rms(p) * z; > 0."""
 
     def __post_init__(self) -> None:
         for name, low in (("max_sentences", 1), ("beam_size", 1), ("batch_size", 1)):
@@ -125,6 +145,19 @@ class GenerationOptions:
             raise ValueError(f"GenerationOptions.lang must be None or a str, got {self.lang!r}")
         if not isinstance(self.recompute, bool):
             raise ValueError(f"GenerationOptions.recompute must be a bool, got {self.recompute!r}")
+        for name in ("no_repeat_sentences", "repeat_retries"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"GenerationOptions.{name} must be an int >= 0, got {value!r}")
+        if not _is_real(self.repeat_threshold) or not -1.0 <= self.repeat_threshold <= 1.0:
+            raise ValueError(
+                "GenerationOptions.repeat_threshold must be a number in [-1, 1], "
+                f"got {self.repeat_threshold!r}"
+            )
+        if not _is_real(self.repeat_noise) or self.repeat_noise <= 0:
+            raise ValueError(
+                f"GenerationOptions.repeat_noise must be a finite number > 0, got {self.repeat_noise!r}"
+            )
 
     def beam_search_options(self) -> BeamSearchOptions:
         """The SONAR decoder's beam search settings for these options."""
@@ -142,7 +175,8 @@ class GeneratedText:
         sentences: generated sentences in order (the end sentence is never included).
         scores: the decoder's beam score of each generated sentence (length-normalised
             log-probability given the decoded embedding).
-        stop_reason: "eos" (the end sentence was predicted) or "max_sentences".
+        stop_reason: "eos" (the end sentence was predicted), "max_sentences", or "repetition"
+            (repetition control: a sentence kept repeating one of the last ones).
     """
 
     prompt_sentences: list[str]
@@ -225,9 +259,10 @@ def predict_recomputed(model: SonarLLM, contexts: Sequence[torch.Tensor]) -> tor
     return model(x_TE, cu_seqlens=cu)[last_B]
 
 
-def noise_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per prompt, seeded from (seed, prompt index) only."""
-    return [torch.Generator().manual_seed(seed * _SEED_STRIDE + i) for i in indices]
+def noise_generators(seed: int, indices: Sequence[int], offset: int = 0) -> list[torch.Generator]:
+    """One CPU generator per prompt, seeded from (seed, prompt index) only (plus ``offset``
+    for a second, independent stream)."""
+    return [torch.Generator().manual_seed(offset + seed * _SEED_STRIDE + i) for i in indices]
 
 
 def perturb(
@@ -261,6 +296,37 @@ def should_stop(emb_BE: torch.Tensor, eos_E: torch.Tensor, threshold: float | No
         return torch.zeros(emb_BE.shape[0], dtype=torch.bool, device=emb_BE.device)
     cos_B = F.cosine_similarity(emb_BE.float(), eos_E.float().to(emb_BE.device)[None], dim=-1)
     return cos_B >= threshold
+
+
+def is_repeat(emb_E: torch.Tensor, recent_KE: torch.Tensor, threshold: float) -> bool:
+    """Whether cos(emb, one of the K recent embeddings) >= threshold (False when K = 0)."""
+    if recent_KE.shape[0] == 0:
+        return False
+    cos_K = F.cosine_similarity(emb_E.float()[None], recent_KE.float().to(emb_E.device), dim=-1)
+    return bool((cos_K >= threshold).any())
+
+
+def _redraw_repeats(pipeline, pred_BE, step, recent, generators, eos_E, options) -> list[bool]:
+    """Repetition control for one step: decode each repeat again from a noisy prediction, up
+    to ``repeat_retries`` times, updating the step's (texts, scores, new_BE, eos_B) in place;
+    returns which rows are still repeats."""
+    texts, scores, new_BE, eos_B = step
+    k, threshold = options.no_repeat_sentences, options.repeat_threshold
+    repeat = [
+        not eos_B[j] and is_repeat(new_BE[j], recent[j][-k:], threshold) for j in range(len(texts))
+    ]
+    for _ in range(options.repeat_retries):
+        rows = [j for j, r in enumerate(repeat) if r]
+        if not rows:
+            break
+        noisy_RE = perturb(pred_BE[rows], options.repeat_noise, [generators[j] for j in rows])
+        texts_R, scores_R = decode_sentences(pipeline, noisy_RE, options)
+        emb_RE = pipeline.encode(texts_R, options.lang)
+        eos_R = should_stop(emb_RE, eos_E, options.eos_threshold).tolist()
+        for i, j in enumerate(rows):
+            texts[j], scores[j], new_BE[j], eos_B[j] = texts_R[i], scores_R[i], emb_RE[i], eos_R[i]
+            repeat[j] = not eos_R[i] and is_repeat(emb_RE[i], recent[j][-k:], threshold)
+    return repeat
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +378,13 @@ def _events(model, pipeline, prompt_sentences, offset, options) -> Iterator[tupl
         else:
             pred_BE, cache = prefill(model, contexts, options.max_sentences - 1)
     generators = noise_generators(options.seed, [offset + b for b in active])
+    control = options.no_repeat_sentences > 0
+    if control:  # the document's recent sentence embeddings [<= k, E], and the redraws' noise
+        k = options.no_repeat_sentences
+        recent = [e[-k:].float() for e in emb.split([n_prompt[b] for b in active])]
+        redraw_gens = noise_generators(
+            options.seed, [offset + b for b in active], _REPEAT_SEED_OFFSET
+        )
     total = [n_prompt[b] for b in active]
     while True:
         with torch.inference_mode():
@@ -319,12 +392,20 @@ def _events(model, pipeline, prompt_sentences, offset, options) -> Iterator[tupl
             texts, scores = decode_sentences(pipeline, noisy_BE, options)
             new_BE = pipeline.encode(texts, options.lang)
             eos_B = should_stop(new_BE, eos_E, options.eos_threshold).tolist()
+            repeat_B = [False] * len(active)
+            if control:
+                step = (texts, scores, new_BE, eos_B)
+                repeat_B = _redraw_repeats(
+                    pipeline, pred_BE, step, recent, redraw_gens, eos_E, options
+                )
         keep = []
         for j, b in enumerate(active):
-            if eos_B[j]:
-                yield ("stop", offset + b, STOP_EOS)
+            if eos_B[j] or repeat_B[j]:
+                yield ("stop", offset + b, STOP_EOS if eos_B[j] else STOP_REPETITION)
                 continue
             yield ("sentence", offset + b, texts[j], scores[j])
+            if control:
+                recent[j] = torch.cat([recent[j], new_BE[j : j + 1].float()])[-k:]
             total[j] += 1
             if total[j] >= options.max_sentences:
                 yield ("stop", offset + b, STOP_MAX_SENTENCES)
@@ -334,6 +415,9 @@ def _events(model, pipeline, prompt_sentences, offset, options) -> Iterator[tupl
             return
         active = [active[j] for j in keep]
         generators = [generators[j] for j in keep]
+        if control:
+            recent = [recent[j] for j in keep]
+            redraw_gens = [redraw_gens[j] for j in keep]
         total = [total[j] for j in keep]
         with torch.inference_mode():
             new_BE = to_model(new_BE[keep])

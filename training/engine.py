@@ -61,6 +61,23 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
     return ds
 
 
+def check_precision(precision: str) -> None:
+    """Refuse a precision that DeepSpeed's accelerator does not support, at start-up and in one
+    line, instead of DeepSpeed's traceback inside ``deepspeed.initialize`` (e.g. fp16 on a CPU
+    without AVX512-FP16). Asks the accelerator what DeepSpeed's engine asks."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = {"fp32": True, "bf16": bool(accelerator.is_bf16_supported()),
+                 "fp16": bool(accelerator.is_fp16_supported())}  # fmt: skip
+    if not supported[precision]:
+        alternatives = " or ".join(p for p in ("bf16", "fp16", "fp32") if supported[p] and p != precision)
+        raise ConfigError(
+            f"system.precision {precision} is not supported by DeepSpeed's {accelerator.device_name()} accelerator "
+            f"on this machine; use {alternatives}"
+        )
+
+
 def lr_lambda(cfg: TrainConfig):
     """Multiplier of the base lr at optimizer step s (0-based): warmup, then cosine."""
     warmup, total, floor = cfg.optim.warmup_steps, cfg.loop.max_steps, cfg.optim.min_lr_ratio

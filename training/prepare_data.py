@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: import this repository's packa
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -140,7 +141,7 @@ def resolve_sonar(args, out: Path, train_docs: list[list[str]], source_digest: s
         spec = SonarSpec(BASIC_SONAR.tokenizer, BASIC_SONAR.encoder, BASIC_SONAR.decoder, args.lang)
     else:
         spec = SonarSpec.load(args.sonar)
-        spec = SonarSpec(spec.tokenizer, spec.encoder, spec.decoder, args.lang)
+        spec = dataclasses.replace(spec, lang=args.lang)  # its encoder/decoder configs kept
     spec.save(out / "sonar.json")
     return SonarSpec.load(out / "sonar.json")
 

@@ -210,25 +210,34 @@ class Trainer:
         return {"loss": total.item(), "tokens": labels, "sentences": sentences}
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Held-out objective over at most loop.eval_max_documents documents (all ranks)."""
+    def evaluate(self) -> dict:
+        """Held-out objective (``eval_loss``) and token cross-entropy through the frozen decoder
+        (``eval_token_ce``, the same number for the SONAR objective; comparable across objectives)
+        over at most loop.eval_max_documents documents (all ranks)."""
         from training.data import collate
 
         self.engine.eval()
         n = min(len(self.eval_docs), self.cfg.loop.eval_max_documents)
         micro = self.cfg.loop.micro_batch_documents
         rounds = -(-n // (micro * self.world))
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         for k in range(rounds):  # the same number of forwards on every rank (ZeRO-3 gathers per forward)
             start = (k * self.world + self.rank) * micro
             ids = list(range(start, min(start + micro, n)))
             weight = 1.0 if ids else 0.0
             batch = collate([self.eval_docs[d] for d in (ids or [0])], eos_idx=self.eos_idx,
                             duplicate_eos=self.cfg.data.duplicate_eos).to(self.device, self.dtype)  # fmt: skip
-            count = batch.pred_index_N.numel() if self.mse_loss is not None else batch.targets.num_tokens
-            sums += torch.tensor([self._loss(batch, 1).double().item() * weight, count * weight], device=self.device, dtype=torch.float64)
+            pred_NE = self.engine(batch.embeds_TE, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)[batch.pred_index_N]
+            token_ce = self.token_loss(pred_NE, batch.targets, num_items=1).double().item()
+            if self.mse_loss is None:
+                loss, count = token_ce, batch.targets.num_tokens
+            else:
+                loss = self.mse_loss(pred_NE, batch.target_embeds_NE, num_items=1).double().item()
+                count = batch.pred_index_N.numel()
+            sums += torch.tensor([loss, count, token_ce, batch.targets.num_tokens], device=self.device,
+                                 dtype=torch.float64) * weight  # fmt: skip
         dist.all_reduce(sums)
-        return (sums[0] / sums[1]).item()
+        return {"eval_loss": (sums[0] / sums[1]).item(), "eval_token_ce": (sums[2] / sums[3]).item()}
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -241,6 +250,28 @@ class Trainer:
         flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    def _warm_up_kernels(self) -> None:
+        """CUDA: compile the run's Triton kernel variants in parallel before the first step."""
+        from training.kernel_warmup import warm_up_run
+
+        summary = warm_up_run(self.engine.module.config, self.token_loss.decoder.config, self.dtype, self.device,
+                              documents=self.cfg.loop.micro_batch_documents, sentences=self.cfg.data.max_sentences,
+                              local_rank=self.local_rank)  # fmt: skip
+        if summary is not None and self.rank == 0:
+            print(f"kernels: {summary['variants']} variants compiled in {summary['seconds']:.1f} s", flush=True)
+
+    def _log_first_step(self, step: int) -> None:
+        """Seconds from process start to the end of this invocation's first step (all kernels
+        compiled) and the peak memory then, in metrics.jsonl and on the console."""
+        import psutil
+
+        record = {"step": step, "first_step_s": round(time.time() - psutil.Process().create_time(), 2)}
+        if self.device.type == "cuda":
+            record["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        self.metrics.write(record)
+        if self.rank == 0:
+            print(f"first step done {record['first_step_s']:.1f} s after start", flush=True)
 
     def run(self) -> int:
         from tqdm.auto import tqdm
@@ -258,12 +289,15 @@ class Trainer:
         bar = tqdm(total=loop.max_steps, initial=start, disable=self.rank != 0 or not self.cfg.system.progress,
                    desc="train", unit="step", dynamic_ncols=True)  # fmt: skip
         step, last_saved, window = start, start, []
+        self._warm_up_kernels()
         t0 = time.perf_counter()
         while step < loop.max_steps:
             tic = time.perf_counter()
             lr = self.engine.get_lr()[0]
             out = self.train_step(step) | {"lr": lr}
             step += 1
+            if step == start + 1:
+                self._log_first_step(step)
             dt = time.perf_counter() - tic
             window.append((out, dt))
             bar.update(1)
@@ -278,11 +312,11 @@ class Trainer:
                 })  # fmt: skip
                 window = []
             if step % loop.eval_every == 0 or step == loop.max_steps:
-                eval_loss = self.evaluate()
-                self.metrics.write({"step": step, "eval_loss": eval_loss})
+                evals = self.evaluate()
+                self.metrics.write({"step": step, **evals})
                 self.metrics.plot()
                 if self.rank == 0:
-                    bar.write(f"step {step}: train loss {out['loss']:.4f}, eval loss {eval_loss:.4f}")
+                    bar.write(f"step {step}: train loss {out['loss']:.4f}, eval loss {evals['eval_loss']:.4f}")
             if step % loop.checkpoint_every == 0:
                 self._save(step)
                 last_saved = step
@@ -338,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     try:
+        from training.engine import check_precision
+
+        check_precision(cfg.system.precision)
         if dist.get_rank() == 0:
             Path(cfg.run.output_dir).mkdir(parents=True, exist_ok=True)
             tmp = Path(cfg.run.output_dir) / "config.json.tmp"

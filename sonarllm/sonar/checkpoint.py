@@ -13,22 +13,28 @@ Accepted layouts (detected from the keys; see tests/fixtures/README.md §6):
   permuted from fairseq's (bos, pad, eos, unk) to fairseq2's (pad, unk, bos, eos) order.
 
 A checkpoint with missing or unexpected weights, shapes that disagree with the configuration,
-or a file that cannot be read raises ``CheckpointError`` naming the problem.
+or a file that cannot be read raises ``CheckpointError`` naming the problem. So does one whose
+configuration cannot be known: fairseq2 files record none, and only the released architecture
+is recognised by its sizes (see ``load_sonar_decoder``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
 import zipfile
+from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from sonarllm.sonar.config import SonarTextConfig
+from sonarllm.sonar.config import SONAR_CONFIGS, SonarTextConfig
 from sonarllm.sonar.decoder import SonarDecoder
 from sonarllm.sonar.encoder import SonarEncoder
+from sonarllm.sonar.layers import sinusoidal_table
 
 # fairseq2 row r holds fairseq1/HF row FS1_TO_FS2[r] (fairseq1: <s>=0, <pad>=1, </s>=2, <unk>=3).
 FS1_TO_FS2 = [1, 3, 0, 2]
@@ -155,16 +161,55 @@ def to_fairseq2_state_dict(obj: dict, kind: str) -> dict:
     )
 
 
-def infer_config(sd: dict, kind: str) -> SonarTextConfig:
-    """Sizes read off a fairseq2-layout state dict (SONAR's head size, 64, gives the heads)."""
+def weight_sizes(sd: dict, kind: str) -> dict:
+    """The sizes a fairseq2-layout state dict determines: model_dim, num_layers, ffn_dim, vocab_size."""
     embed = sd[f"{kind}_frontend.embed.weight"]
-    vocab, dim = embed.shape
     layer_ids = {int(m.group(1)) for k in sd if (m := re.match(rf"{kind}\.layers\.(\d+)\.", k))}
     ffn = sd.get(f"{kind}.layers.0.ffn.inner_proj.weight")
     if not layer_ids or ffn is None:
         raise CheckpointError(f"the {kind} checkpoint has no layers ({kind}.layers.0.ffn.inner_proj.weight missing)")
-    return SonarTextConfig(model_dim=dim, num_layers=max(layer_ids) + 1, num_heads=max(1, dim // 64),
-                           ffn_dim=ffn.shape[0], vocab_size=vocab)  # fmt: skip
+    return {"model_dim": embed.shape[1], "num_layers": max(layer_ids) + 1, "ffn_dim": ffn.shape[0], "vocab_size": embed.shape[0]}
+
+
+def stored_positions(sd: dict, kind: str) -> int | None:
+    """Token positions covered by a sinusoidal table that a fairseq1 / Hugging Face file stores
+    (``embed_positions.weights``: row s encodes step s, rows 0-1 unused), or None without one.
+    A table of other values (learned positions) raises: these models cannot use it."""
+    for key, table in _unwrap(sd).items():
+        m = re.fullmatch(r"(?:model\.)?(?:(encoder|decoder)\.)?embed_positions\.weights?", key)
+        if m and m.group(1) in (None, kind) and table.dim() == 2:
+            expected = sinusoidal_table(table.shape[0] - 2, table.shape[1], 2)
+            tol = max(1e-4, 2 * torch.finfo(table.dtype).eps) if table.is_floating_point() else 0
+            if table.shape[0] < 3 or not torch.allclose(table[2:].float(), expected, atol=tol, rtol=0):
+                raise CheckpointError(f"{key} is not SONAR's sinusoidal position table (learned positions?); "
+                                      "these models use fixed sinusoidal positions")  # fmt: skip
+            return table.shape[0] - 2
+    return None
+
+
+def infer_config(sd: dict, kind: str, *, known: dict | None = None) -> SonarTextConfig:
+    """The configuration of a checkpoint that records none.
+
+    The weights determine the sizes; ``known`` adds values from elsewhere (a ``sonar.json`` beside
+    the file, the fairseq1 layout's pad index, a stored position table). The head count, length
+    and pad index are not in fairseq2 files: a released SONAR architecture (``basic``) is
+    recognised by its exact sizes, and any other checkpoint without them raises CheckpointError
+    naming them (guessing gives wrong outputs without an error).
+    """
+    values = weight_sizes(sd, kind) | (known or {})
+    missing = [name for name in ("num_heads", "max_seq_len", "legacy_pad_idx") if name not in values]
+    released = SONAR_CONFIGS["basic"]
+    if missing and all(getattr(released, k) == v for k, v in values.items()):
+        return released
+    if not missing:
+        return SonarTextConfig.from_dict(values)
+    given = ", ".join(f"{k}={v}" for k, v in values.items())
+    raise CheckpointError(
+        f"the SONAR {kind} checkpoint records no configuration and is not a released SONAR architecture "
+        f"({given}), so its {', '.join(missing)} cannot be known; pass config=SonarTextConfig({given}, "
+        f"{', '.join(f'{m}=...' for m in missing)}), or put a sonar.json beside the file whose \"{kind}\" entry "
+        f"names it and whose \"{kind}_config\" gives {', '.join(missing)}"
+    )
 
 
 def load_state(model: torch.nn.Module, sd: dict, *, assign: bool = False) -> None:
@@ -184,15 +229,8 @@ def load_state(model: torch.nn.Module, sd: dict, *, assign: bool = False) -> Non
     model.load_state_dict(sd, assign=assign)
 
 
-def _source_state(source, kind: str, trust: bool) -> tuple[dict, SonarTextConfig | None]:
-    """State dict in fairseq2 layout, and the config the checkpoint records (our files do)."""
-    if not isinstance(source, dict):
-        source = _read_source(source, kind, trust)
-    saved = source.get("sonar_config") if isinstance(source, dict) else None
-    return to_fairseq2_state_dict(source, kind), None if saved is None else SonarTextConfig.from_dict(saved)
-
-
-def _read_source(source, kind: str, trust: bool) -> dict:
+def _read_source(source, kind: str, trust: bool) -> tuple[Path, dict]:
+    """The file a path, asset name or URL names (assets and URLs downloaded), and its contents."""
     text = os.fspath(source)
     if not Path(text).exists():
         from sonarllm.sonar.download import ASSETS, fetch
@@ -201,61 +239,69 @@ def _read_source(source, kind: str, trust: bool) -> dict:
             if text in ASSETS and ASSETS[text].kind != kind:
                 raise CheckpointError(f"asset {text!r} is a SONAR {ASSETS[text].kind}, not a {kind}")
             text = os.fspath(fetch(text))
-    return read_checkpoint_file(text, trust=trust)
+    return Path(text), read_checkpoint_file(text, trust=trust)
+
+
+def config_beside(path: Path, kind: str) -> dict:
+    """The ``{kind}_config`` values of a ``sonar.json`` in the checkpoint's directory whose ``{kind}``
+    entry names that checkpoint (a SonarSpec, see pipeline.py), else {}."""
+    spec_path = path.parent / "sonar.json"
+    if not spec_path.is_file():
+        return {}
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{spec_path} is not readable JSON: {exc}") from exc
+    named, values = spec.get(kind), spec.get(f"{kind}_config")
+    if values is None or named is None or "://" in named or (spec_path.parent / named).resolve() != path.resolve():
+        return {}
+    names = {f.name for f in fields(SonarTextConfig)}
+    if not isinstance(values, dict) or not set(values) <= names:
+        raise CheckpointError(f"{spec_path}: {kind}_config must be an object of SonarTextConfig fields {sorted(names)}, got {values!r}")
+    return values
 
 
 def _build(cls, kind, source, config, device, dtype, trust, **kwargs):
-    sd, saved = _source_state(source, kind, trust)
-    cfg = config if config is not None else saved if saved is not None else infer_config(sd, kind)
+    """The model from any source (see ``load_sonar_decoder``), its config resolved in order: an
+    explicit one, the one the checkpoint records, a ``sonar.json`` beside the file, the weights."""
+    path, obj = (None, source) if isinstance(source, dict) else _read_source(source, kind, trust)
+    sd = to_fairseq2_state_dict(obj, kind)
+    given, config = (config, None) if isinstance(config, Mapping) else ({}, config)
+    if config is None and not given and obj.get("sonar_config") is not None:
+        config = SonarTextConfig.from_dict(obj["sonar_config"])
+    positions = stored_positions(obj, kind)  # checked even with a config: a learned table is refused
+    if config is None:
+        known = {} if f"{kind}_frontend.embed.weight" in _unwrap(obj) else {"legacy_pad_idx": 1}  # fairseq1 layout
+        if positions is not None:  # tables are only in fairseq1 layouts; ours adds pad + 1 for the encoder
+            known["max_seq_len"] = positions - (2 if kind == "encoder" else 0)
+        given = given or (config_beside(path, kind) if path is not None else {})
+        config = infer_config(sd, kind, known=known | dict(given))
     with torch.device("meta"):  # no random initialisation of weights about to be replaced
-        model = cls(cfg, **kwargs)
+        model = cls(config, **kwargs)
     load_state(model, {k: v.contiguous() for k, v in sd.items()}, assign=True)
     model.reset_buffers()  # the position tables are not in checkpoints
     return model.to(device=device, dtype=dtype)
 
 
-def load_sonar_decoder(source, *, config: str | SonarTextConfig | None = None, device=None, dtype=None,
+def load_sonar_decoder(source, *, config: str | SonarTextConfig | Mapping | None = None, device=None, dtype=None,
                        trust: bool = False, **kwargs) -> SonarDecoder:  # fmt: skip
     """A frozen ``SonarDecoder`` from a file path, an asset name (``text_sonar_basic_decoder``,
     downloaded to the cache), a URL or a state dict, in any accepted layout.
 
-    ``config`` defaults to the one the checkpoint records (this package's files carry a
-    ``sonar_config`` entry), else to the sizes read off the weights; extra keyword arguments
-    (``train_dropout``, ``kernel_impl``) go to ``SonarDecoder``.
+    ``config`` is a SonarTextConfig, a name ("basic", "toy"), or a dict of SonarTextConfig fields
+    that completes the sizes read off the weights. It defaults to the one the checkpoint records
+    (this package's files carry a ``sonar_config`` entry), else to the ``decoder_config`` of a
+    ``sonar.json`` beside the file that names it (a SonarSpec), else to the released architecture
+    when the weights have its exact sizes; any other checkpoint raises CheckpointError naming the
+    fields only a config can give (``num_heads``, ``max_seq_len``, ``legacy_pad_idx``: fairseq2
+    files record no configuration). Extra keyword arguments (``train_dropout``, ``kernel_impl``)
+    go to ``SonarDecoder``.
     """
     return _build(SonarDecoder, "decoder", source, config, device, dtype, trust, **kwargs)
 
 
-def load_sonar_encoder(source, *, config: str | SonarTextConfig | None = None, device=None, dtype=None,
+def load_sonar_encoder(source, *, config: str | SonarTextConfig | Mapping | None = None, device=None, dtype=None,
                        trust: bool = False, **kwargs) -> SonarEncoder:  # fmt: skip
-    """A frozen ``SonarEncoder`` (see ``load_sonar_decoder``; asset ``text_sonar_basic_encoder``)."""
+    """A frozen ``SonarEncoder`` (see ``load_sonar_decoder``; asset ``text_sonar_basic_encoder``,
+    ``encoder_config`` in a ``sonar.json``)."""
     return _build(SonarEncoder, "encoder", source, config, device, dtype, trust, **kwargs)
-
-
-def decoder_from_fairseq2(model, **kwargs) -> SonarDecoder:
-    """Wrap a loaded fairseq2/sonar ``ConditionalTransformerDecoderModel`` without copying weights
-    (our decoder's parameters become views of the same tensors)."""
-    sd = to_fairseq2_state_dict(model.state_dict(), "decoder")
-    cfg = infer_config(sd, "decoder")
-    layer = model.decoder.layers[0].self_attn
-    cfg = SonarTextConfig(**{**cfg.to_dict(), "num_heads": int(layer.num_heads),
-                             "max_seq_len": int(getattr(model, "max_target_seq_len", cfg.max_seq_len))})  # fmt: skip
-    param = next(model.parameters())
-    with torch.device("meta"):
-        ours = SonarDecoder(cfg, **kwargs)
-    load_state(ours, sd, assign=True)
-    ours.reset_buffers(param.device)
-    return ours.requires_grad_(False)
-
-
-def load_via_fairseq2(name: str, kind: str = "decoder", **kwargs):
-    """Load a SONAR model by fairseq2 asset name through sonar-space/fairseq2 (when installed),
-    then convert it: the fairseq2 card system resolves and caches the download."""
-    try:
-        from fairseq2.models import load_model
-    except ImportError as exc:
-        raise ImportError("loading by fairseq2 asset name needs sonar-space and fairseq2 (extra 'sonar')") from exc
-    fs2 = load_model(name, device=torch.device("cpu"))
-    if kind == "decoder":
-        return decoder_from_fairseq2(fs2, **kwargs)
-    return _build(SonarEncoder, "encoder", fs2.state_dict(), None, None, None, False, **kwargs)

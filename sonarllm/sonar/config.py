@@ -10,6 +10,7 @@ everywhere, one final LayerNorm, and — for the decoder — a tied output proje
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
 
@@ -43,6 +44,8 @@ class SonarTextConfig:
                     raise ValueError(f"SonarTextConfig.{f.name} must be in [0, 1), got {value}")
             elif f.name != "legacy_pad_idx" and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"SonarTextConfig.{f.name} must be a positive int, got {value!r}")
+        if not isinstance(self.legacy_pad_idx, int) or not 0 <= self.legacy_pad_idx < self.vocab_size:
+            raise ValueError(f"SonarTextConfig.legacy_pad_idx must be a token id in [0, vocab_size), got {self.legacy_pad_idx!r}")
         if self.model_dim % self.num_heads:
             raise ValueError(
                 f"SonarTextConfig.model_dim ({self.model_dim}) must be divisible by num_heads ({self.num_heads})"
@@ -66,21 +69,61 @@ class SonarTextConfig:
         return cls(**values)
 
 
-def from_fairseq2_config(values: dict, kind: str) -> SonarTextConfig:
-    """Our config from a fairseq2 ``SonarTextDecoderConfig`` / ``SonarTextEncoderConfig`` (as a
-    dict). The decoder's attention uses ``num_encoder_attn_heads`` (a fairseq2 SONAR quirk)."""
+_MISSING = object()
+
+
+def _fs2_value(config, name: str, kind: str, default=_MISSING):
+    value = config.get(name, default) if isinstance(config, Mapping) else getattr(config, name, default)
+    if value is _MISSING:
+        raise ValueError(f"the fairseq2 {kind} config has no field {name!r}; pass a SonarText{kind.title()}Config")
+    return value
+
+
+def from_fairseq2_config(config, kind: str, *, after_factory: bool = False) -> SonarTextConfig:
+    """Our config from a sonar/fairseq2 ``SonarTextDecoderConfig`` / ``SonarTextEncoderConfig``:
+    the dataclass itself or a dict of its fields (``vocab_info`` a ``VocabularyInfo`` or a dict).
+
+    Field names (fairseq2 -> ours): ``model_dim`` -> ``model_dim``; ``num_decoder_layers`` /
+    ``num_encoder_layers`` -> ``num_layers``; ``num_encoder_attn_heads`` -> ``num_heads`` (the decoder's
+    attention uses it too, a fairseq2 SONAR quirk); ``ffn_inner_dim`` -> ``ffn_dim``;
+    ``vocab_info.size`` -> ``vocab_size``; ``vocab_info.pad_idx`` -> ``legacy_pad_idx``;
+    ``attention_dropout_p`` -> ``dropout_p``; ``max_seq_len`` -> ``max_seq_len``. An encoder's
+    position table covers ``max_seq_len + pad_idx + 1`` tokens when ``_from_fairseq`` is set, as ours.
+
+    Args:
+        after_factory: the encoder config went through fairseq2's ``SonarTextEncoderFactory``,
+            which adds ``pad_idx + 1`` to ``max_seq_len`` *in place* when ``_from_fairseq`` is set
+            (its model then has ``max_seq_len`` positions). The config does not record that;
+            ``encoder_from_fairseq2(model)`` reads the lengths off the model instead.
+
+    Raises ValueError naming a field whose value these models do not implement.
+    """
     if kind not in ("decoder", "encoder"):
         raise ValueError(f"kind must be 'decoder' or 'encoder', got {kind!r}")
-    vocab = values["vocab_info"]
+    get = lambda name, default=_MISSING: _fs2_value(config, name, kind, default)  # noqa: E731
+    vocab = get("vocab_info")
+    vocab_get = lambda name: _fs2_value(vocab, name, kind)  # noqa: E731
+    model_dim, pad_idx = get("model_dim"), vocab_get("pad_idx")
+    checks = [("activation_fn", ("ReLU",)), ("no_scale_embedding", (False,)), ("learned_pos", (False,)),
+              ("no_token_positional_embeddings", (False,)), ("layernorm_embedding", (False,))]  # fmt: skip
+    checks += [("input_dim", (None, model_dim))] if kind == "decoder" else [("pooling", ("mean",)), ("embedding_dim", (None, model_dim))]
+    for name, allowed in checks:  # a field the config lacks has SONAR's value
+        if (value := get(name, allowed[0])) not in allowed:
+            raise ValueError(f"fairseq2 {kind} config {name}={value!r} is not implemented here (SONAR's is {allowed[0]!r})")
+    if pad_idx is None:
+        raise ValueError(f"fairseq2 {kind} config vocab_info.pad_idx is None; SONAR's positions need it (1 in SONAR)")
+    max_seq_len = get("max_seq_len")
+    if kind == "encoder" and (after_factory or not get("_from_fairseq", False)):
+        max_seq_len -= pad_idx + 1  # the config counts every position; ours adds pad_idx + 1 to max_seq_len
     return SonarTextConfig(
-        model_dim=values["model_dim"],
-        num_layers=values["num_decoder_layers" if kind == "decoder" else "num_encoder_layers"],
-        num_heads=values["num_encoder_attn_heads"],
-        ffn_dim=values["ffn_inner_dim"],
-        vocab_size=vocab["size"] if isinstance(vocab, dict) else vocab.size,
-        max_seq_len=values["max_seq_len"],
-        legacy_pad_idx=vocab["pad_idx"] if isinstance(vocab, dict) else vocab.pad_idx,
-        dropout_p=values.get("attention_dropout_p", 0.1),
+        model_dim=model_dim,
+        num_layers=get(f"num_{kind}_layers"),
+        num_heads=get("num_encoder_attn_heads"),
+        ffn_dim=get("ffn_inner_dim"),
+        vocab_size=vocab_get("size"),
+        max_seq_len=max_seq_len,
+        legacy_pad_idx=pad_idx,
+        dropout_p=get("attention_dropout_p", 0.1),
     )
 
 

@@ -14,7 +14,7 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,18 +32,24 @@ class SonarSpec:
 
     Stored as ``sonar.json`` beside prepared data and trained models, so that training,
     evaluation and generation use the same tokenizer, encoder and decoder. Relative paths are
-    relative to the JSON file.
+    relative to the JSON file. ``encoder_config`` / ``decoder_config`` (dicts of SonarTextConfig
+    fields) complete checkpoints that record no configuration and are not a released
+    architecture; a ``sonar.json`` beside such a checkpoint file that names it gives them to
+    ``load_sonar_encoder`` / ``load_sonar_decoder`` too.
     """
 
     tokenizer: str
     encoder: str | None = None
     decoder: str | None = None
     lang: str = "eng_Latn"
+    encoder_config: dict | None = None
+    decoder_config: dict | None = None
 
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        values = {k: v for k, v in asdict(self).items() if v is not None or not k.endswith("_config")}
+        tmp.write_text(json.dumps(values, indent=2) + "\n")
         os.replace(tmp, path)
 
     @classmethod
@@ -68,7 +74,7 @@ class SonarSpec:
                 raise FileNotFoundError(f"SONAR {field} file not found: {local} (named in {path})")
             return p
 
-        return cls(resolve("tokenizer"), resolve("encoder"), resolve("decoder"), spec.lang)
+        return replace(spec, tokenizer=resolve("tokenizer"), encoder=resolve("encoder"), decoder=resolve("decoder"))
 
 
 class SonarPipeline:
@@ -87,15 +93,18 @@ class SonarPipeline:
 
     @classmethod
     def from_files(cls, tokenizer: str | os.PathLike, encoder=None, decoder=None, *, device=None, dtype=None,
-                   kernel_impl: str = "auto") -> SonarPipeline:  # fmt: skip
-        """Load from files, asset names (e.g. ``text_sonar_basic_encoder``, ``sonar_tokenizer``) or URLs."""
+                   kernel_impl: str = "auto", encoder_config=None, decoder_config=None) -> SonarPipeline:  # fmt: skip
+        """Load from files, asset names (e.g. ``text_sonar_basic_encoder``, ``sonar_tokenizer``) or
+        URLs; the configs (see ``load_sonar_decoder``'s ``config``) go to the loaders."""
         if not os.path.exists(os.fspath(tokenizer)):
             from sonarllm.sonar.download import fetch
 
             tokenizer = fetch(os.fspath(tokenizer))
         tok = SonarTokenizer(tokenizer)
-        enc = None if encoder is None else load_sonar_encoder(encoder, device=device, dtype=dtype, kernel_impl=kernel_impl)
-        dec = None if decoder is None else load_sonar_decoder(decoder, device=device, dtype=dtype, kernel_impl=kernel_impl)
+        enc = None if encoder is None else load_sonar_encoder(encoder, config=encoder_config, device=device, dtype=dtype,
+                                                              kernel_impl=kernel_impl)  # fmt: skip
+        dec = None if decoder is None else load_sonar_decoder(decoder, config=decoder_config, device=device, dtype=dtype,
+                                                              kernel_impl=kernel_impl)  # fmt: skip
         return cls(tok, enc, dec)
 
     @classmethod
@@ -103,7 +112,8 @@ class SonarPipeline:
                   kernel_impl: str = "auto") -> SonarPipeline:  # fmt: skip
         """Load what ``spec`` names (skipping the encoder or decoder when not asked for)."""
         return cls.from_files(spec.tokenizer, spec.encoder if encoder else None, spec.decoder if decoder else None,
-                              device=device, dtype=dtype, kernel_impl=kernel_impl)  # fmt: skip
+                              device=device, dtype=dtype, kernel_impl=kernel_impl, encoder_config=spec.encoder_config,
+                              decoder_config=spec.decoder_config)  # fmt: skip
 
     def tokenize_sources(self, texts: Sequence[str], lang: str | None = None, on_long: str = "truncate") -> list[list[int]]:
         """Source-mode token ids, cut to the encoder's length as ``on_long`` says."""

@@ -110,18 +110,25 @@ def train_toy_sonar(tokenizer: SonarTokenizer, encoder_path: str | os.PathLike, 
     )
     g = torch.Generator().manual_seed(seed)
     losses = []
-    for _ in tqdm(range(steps), disable=not progress, desc="toy SONAR", unit="step"):
-        idx = torch.randint(len(sentences), (batch_size,), generator=g).tolist()
-        emb_ND, _ = encoder(PackedBatch.from_sequences([sources[i] for i in idx]))
-        tgt = SonarTargets.from_target_sequences([targets[i] for i in idx], tokenizer.eos_idx)
-        h_TD = decoder.hidden_states(emb_ND, tgt.inputs)
-        loss = fused_linear_cross_entropy(h_TD, decoder.output_weight, tgt.labels, impl="torch")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+    # Some CPU backward kernels accumulate in a thread-dependent order; the prepared data's
+    # identity hashes these weights, so a rebuild must reproduce them bit for bit.
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in tqdm(range(steps), disable=not progress, desc="toy SONAR", unit="step"):
+            idx = torch.randint(len(sentences), (batch_size,), generator=g).tolist()
+            emb_ND, _ = encoder(PackedBatch.from_sequences([sources[i] for i in idx]))
+            tgt = SonarTargets.from_target_sequences([targets[i] for i in idx], tokenizer.eos_idx)
+            h_TD = decoder.hidden_states(emb_ND, tgt.inputs)
+            loss = fused_linear_cross_entropy(h_TD, decoder.output_weight, tgt.labels, impl="torch")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
     for model, path in ((encoder, encoder_path), (decoder, decoder_path)):
         model.requires_grad_(False).eval()
         tmp = Path(str(path) + ".tmp")

@@ -164,6 +164,21 @@ def test_non_contiguous_fused_qkv(path, varlen):
         _assert_fa(fast[i], ref[i], gold[i], torch.float32, f"{path} {name}", grad=i > 0)
 
 
+def test_self_attention_max_seqlen_k_defaults_to_max_seqlen_q(monkeypatch):
+    """The SONAR decoder/encoder pass cu_seqlens_q and max_seqlen_q only: k shares q's lengths,
+    so max_seqlen_k is known and attention needs no host sync (on CUDA) to compute it."""
+    seen = []
+    real = attn_mod._varlen_max_lengths
+    monkeypatch.setattr(attn_mod, "_varlen_max_lengths", lambda *a: seen.append(a[-2:]) or real(*a))
+    cu = cu_seqlens_from_lengths([4, 11, 2])
+    q, k, v = (t.float() for t in _qkv((17, 2, 16), (17, 2, 16)))
+    got = attention(q, k, v, cu_seqlens_q=cu, max_seqlen_q=11, impl="torch")
+    torch.testing.assert_close(got, attention_ref(q, k, v, cu_seqlens_q=cu), rtol=1e-5, atol=1e-5)
+    assert seen == [(11, 11)]
+    attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=11, impl="torch")
+    assert seen[-1] == (11, None), "separate k lengths: its maximum is still computed"
+
+
 @pytest.mark.parametrize("path", ["torch", "reference", pytest.param("triton", marks=needs_triton)])
 def test_max_seqlen_larger_than_needed(path):
     lens = [4, 11, 2]
@@ -336,6 +351,26 @@ def test_auto_on_cuda_prefers_flash_attn_for_half_precision(clean_env):
     clean_env.delenv("SONARLLM_KERNEL_IMPL")
     if triton_available():
         assert choose("auto", CUDA, torch.bfloat16, 64, 0.0) == "triton"
+
+
+@needs_triton
+def test_auto_on_cuda_follows_the_measured_rule_per_kind_of_call(clean_env):
+    """AUTO_CUDA_PATHS (what the H200 measurements pick per kind of call) decides auto on CUDA;
+    an explicit impl or SONARLLM_KERNEL_IMPL still wins, and CPU auto ignores the rule."""
+    clean_env.setattr(attn_mod, "_flash_attn", lambda: None)
+    clean_env.setitem(attn_mod.AUTO_CUDA_PATHS, "decode", "torch")
+    choose = attn_mod._choose_path
+    assert attn_mod.call_kind(False, 1) == "decode"
+    assert attn_mod.call_kind(False, 33) == "dense" and attn_mod.call_kind(True, 1) == "varlen"
+    assert choose("auto", CUDA, torch.bfloat16, 64, 0.0, "decode") == "torch"
+    assert choose("auto", CUDA, torch.bfloat16, 64, 0.0, "dense") == "triton"
+    assert choose("auto", CUDA, torch.bfloat16, 64, 0.0, "varlen") == "triton"
+    assert choose("triton", CUDA, torch.bfloat16, 64, 0.0, "decode") == "triton"
+    clean_env.setitem(attn_mod.AUTO_CUDA_PATHS, "varlen", "torch")
+    clean_env.setenv("TRITON_INTERPRET", "1")
+    assert choose("auto", CPU, torch.float32, 64, 0.0, "varlen") == "triton"
+    clean_env.setenv("SONARLLM_KERNEL_IMPL", "triton")
+    assert choose("auto", CUDA, torch.bfloat16, 64, 0.0, "varlen") == "triton"
 
 
 def test_explicit_flash_that_cannot_run_raises(clean_env):

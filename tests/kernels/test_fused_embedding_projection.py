@@ -162,6 +162,24 @@ def test_non_contiguous_inputs_and_expanded_gradient(device, path, dtype, mode):
         assert_parity(outs[0][i], outs[1][i], outs[2][i], dtype, f"non-contiguous {name}", grad=i > 0)
 
 
+@needs_triton
+def test_auto_on_cuda_follows_the_measured_rule_per_mode(monkeypatch):
+    """AUTO_CUDA_PATHS (Triton only where measured >= 1.1x nn.Linear + elementwise) decides auto
+    on CUDA per mode; explicit impls, the environment and CPU auto are unaffected."""
+    fep = importlib.import_module("kernels.fused_embedding_projection")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("SONARLLM_KERNEL_IMPL", raising=False)
+    monkeypatch.setitem(fep.AUTO_CUDA_PATHS, "out", "torch")
+    assert fep._choose_path("auto", cuda, torch.bfloat16, "out") == "torch"
+    assert fep._choose_path("auto", cuda, torch.bfloat16, "in") == "triton"
+    assert fep._choose_path("triton", cuda, torch.bfloat16, "out") == "triton"
+    assert fep._choose_path("auto", cuda, torch.float64, "in") == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fep._choose_path("auto", cpu, torch.float32, "out") == "triton"
+    monkeypatch.setenv("SONARLLM_KERNEL_IMPL", "triton")
+    assert fep._choose_path("auto", cuda, torch.bfloat16, "out") == "triton"
+
+
 @pytest.mark.parametrize("path", ["reference", "torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("mode", ["in", "out"])
 def test_shapes_1d_and_empty(path, mode):

@@ -24,12 +24,14 @@ from sonarllm.generate import (
     GenerationOptions,
     decode_sentences,
     generate,
+    is_repeat,
     noise_generators,
     perturb,
     prefill,
     should_stop,
     stream,
 )
+from sonarllm.model import SonarLLM
 from sonarllm.sonar.pipeline import SonarPipeline
 from sonarllm.text import EOS_SENTENCE
 
@@ -66,6 +68,13 @@ def batch_result(toy):
         ("eos_sentence", " "),
         ("recompute", 1),
         ("max_sentences", True),
+        ("no_repeat_sentences", -1),
+        ("no_repeat_sentences", 1.0),
+        ("repeat_threshold", 1.01),
+        ("repeat_threshold", float("nan")),
+        ("repeat_retries", -1),
+        ("repeat_noise", 0.0),
+        ("repeat_noise", float("inf")),
     ],
 )
 def test_options_reject_bad_values_naming_the_field(field, value):
@@ -292,3 +301,130 @@ def test_stream_yields_the_sentences_of_generate(toy, batch_result):
     assert [it.index for it in items] == [0, 1, 2, 0, 1, 2, 0, 1, 1]
     index, sentence = items[0]
     assert (index, sentence) == (0, batch_result[0].sentences[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Repetition control
+
+
+def test_is_repeat_is_a_cosine_threshold_over_the_recent_sentences():
+    recent_KE = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert is_repeat(torch.tensor([2.0, 0.0]), recent_KE, 0.95)
+    assert not is_repeat(torch.tensor([1.0, 1.0]), recent_KE, 0.95)  # cos 0.707 with both
+    assert is_repeat(torch.tensor([1.0, 1.0]), recent_KE, 0.7)
+    assert is_repeat(torch.tensor([-1.0, 0.0]), recent_KE, -0.5)  # cos -1 and 0
+    assert not is_repeat(torch.tensor([-1.0, -1.0]), recent_KE, -0.5)  # cos -0.707 with both
+    assert not is_repeat(torch.tensor([1.0, 0.0]), recent_KE[:0], -1.0)  # nothing to repeat
+
+
+REPEATED = "Tom had a red ball."
+
+
+@pytest.fixture(scope="module")
+def repeating(toy):
+    """The toy model with a constant output (zero output weight, bias = 3 x the embedding of
+    REPEATED): whatever the context, it predicts the same embedding, so plain generation decodes
+    the same sentence at every step."""
+    model = SonarLLM(toy.model.config).eval()
+    model.load_state_dict(toy.model.state_dict())
+    with torch.no_grad():
+        model.output_proj.weight.zero_()
+        model.output_proj.bias.copy_(3 * toy.pipeline.encode([REPEATED])[0])
+    return model
+
+
+LOOP = dataclasses.replace(FAST, max_sentences=6)
+GUARD = dataclasses.replace(LOOP, no_repeat_sentences=2, repeat_retries=3)
+
+
+def test_a_repeating_model_loops_by_default(toy, repeating):
+    out = generate(repeating, toy.pipeline, PROMPTS[:2], LOOP)
+    for o in out:
+        assert o.stop_reason == "max_sentences" and len(o.sentences) == 6 - len(o.prompt_sentences)
+        assert len(set(o.sentences)) == 1  # the same sentence over and over
+    # off by default: the other repetition settings change nothing while it is off
+    off = dataclasses.replace(LOOP, repeat_retries=0, repeat_threshold=-1.0, repeat_noise=3.0)
+    again = generate(repeating, toy.pipeline, PROMPTS[:2], off)
+    assert [(o.sentences, o.scores, o.stop_reason) for o in again] == [
+        (o.sentences, o.scores, o.stop_reason) for o in out
+    ]
+
+
+def test_the_guard_without_retries_ends_at_the_first_repeat(toy, repeating):
+    looped = generate(repeating, toy.pipeline, PROMPTS[:2], LOOP)
+    out = generate(
+        repeating, toy.pipeline, PROMPTS[:2], dataclasses.replace(GUARD, repeat_retries=0)
+    )
+    for o, loop in zip(out, looped, strict=True):
+        assert (o.sentences, o.stop_reason) == (loop.sentences[:1], "repetition")
+
+
+def test_redrawn_sentences_never_repeat_the_last_k(toy, repeating):
+    """Checked independently: every emitted sentence, re-encoded here, is below the threshold
+    against the k sentences before it (prompt included)."""
+    out = generate(repeating, toy.pipeline, PROMPTS[:2], GUARD)
+    k = GUARD.no_repeat_sentences
+    for o in out:
+        assert o.stop_reason in ("repetition", "max_sentences")
+        doc = [*o.prompt_sentences, *o.sentences]
+        emb = toy.pipeline.encode(doc)
+        for t in range(len(o.prompt_sentences), len(doc)):
+            cos = torch.cosine_similarity(emb[t][None], emb[max(0, t - k) : t], dim=-1)
+            assert (cos < GUARD.repeat_threshold).all(), (doc, t, cos)
+    assert any(len(set(o.sentences)) > 1 for o in out)  # redraws found other sentences
+
+
+def test_redraws_are_seeded_per_prompt(toy, repeating):
+    """Seeded by (seed, prompt index): the same whether prompts run together or one at a time."""
+    together = generate(repeating, toy.pipeline, PROMPTS, GUARD)
+    one_by_one = generate(
+        repeating, toy.pipeline, PROMPTS, dataclasses.replace(GUARD, batch_size=1)
+    )
+    assert [(o.sentences, o.stop_reason) for o in one_by_one] == [
+        (o.sentences, o.stop_reason) for o in together
+    ]
+    other_seed = generate(repeating, toy.pipeline, PROMPTS, dataclasses.replace(GUARD, seed=1))
+    assert [o.scores for o in other_seed] != [o.scores for o in together]
+
+
+def test_a_redraw_draws_the_documented_noise_and_may_end_the_document(toy, repeating, monkeypatch):
+    """Scripted decoding: the first sentence repeats the prompt, its redraw is the end sentence."""
+    script = iter([[REPEATED], [EOS_SENTENCE]])
+    seen = []
+
+    def scripted(pipeline, emb_BE, options):
+        seen.append(emb_BE.clone())
+        return next(script), [-1.0]
+
+    monkeypatch.setattr(gen_mod, "decode_sentences", scripted)
+    opts = dataclasses.replace(GUARD, seed=3, repeat_noise=0.25, eos_threshold=0.98)
+    (out,) = generate(repeating, toy.pipeline, [REPEATED], opts)
+    assert (out.sentences, out.stop_reason) == ([], "eos")
+    pred_E = seen[0][0]  # no temperature: the prediction itself
+    z = torch.randn(
+        pred_E.shape[0], generator=torch.Generator().manual_seed(2**62 + 3 * 1_000_003 + 0)
+    )
+    torch.testing.assert_close(seen[1][0], pred_E + 0.25 * pred_E.pow(2).mean().sqrt() * z)
+
+
+def test_cli_generate_takes_the_repetition_flags(toy, repeating, tmp_path, capsys):
+    import json
+
+    from sonarllm.bundle import save_bundle
+    from sonarllm.cli import main
+
+    save_bundle(tmp_path / "repeating", repeating, toy.spec)
+    argv = ["generate", "--model", str(tmp_path / "repeating"), "--prompt", PROMPTS[1], "--beam-size", "2",
+            "--max-tokens", "6", "--max-sentences", "6", "--eos-threshold", "none", "--json"]  # fmt: skip
+    assert main(argv + ["--no-repeat-sentences", "2", "--repeat-retries", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (len(result["sentences"]), result["stop_reason"]) == (1, "repetition")
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["stop_reason"] == "max_sentences"
+    for flag, value in (
+        ("--repeat-threshold", "1.5"),
+        ("--repeat-noise", "0"),
+        ("--no-repeat-sentences", "-1"),
+    ):
+        assert main(argv + [flag, value]) == 2
+        assert flag in capsys.readouterr().err

@@ -1,18 +1,24 @@
 """Loading SONAR weights from every layout: fairseq2, fairseq1 (sonar's converter, fixture
 fs1_*.pt), Hugging Face M2M100 ports (checked against transformers), and the error cases."""
 
+import json
+
 import pytest
 import torch
 
 from sonarllm.sonar import (
+    SONAR_CONFIGS,
     CheckpointError,
+    PackedBatch,
     SonarDecoder,
-    decoder_from_fairseq2,
+    SonarEncoder,
+    SonarTextConfig,
     load_sonar_decoder,
     load_sonar_encoder,
 )
-from sonarllm.sonar.checkpoint import FS1_TO_FS2, to_fairseq2_state_dict
+from sonarllm.sonar.checkpoint import FS1_TO_FS2, infer_config, to_fairseq2_state_dict
 from sonarllm.sonar.config import from_fairseq2_config
+from sonarllm.sonar.pipeline import SonarPipeline, SonarSpec
 from tests.sonarllm.sonar_fixtures import FIXTURES, decoder, load, packed, unpadded
 
 
@@ -49,14 +55,14 @@ def test_fairseq1_encoder_file_gives_the_encoder_fairseq2_saved():
     torch.testing.assert_close(emb, fx["reference_sentence_embeddings"], atol=1e-5, rtol=1e-5)
 
 
-def test_fairseq2_layout_round_trip_and_config_inference(tmp_path):
+def test_fairseq2_layout_round_trip_and_config_completion(tmp_path):
     fx = load("decoder")
     path = tmp_path / "dec.pt"
     torch.save({"model": dict(fx["state_dict"])}, path)
-    dec = load_sonar_decoder(path, kernel_impl="torch")  # sizes read off the weights
+    with pytest.raises(CheckpointError, match=r"so its num_heads, max_seq_len, legacy_pad_idx cannot be known"):
+        load_sonar_decoder(path)  # fairseq2 files record no config, and 64-d is no released architecture
+    dec = load_sonar_decoder(path, config={"num_heads": 4, "max_seq_len": 64, "legacy_pad_idx": 1}, kernel_impl="torch")
     assert (dec.config.model_dim, dec.config.num_layers, dec.config.ffn_dim, dec.config.vocab_size) == (64, 2, 128, 307)
-    assert dec.config.num_heads == 1  # 64 / SONAR's head size 64: pass a config for other layouts
-    dec = load_sonar_decoder(path, config=from_fairseq2_config(fx["config"], "decoder"), kernel_impl="torch")
     h = dec.hidden_states(fx["embeddings"], packed(fx["tokens"], fx["seq_lens"]))
     torch.testing.assert_close(h, torch.cat(unpadded(fx["hidden"], fx["seq_lens"])), atol=1e-5, rtol=1e-5)
 
@@ -93,14 +99,6 @@ def test_hf_m2m100_port_matches_transformers():
     torch.testing.assert_close(got, want.reshape(-1, 64), atol=1e-5, rtol=1e-5)
     assert torch.equal(ours.output_weight[3], hf.embed_tokens.weight[2])  # eos row moved
     assert FS1_TO_FS2 == [1, 3, 0, 2]
-
-
-def test_wrapping_a_fairseq2_model_shares_its_weights():
-    """decoder_from_fairseq2 takes any module with fairseq2's decoder names (ours has them)."""
-    fs2_like = decoder()
-    wrapped = decoder_from_fairseq2(fs2_like, kernel_impl="torch")
-    assert wrapped.output_weight.data_ptr() == fs2_like.output_weight.data_ptr()
-    assert wrapped.config.num_heads == 4
 
 
 def test_bad_checkpoints_raise_clear_errors(tmp_path):
@@ -160,3 +158,104 @@ def test_full_hf_m2m100_port_loads_as_decoder_and_as_encoder():
     hf_embed = sd["model.decoder.embed_tokens.weight"]
     assert torch.equal(dec.output_weight[4:], hf_embed[4:]) and torch.equal(dec.output_weight[3], hf_embed[2])
     assert torch.equal(enc.encoder.layers[1].ffn.inner_proj.weight, sd["model.encoder.layers.1.fc1.weight"])
+
+
+# --- checkpoints without a recorded configuration (fairseq2 files record none) ------------------
+
+# Head dim 32 (not SONAR's 64), 40 positions, pad index 0: a model the weights alone do not describe
+# (its vocabulary is the tiny SentencePiece model's with the 202 NLLB languages).
+OTHER = SonarTextConfig(model_dim=64, num_layers=2, num_heads=2, ffn_dim=96, vocab_size=506, max_seq_len=40, legacy_pad_idx=0)
+UNKNOWN = {"num_heads": 2, "max_seq_len": 40, "legacy_pad_idx": 0}
+
+
+def _outputs(model, kind):
+    g = torch.Generator().manual_seed(5)
+    tokens = [torch.randint(4, 50, (n,), generator=g) for n in (40 if kind == "decoder" else 41, 7)]  # every position
+    if kind == "decoder":
+        return model.hidden_states(torch.randn(2, 64, generator=g), PackedBatch.from_sequences(tokens))
+    return model(PackedBatch.from_sequences(tokens))[0]
+
+
+def _other_checkpoint(tmp_path, kind):
+    """A random model of OTHER's shape saved as fairseq2 saves one ({"model": state_dict}, no config)."""
+    torch.manual_seed(0)
+    model = (SonarDecoder if kind == "decoder" else SonarEncoder)(OTHER, kernel_impl="torch")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    path = tmp_path / f"{kind}.pt"
+    torch.save({"model": model.state_dict()}, path)
+    return path, _outputs(model, kind)
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_checkpoint_of_another_shape_needs_its_config(tmp_path, kind):
+    """Without a config the head count, length and pad index were guessed (64-d heads, 512, 1):
+    outputs off by 0.2-0.3 with no warning. Now: an error naming them, or the right model."""
+    load = load_sonar_decoder if kind == "decoder" else load_sonar_encoder
+    path, want = _other_checkpoint(tmp_path, kind)
+    with pytest.raises(CheckpointError) as err:
+        load(path, kernel_impl="torch")
+    message = str(err.value)
+    assert "num_heads, max_seq_len, legacy_pad_idx cannot be known" in message
+    assert "model_dim=64, num_layers=2, ffn_dim=96, vocab_size=506" in message and "sonar.json" in message
+    with pytest.raises(ValueError, match="legacy_pad_idx must be a token id"):  # -1 would pad with the last row
+        SonarTextConfig(legacy_pad_idx=-1)
+    for config in (OTHER, UNKNOWN):  # a full config, or the fields the weights cannot give
+        model = load(path, config=config, kernel_impl="torch")
+        assert model.config == OTHER
+        torch.testing.assert_close(_outputs(model, kind), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_sonar_json_beside_the_checkpoint_gives_its_config(tmp_path, kind):
+    load = load_sonar_decoder if kind == "decoder" else load_sonar_encoder
+    path, want = _other_checkpoint(tmp_path, kind)
+    spec = {"tokenizer": "sonar_tokenizer", kind: "elsewhere.pt", f"{kind}_config": UNKNOWN}
+    (tmp_path / "sonar.json").write_text(json.dumps(spec))
+    with pytest.raises(CheckpointError, match="cannot be known"):  # it describes another file
+        load(path)
+    (tmp_path / "sonar.json").write_text(json.dumps(spec | {kind: path.name}))
+    torch.testing.assert_close(_outputs(load(path, kernel_impl="torch"), kind), want, atol=1e-5, rtol=1e-5)
+    elsewhere = tmp_path / "elsewhere" / "sonar.json"  # a spec kept elsewhere carries the config too
+    elsewhere.parent.mkdir()
+    SonarSpec(str(FIXTURES / "tiny_spm.model"), **{kind: str(path), f"{kind}_config": UNKNOWN}).save(elsewhere)
+    pipe = SonarPipeline.from_spec(SonarSpec.load(elsewhere), kernel_impl="torch")
+    torch.testing.assert_close(_outputs(getattr(pipe, kind), kind), want, atol=1e-5, rtol=1e-5)
+    (tmp_path / "sonar.json").write_text(json.dumps(spec | {kind: path.name, f"{kind}_config": {"heads": 2}}))
+    with pytest.raises(CheckpointError, match=f"{kind}_config must be an object of SonarTextConfig fields"):
+        load(path)
+
+
+def test_released_architecture_is_recognised_by_its_exact_sizes():
+    basic = SONAR_CONFIGS["basic"]
+    for kind in ("decoder", "encoder"):
+        with torch.device("meta"):
+            sd = {f"{kind}_frontend.embed.weight": torch.empty(256_206, 1024)}
+            sd |= {f"{kind}.layers.{i}.ffn.inner_proj.weight": torch.empty(8192, 1024) for i in range(24)}
+        assert infer_config(sd, kind) == basic
+        with pytest.raises(CheckpointError, match="num_heads, max_seq_len, legacy_pad_idx cannot be known"):
+            infer_config({k: v for k, v in sd.items() if ".23." not in k}, kind)  # 23 layers: not released
+
+
+def test_fairseq1_and_hf_files_give_the_pad_index_and_a_stored_position_table_the_length():
+    """fairseq's dictionary fixes pad = 1; a stored sinusoidal table (older transformers saved
+    M2M100's) gives the length; a table of other values (learned positions) is refused."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.m2m_100.modeling_m2m_100 import M2M100SinusoidalPositionalEmbedding
+
+    cfg = transformers.M2M100Config(vocab_size=307, d_model=64, encoder_layers=2, decoder_layers=2,
+                                    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                    decoder_ffn_dim=128, max_position_embeddings=64, pad_token_id=1)  # fmt: skip
+    sd = transformers.M2M100ForConditionalGeneration(cfg).state_dict()
+    with pytest.raises(CheckpointError, match=r"legacy_pad_idx=1\), so its num_heads, max_seq_len cannot"):
+        load_sonar_decoder(sd)
+    table = M2M100SinusoidalPositionalEmbedding.get_embedding(64 + 2, 64, 1)  # transformers' own table
+    with_table = sd | {"model.decoder.embed_positions.weights": table, "model.encoder.embed_positions.weights": table}
+    with pytest.raises(CheckpointError, match=r"max_seq_len=64\), so its num_heads cannot"):
+        load_sonar_decoder(with_table)
+    assert load_sonar_decoder(with_table, config={"num_heads": 4}).config.max_seq_len == 64
+    assert load_sonar_encoder(with_table, config={"num_heads": 4}).max_len == 64  # the same 64 tokens
+    learned = sd | {"model.decoder.embed_positions.weights": torch.randn(66, 64)}
+    with pytest.raises(CheckpointError, match="not SONAR's sinusoidal position table"):
+        load_sonar_decoder(learned, config={"num_heads": 4})

@@ -103,8 +103,17 @@ def test_zero_stages_agree(tmp_path, prepared):
         torch.testing.assert_close(losses[stage], losses[2], rtol=1e-5, atol=1e-6)
 
 
+def _cpu_supports(precision: str) -> bool:
+    """What DeepSpeed's CPU accelerator (the one these runs use) answers when its engine asks."""
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    return bool(getattr(CPU_Accelerator(), f"is_{precision}_supported")())
+
+
 @pytest.mark.parametrize("precision,objective", [("bf16", "sonar"), ("fp16", "sonar"), ("fp32", "mse")])
 def test_precisions_and_objectives(tmp_path, prepared, precision, objective):
+    if precision != "fp32" and not _cpu_supports(precision):
+        pytest.skip(f"DeepSpeed's CPU accelerator has no {precision} on this machine (fp16 needs AVX512-FP16)")
     run = tmp_path / "run"
     train(run, prepared, "--loop.max_steps", "4", "--loop.eval_every", "4", "--system.precision", precision,
           "--model.objective", objective)  # fmt: skip
@@ -119,6 +128,32 @@ def test_precisions_and_objectives(tmp_path, prepared, precision, objective):
 
     with safe_open(str(run / "final" / "model.safetensors"), framework="pt") as f:  # float32 master weights
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+
+
+# train.py on a machine whose DeepSpeed accelerator lacks one precision (argv[1]: "fp16" or "bf16").
+_WITHOUT_PRECISION = """
+import runpy, sys
+from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+setattr(CPU_Accelerator, "is_" + sys.argv.pop(1) + "_supported", lambda self: False)
+sys.argv[0] = {script!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_precision_the_accelerator_lacks_is_refused_at_start_up(tmp_path, precision):
+    """Forced on every host: one line naming the key and the alternatives, exit 2, nothing written
+    and no data prepared -- not DeepSpeed's traceback from inside deepspeed.initialize."""
+    run, prepared = tmp_path / "run", tmp_path / "data"
+    cmd = _command(run, prepared, "--system.precision", precision)
+    cmd[1:2] = ["-c", _WITHOUT_PRECISION.format(script=SCRIPT), precision]
+    out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert errors == [f"train.py: error: system.precision {precision} is not supported by DeepSpeed's cpu accelerator "
+                      f"on this machine; use {'bf16 or fp32' if precision == 'fp16' else 'fp16 or fp32' if _cpu_supports('fp16') else 'fp32'}"]  # fmt: skip
+    assert not run.exists() and not prepared.exists()
 
 
 def test_bad_configuration_fails_at_start_up(tmp_path, prepared):
