@@ -108,9 +108,9 @@ def do_bench_timer(fn: Callable[[], object], grad_to_none: list) -> tuple:
     return tuple(do_bench(fn, warmup=50, rep=400, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8]))
 
 
-def _inputs(shape, dtype, device, trainable, *, bias=False, ignore=0.0, seed=0):
-    """Random hidden [N, D], weight [V, D], targets [N] (``ignore`` of them ignored), bias [V],
-    drawn on ``device`` (fast even at V = 256,206) from a fixed seed."""
+def _inputs(shape, dtype, device, trainable, *, ignore=0.0, seed=0):
+    """Random hidden [N, D], weight [V, D] and targets [N] (``ignore`` of them ignored), drawn on
+    ``device`` (fast even at V = 256,206) from a fixed seed."""
     n, d, v = shape
     g = torch.Generator(device=device).manual_seed(seed)
     f32 = dict(device=device, generator=g)
@@ -118,19 +118,18 @@ def _inputs(shape, dtype, device, trainable, *, bias=False, ignore=0.0, seed=0):
     w = (torch.randn(v, d, **f32) / d**0.5).to(dtype).requires_grad_(trainable)
     y = torch.randint(0, v, (n,), **f32)
     y[torch.rand(n, **f32) < ignore] = -100
-    b = (torch.randn(v, **f32) * 0.1).to(dtype).requires_grad_(trainable) if bias else None
-    return h, w, y, b
+    return h, w, y
 
 
-def _step(fn, h, w, y, b, mode):
+def _step(fn, h, w, y, mode):
     """One call: no grad for "fwd", else loss.backward()."""
     if mode == "fwd":
         def run():
             with torch.no_grad():
-                fn(h, w, y, b)
+                fn(h, w, y)
     else:
         def run():
-            fn(h, w, y, b).backward()
+            fn(h, w, y).backward()
     return run
 
 
@@ -138,10 +137,10 @@ def ours(config: dict | None, impl: str = "triton", dtype: torch.dtype | None = 
     """Our op with a given tile configuration (for operands of ``dtype`` only, when given;
     otherwise, and for None, the table's)."""
 
-    def call(h, w, y, b):
+    def call(h, w, y):
         saved, ft.CONFIG = ft.CONFIG, config if dtype in (None, h.dtype) else None
         try:
-            return fused_linear_cross_entropy(h, w, y, bias=b, impl=impl)
+            return fused_linear_cross_entropy(h, w, y, impl=impl)
         finally:
             ft.CONFIG = saved
 
@@ -154,13 +153,13 @@ def check_candidate(config: dict, device: str, dtype: torch.dtype, shape=(512, 2
     from tests._numerics import assert_parity
 
     def grads(fn, dt):
-        h, w, y, b = _inputs(shape, torch.float64, device, True, ignore=0.2, seed=1)
+        h, w, y = _inputs(shape, torch.float64, device, True, ignore=0.2, seed=1)
         h, w = h.detach().to(dt).requires_grad_(True), w.detach().to(dt).requires_grad_(True)
-        loss = fn(h, w, y, b)
+        loss = fn(h, w, y)
         (loss * 0.37).backward()
         return [loss.detach(), h.grad, w.grad]
 
-    ref_fn = lambda h, w, y, b: fused_linear_cross_entropy_ref(h, w, y, bias=b)  # noqa: E731
+    ref_fn = fused_linear_cross_entropy_ref
     try:
         got, again = grads(ours(config), dtype), grads(ours(config), dtype)
         ref, gold = grads(ref_fn, dtype), grads(ref_fn, torch.float64)
@@ -199,21 +198,20 @@ class Sweep:
     def left(self) -> float:
         return self.deadline - self.clock()
 
-    def time(self, label, fn, shape, mode, dtype=None, *, trainable=None, bias=False) -> tuple | None:
-        """Time ``fn`` (h, w, y, b) -> loss; None (and listed as skipped) past the deadline or on error."""
+    def time(self, label, fn, shape, mode, dtype=None) -> tuple | None:
+        """Time ``fn`` (h, w, y) -> loss; None (and listed as skipped) past the deadline or on error."""
         dtype = dtype or self.dtype
         if self.left() <= 0:
             self.skipped.append(f"{label} {shape} {mode}")
             return None
-        trainable = mode == "trainable" if trainable is None else trainable
-        h, w, y, b = _inputs(shape, dtype, self.device, trainable, bias=bias)
+        h, w, y = _inputs(shape, dtype, self.device, mode == "trainable")
         try:
-            return self.timer(_step(fn, h, w, y, b, mode), [h, w] + ([b] if b is not None else []))
+            return self.timer(_step(fn, h, w, y, mode), [h, w])
         except Exception as e:  # noqa: BLE001 - a provider that fails here is reported, not fatal
             self.log(f"  {label} {shape} {mode}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
             return None
         finally:
-            del h, w, y, b
+            del h, w, y
             if self.device == "cuda":
                 torch.cuda.empty_cache()
 
@@ -225,7 +223,7 @@ class Sweep:
         for schedule, group, mode in groups:
             if schedule not in configs:
                 continue
-            best_ms, best = math.inf, configs[schedule]
+            best_ms, best, passed, checked = math.inf, configs[schedule], False, False
             for cand in self.candidates[group or schedule]:
                 cfg = copy.deepcopy(configs[schedule])
                 if group is None:
@@ -237,6 +235,7 @@ class Sweep:
                     self.skipped.append(name)
                     continue
                 why = self.checker(cfg, self.device, self.dtype)
+                checked, passed = True, passed or why is None
                 if why is not None:
                     self.log(f"  FAILED check, not timed: {name}: {why}")
                     continue
@@ -244,7 +243,11 @@ class Sweep:
                 self.log(f"  {name}: {'skipped' if ms is None else f'{ms[0]:.3f} ms'}")
                 if ms is not None and ms[0] < best_ms:
                     best_ms, best = ms[0], cfg
-            configs[schedule] = best
+            if checked and not passed:  # a schedule that computes wrong numbers is never chosen
+                self.log(f"  no {schedule}:{group or 'rows'} candidate passed its check: {schedule} is dropped")
+                del configs[schedule]
+            elif schedule in configs:
+                configs[schedule] = best
         return configs
 
     # --- phase 2: schedule and chunk size at the goal shape --------------------------------------
@@ -306,8 +309,8 @@ class Sweep:
                 continue
             if row.mode not in ("fwd", "frozen") or self.left() <= 0:
                 continue
-            h, w, y, b = _inputs(self.goal_shape, self.dtype, self.device, False)
-            step = _step(providers[row.provider], h, w, y, b, row.mode)
+            h, w, y = _inputs(self.goal_shape, self.dtype, self.device, False)
+            step = _step(providers[row.provider], h, w, y, row.mode)
             step()
             h.grad = None
             torch.cuda.synchronize()
@@ -317,14 +320,14 @@ class Sweep:
             torch.cuda.synchronize()
             extra = (torch.cuda.max_memory_allocated() - base) / 2**20
             row.extra["extra_MiB"] = round(extra - (grads_mib if row.mode == "frozen" else 0.0), 1)
-            del h, w, y, b
+            del h, w, y
 
     def accuracy(self, providers: dict, n: int = 4096) -> None:
         """Relative error of d hidden against float64 at N = n (bf16 inputs, frozen weight)."""
         if self.device != "cuda" or self.left() <= 0:
             return
         shape = (n, self.goal_shape[1], self.goal_shape[2])
-        h64, w64, y, _ = _inputs(shape, torch.float64, self.device, False)
+        h64, w64, y = _inputs(shape, torch.float64, self.device, False)
         (fused_linear_cross_entropy_ref(h64, w64, y)).backward()
         gold = h64.grad
         for name, fn in providers.items():
@@ -332,7 +335,7 @@ class Sweep:
                 break
             h = h64.detach().to(self.dtype).requires_grad_(True)
             try:
-                fn(h, w64.detach().to(self.dtype), y, None).backward()
+                fn(h, w64.detach().to(self.dtype), y).backward()
                 err = ((h.grad.double() - gold).norm() / gold.norm()).item()
             except Exception as e:  # noqa: BLE001
                 err = f"{type(e).__name__}"
@@ -347,13 +350,13 @@ def peers() -> dict:
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-        out["liger"] = lambda h, w, y, b: liger_fused_linear_cross_entropy(h, w, y, b)
+        out["liger"] = lambda h, w, y: liger_fused_linear_cross_entropy(h, w, y)
     except ImportError:
         pass
     try:
         from cut_cross_entropy import linear_cross_entropy
 
-        out["cce"] = lambda h, w, y, b: linear_cross_entropy(h, w, y, bias=b) if b is not None else linear_cross_entropy(h, w, y)
+        out["cce"] = lambda h, w, y: linear_cross_entropy(h, w, y)
     except ImportError:
         pass
     return out

@@ -10,7 +10,7 @@ the number of tokens:
 - stats: row max, ``exp(z - max)`` written once into the float32 buffer (on CUDA, for 16-bit
   inputs, the subtraction reads the 16-bit logits: no separate upcast pass), its row sum;
 - gradient: ``dz = (alpha / sum) * exp(z - max) - beta * onehot`` — for 16-bit inputs without
-  softcap, class-weighted smoothing or a weight gradient, written straight into the 16-bit
+  softcap, class-weighted smoothing or a weight/bias gradient, written straight into the 16-bit
   logits buffer (one multiply-and-round pass; the target column is recomputed in float32, so
   ``p - 1`` is rounded once); otherwise in place in float32, then rounded once.
 """
@@ -109,8 +109,8 @@ class TorchChunkBackend:
                 alpha_C = alpha_C + lse_scale_C
             p_scale_C = alpha_C / sumexp_C  # dz = p_scale * exp(z - max) - ...
             gamma_C = c_C * (ls / vocab)
-            direct = low and softcap_grad_CV is None and (ls == 0 or cw_V is None) and dw_acc_VD is None \
-                and db_acc_V is None
+            plain = softcap_grad_CV is None and (ls == 0 or cw_V is None)
+            direct = low and plain and dw_acc_VD is None and db_acc_V is None
             if direct:  # one pass: float32 in, rounded once into the 16-bit logits buffer
                 dz_CV = z_CV
                 if ls > 0:

@@ -104,6 +104,16 @@ def test_a_candidate_that_fails_its_check_is_never_timed(monkeypatch):
     assert hybrid and all(c["BLOCK_V"] == 4096 for c in hybrid)
 
 
+def test_a_schedule_without_a_passing_candidate_is_never_chosen(monkeypatch):
+    bench = FakeBench(monkeypatch, _cost)
+    bad = lambda cfg, device, dtype: "wrong" if cfg["schedule"] == "fused" else None  # noqa: E731
+    sweep = _sweep(bench, checker=bad)
+    configs = sweep.tune(_base())
+    assert "fused" not in configs, "fused would be fastest, but it failed every check"
+    winner, per_schedule = sweep.choose(configs)
+    assert winner["schedule"] == "hybrid" and set(per_schedule) == {"hybrid"}
+
+
 def test_check_candidate_catches_a_wrong_gradient_and_nondeterminism(monkeypatch):
     cfg = {"schedule": "hybrid", **ft._TILES["sm_90"]["2"]["hybrid"]}
     check = lambda: sweep_flce.check_candidate(cfg, "cpu", torch.float32, shape=(24, 16, 301))  # noqa: E731
