@@ -4,6 +4,8 @@ Providers: our reference / torch / triton paths; ``torch.nn.functional.linear_cr
 (torch >= 2.13) plain and with its chunking options; Liger-Kernel and cut-cross-entropy when
 importable (CUDA). Modes: "fwd" (no grad) and "fwd_bwd" (gradient of hidden; weight frozen,
 as in SONAR-LLM). Peak memory goes into extra_info["peak_mem_mb"] next to the time.
+bench/sweep_flce.py retunes the "triton" path and compares it with the peers at more shapes,
+dtypes and with a trainable weight.
 
     pytest bench/bench_fused_linear_cross_entropy.py --benchmark                  # seconds, CPU
     pytest bench/bench_fused_linear_cross_entropy.py --benchmark --bench-size full

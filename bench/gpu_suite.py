@@ -12,6 +12,7 @@ it spent compiling.
     bash bench/gpu_suite.sh                       # everything but the ZeRO probe, <= 6 minutes
     bash bench/gpu_suite.sh --only attention      # one kernel: its parity tests + its benchmark
     bash bench/gpu_suite.sh --only train,zero     # the example run, then the ZeRO-2/3 probe
+    bash bench/gpu_suite.sh --only sweep          # retune the fused cross-entropy (~3 minutes)
     bash bench/gpu_suite.sh --only compile        # the training step eager vs torch.compile'd (minutes)
     bash bench/gpu_suite.sh --full                # the whole parity matrix (no time target)
     python -m bench.gpu_suite --dry-run [...]     # the plan, without running anything
@@ -96,6 +97,11 @@ def plan(only: set[str] | None, full: bool, work: Path) -> list[Stage]:
     if wanted("profile"):
         stages.append(Stage("profile", 15, "torch.profiler top kernels of the 300M + basic training step", [
             [PY, "-m", "bench.profile_step", "--out", str(work / "profile.md")]]))  # fmt: skip
+    if only is not None and "sweep" in only:  # opt-in: about 3 minutes
+        stages.append(Stage("sweep", 200, "retune and compare the fused cross-entropy (bench/sweep_flce.py); the "
+                                          "winning tile table is sweep_tiles.json", [
+            [PY, "bench/sweep_flce.py", "--time-limit", "185", "--table-out", str(work / "sweep_tiles.json"),
+             "--json", str(work / "sweep_flce.json")]]))  # fmt: skip
     if only is not None and "compile" in only:  # opt-in: torch.compile of the 300M + basic step takes minutes
         stages.append(Stage("compile", 300, f"{BENCH_FILES['compile']} --bench-size full (eager vs system.compile)", [
             [PY, "-m", "pytest", BENCH_FILES["compile"], "-q", "-p", "no:cacheprovider", "--benchmark",
@@ -107,7 +113,7 @@ def plan(only: set[str] | None, full: bool, work: Path) -> list[Stage]:
 
 
 STAGE_NAMES = ("warmup", "tests", "train", "attention", "projection", "sonar_loss", "train_step", "flce",
-               "encoder", "profile", "zero", "compile")  # fmt: skip
+               "encoder", "profile", "sweep", "zero", "compile")  # fmt: skip
 
 
 def _has_xdist() -> bool:
@@ -330,7 +336,7 @@ def publish(work: Path, out: Path | None, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bash bench/gpu_suite.sh", description=__doc__.split("\n\n")[0])
     p.add_argument("--only", help=f"comma-separated stages: {', '.join(STAGE_NAMES)} (flce, attention, projection "
-                                  "also run their parity tests; zero and compile run only when named)")  # fmt: skip
+                                  "also run their parity tests; sweep, zero and compile run only when named)")  # fmt: skip
     p.add_argument("--full", action="store_true", help="the whole parity matrix instead of the smoke subset (no 6-minute target)")
     p.add_argument("--work", default=os.environ.get("SONARLLM_SUITE_DIR", "/tmp/sonarllm-gpu"), help="work directory")
     p.add_argument("--deadline", type=int, default=None, help=f"seconds for everything (default {DEADLINE_S}; --full: the sum of the limits)")
@@ -344,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--only: unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGE_NAMES)}")
     work = Path(args.work).resolve()
     stages = plan(only, args.full, work)
-    deadline_s = args.deadline or (sum(s.limit for s in stages) + 30 if args.full or (only and only & {"zero", "compile"}) else DEADLINE_S)
+    opt_in = only is not None and bool(only & {"sweep", "zero", "compile"})
+    deadline_s = args.deadline or (sum(s.limit for s in stages) + 30 if args.full or opt_in else DEADLINE_S)
     if args.dry_run:
         print(f"deadline {deadline_s} s; setup first (wheels from .whl/, versions, bf16 matmul rate)")
         for s in stages:
@@ -392,7 +399,8 @@ def clear_previous(work: Path, stages: list[Stage]) -> None:
     names = [s.name for s in stages]
     doomed = [work / f"{n}.log" for n in names + ["setup", "prepare"]] + [work / f"compile-{n}.jsonl" for n in names]
     doomed += [work / f"bench-{n}.jsonl" for n in names] + [work / "stages.json", work / "report.md"]
-    doomed += [work / f for n, f in (("tests", "tests.jsonl"), ("warmup", "warmup.json"), ("profile", "profile.md")) if n in names]
+    doomed += [work / f for n, f in (("tests", "tests.jsonl"), ("warmup", "warmup.json"), ("profile", "profile.md"),
+                                     ("sweep", "sweep_flce.json"), ("sweep", "sweep_tiles.json")) if n in names]
     for path in doomed:
         path.unlink(missing_ok=True)
     for n, folder in (("train", "train-run"), ("zero", "zero")):

@@ -1,319 +1,128 @@
-"""The "triton" path of fused linear cross-entropy: two fused GEMMs per chunk of rows.
+"""The "triton" path of fused linear cross-entropy: one chunk of rows at a time, two schedules.
 
-For one chunk of C rows (float32 accumulation throughout):
+Both schedules hold one chunk of C x V logits in the input dtype (``chunk_mib`` of the tile
+table; 256 MiB is 512 rows at V = 256,206 in bf16), compute the gradient while the chunk's
+logits exist (two GEMM-equivalents for a frozen weight), accumulate in float32 and reduce
+without atomics, so results are bit-identical from run to run. Kernels:
+fused_linear_cross_entropy_triton_kernels.py.
 
-1. ``_flce_logits_kernel`` — GEMM ``h @ W.T`` (+bias, softcap) over (C-block, V-block) tiles. Its
-   epilogue writes, per row and tile, the tile max and the sum of exp(logit - max), the target
-   logit in float32 (exactly one tile holds it) and, with label smoothing, the tile's sum of
-   logits (each times its class weight, with class weights); and it stores the logits *relative
-   to their tile max* in the input dtype. Relative storage keeps the logits that carry
-   probability mass (those near the row max) close to 0, where bf16/fp16 are most precise.
-2. ``_flce_lse_kernel`` — merges the per-tile statistics into the row log-sum-exp and the
-   gradient coefficients (alpha, beta, gamma of fused_linear_cross_entropy_function.py; with
-   class weights they take the target's weight and the weights' sum).
-3. ``_flce_grad_hidden_kernel`` — GEMM ``dlogits @ W`` with K = V: every tile of the stored
-   logits is turned into ``dz = alpha*softmax - beta*onehot - gamma*cw`` (times the softcap
-   derivative; ``cw`` is the column's class weight, 1 without class weights) in registers on
-   load, and never written back. V is split across programs (split-K) so that C x D output
-   tiles fill the GPU; the partial sums are reduced deterministically (no atomics).
-4. ``_flce_grad_weight_kernel`` — only for a trainable weight: ``dW += dz.T @ h`` and
-   ``db += sum(dz)`` into float32 accumulators, from the same stored logits.
+- "hybrid" (the default): cuBLAS writes the logits (``torch.mm``/``addmm`` into the chunk
+  buffer); ``_flce_row_stats_kernel`` reads them once for per-segment softmax statistics,
+  ``_flce_lse_kernel`` merges them into the log-sum-exp and the gradient coefficients,
+  ``_flce_row_dz_kernel`` overwrites the logits with the logit gradient dz in place, and cuBLAS
+  multiplies: ``dh = dz @ W`` (``dW += dz.T @ h`` into float32 when the weight is trainable).
+  The GEMMs run at cuBLAS speed; the price is 6 bytes/logit of extra HBM traffic (two reads, one
+  write). The logits are rounded to the input dtype, as in the reference and Liger-Kernel.
+- "fused": both GEMMs in Triton. ``_flce_logits_kernel`` writes per-tile statistics and stores
+  ``exp(logit - tile max)``; the hidden-gradient GEMM forms dz from it as its A operand is loaded,
+  with one multiply (the scale ``alpha * exp(tile max - lse)`` per row and tile) instead of an exp.
+  No extra pass over the logits, and the softmax is computed from float32 logits; its speed
+  depends on Triton's GEMMs. On a GPU it runs 16-bit inputs (float32 always takes "hybrid":
+  cuBLAS's float32 GEMMs are faster than Triton's full-precision float32 dot).
 
-A frozen weight therefore costs two GEMM-equivalents (``h @ W.T`` and ``dz @ W``) and one chunk
-buffer of C x V logits; the chunk holds ``CHUNK_BYTES`` of logits (512 rows at V = 256,206 in
-bf16). Under ``TRITON_INTERPRET=1`` the same kernels run on the CPU (with large blocks, and
-operands upcast to float32 before ``tl.dot`` since the interpreter cannot multiply bf16).
+Which schedule runs, and with which tiles, comes from the tile table
+``fused_linear_cross_entropy_tiles.json`` beside this file (per GPU architecture and operand
+size; ``bench/sweep_flce.py`` measures both schedules on a GPU and rewrites the table). Keeping
+two schedules is temporary: once the table holds H200 measurements, the slower one is deleted.
+Under ``TRITON_INTERPRET=1`` the same kernels run on the CPU (float32 only, large blocks).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import triton
-import triton.language as tl
 
-from kernels._dispatch import is_interpreter
+from kernels import fused_linear_cross_entropy_triton_kernels as K
+from kernels._dispatch import compile_only, is_interpreter, multiprocessor_count
 from kernels.fused_linear_cross_entropy_function import ChunkResult, FLCEParams
 
-CHUNK_BYTES = 256 * 2**20
-SPLIT: int | None = None
+SCHEDULES = ("hybrid", "fused")
+TILES_FILE = Path(__file__).with_name("fused_linear_cross_entropy_tiles.json")
 
-# Tiles and pipelining per kernel kind ("logits": kernel 1; "grad": kernels 3 and 4) and operand
-# size. Chosen for Hopper by the usual GEMM rules (128x128 tiles, 64-deep K steps for 16-bit
-# operands; half as deep or fewer stages for float32, so every stage fits in 228 KiB of shared
-# memory — checked by compiling for sm_90 in the tests); not yet timed on hardware. BLOCK_V is
-# shared by all kernels: kernels 3 and 4 read the tile max of the same V-tiles kernel 1 wrote.
-_GPU_BLOCKS = {
-    ("logits", 2): dict(BLOCK_C=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
-    ("grad", 2): dict(BLOCK_C=128, BLOCK_V=128, BLOCK_D=128, num_warps=8, num_stages=3),
-    ("logits", 4): dict(BLOCK_C=128, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3),
-    ("grad", 4): dict(BLOCK_C=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=2),
+# Overrides for tests and the sweep (None: the tile table decides).
+CHUNK_BYTES: int | None = None  # memory for one chunk of stored logits
+SPLIT: int | None = None  # V-splits of the fused hidden-gradient GEMM
+SCHEDULE: str | None = None  # "hybrid" or "fused", with the table's tiles for it
+CONFIG: dict | None = None  # a whole configuration (see check_config), e.g. a sweep candidate
+
+# The interpreter pays ~5 ms per program step whatever the tile size: big tiles, few programs.
+_INTERP_CONFIGS = {
+    "hybrid": dict(chunk_mib=256, BLOCK_V=16384, SEGMENT=1 << 30, num_warps=4),
+    "fused": dict(
+        chunk_mib=256,
+        logits=dict(BLOCK_C=64, BLOCK_V=512, BLOCK_D=128, GROUP_C=8, num_warps=4, num_stages=1),
+        grad=dict(BLOCK_C=64, BLOCK_K=512, BLOCK_D=128, waves=1, num_warps=4, num_stages=1),
+        weight=dict(BLOCK_V=512, BLOCK_C=64, BLOCK_D=128, num_warps=4, num_stages=1),
+    ),
 }
-# The interpreter pays ~5 ms per program step whatever the tile size: use big tiles.
-_INTERP_BLOCKS = dict(BLOCK_C=64, BLOCK_V=512, BLOCK_D=128, num_warps=4, num_stages=1)
+_KEYS = {
+    "hybrid": {"chunk_mib", "BLOCK_V", "SEGMENT", "num_warps"},
+    "fused": {"chunk_mib", "logits", "grad", "weight"},
+    "logits": {"BLOCK_C", "BLOCK_V", "BLOCK_D", "GROUP_C", "num_warps", "num_stages"},
+    "grad": {"BLOCK_C", "BLOCK_K", "BLOCK_D", "waves", "num_warps", "num_stages"},
+    "weight": {"BLOCK_V", "BLOCK_C", "BLOCK_D", "num_warps", "num_stages"},
+}
+ROW_ALIGN = 64  # the chunk buffer's row stride is a multiple of this many elements (aligned vectors)
 
 
-@triton.jit
-def _tanh(x):
-    """tanh that also runs in the interpreter (libdevice does not); exact to ~1e-7 absolute."""
-    ax = tl.abs(x)
-    t = tl.exp(-2.0 * ax)
-    big = (1.0 - t) / (1.0 + t)
-    x2 = ax * ax
-    small = ax * (1.0 - x2 * (1.0 / 3.0 - x2 * (2.0 / 15.0 - x2 * (17.0 / 315.0))))
-    y = tl.where(ax < 0.1, small, big)
-    return tl.where(x < 0, -y, y)
+def check_config(cfg: dict) -> dict:
+    """Validate one configuration: ``{"schedule": "hybrid"|"fused", ...its keys}`` (raises ValueError)."""
+    schedule = cfg.get("schedule")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"FLCE tile config: schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+    def keys(d, kind):
+        if not isinstance(d, dict) or set(d) - {"schedule"} != _KEYS[kind]:
+            got = sorted(set(d) - {"schedule"}) if isinstance(d, dict) else d
+            raise ValueError(f"FLCE tile config ({kind}) must have keys {sorted(_KEYS[kind])}, got {got}")
+
+    keys(cfg, schedule)
+    if schedule == "fused":
+        for kind in ("logits", "grad", "weight"):
+            keys(cfg[kind], kind)
+        tile_v = cfg["logits"]["BLOCK_V"]
+        for kind, key in (("grad", "BLOCK_K"), ("weight", "BLOCK_V")):
+            if tile_v % cfg[kind][key]:
+                raise ValueError(f"FLCE tile config: {kind}.{key} must divide logits.BLOCK_V ({tile_v})")
+    elif cfg["SEGMENT"] < cfg["BLOCK_V"]:
+        raise ValueError("FLCE tile config: SEGMENT must be at least BLOCK_V")
+    return cfg
 
 
-@triton.jit
-def _flce_logits_kernel(
-    h_ptr, w_ptr, b_ptr, cw_ptr, y_ptr,  # inputs: h [C, D], w [V, D], bias [V], class weights [V], target [C]
-    z_ptr,  # out: logits minus their tile max [C, V], input dtype
-    tile_max_ptr, tile_sum_ptr, tile_zsum_ptr,  # out: per (row, V-tile) stats [C, NT], fp32
-    target_ptr,  # out: target logit [C], fp32
-    C, V, D,
-    stride_hc, stride_hd, stride_wv, stride_wd, stride_zc, stride_tc,
-    softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    HAS_CLASS_WEIGHT: tl.constexpr, STORE_LOGITS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_C: tl.constexpr,
-):  # fmt: skip
-    # --- map the program to a (C-block, V-block) tile, grouped so W tiles are reused from L2
-    pid = tl.program_id(0)
-    num_pid_c = tl.cdiv(C, BLOCK_C)
-    num_pid_v = tl.cdiv(V, BLOCK_V)
-    group = pid // (GROUP_C * num_pid_v)
-    first_c = group * GROUP_C
-    group_size = tl.minimum(num_pid_c - first_c, GROUP_C)
-    pid_c = first_c + (pid % (GROUP_C * num_pid_v)) % group_size
-    pid_v = (pid % (GROUP_C * num_pid_v)) // group_size
-
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_c = offs_c < C
-    mask_v = offs_v < V
-
-    # --- GEMM: acc[c, v] = sum_d h[c, d] * w[v, d], float32 accumulation
-    acc = tl.zeros((BLOCK_C, BLOCK_V), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        mask_d = d0 + offs_d < D
-        h = tl.load(
-            h_ptr + offs_c[:, None].to(tl.int64) * stride_hc + (d0 + offs_d)[None, :].to(tl.int64) * stride_hd,
-            mask=mask_c[:, None] & mask_d[None, :], other=0.0,
-        )  # fmt: skip
-        w = tl.load(
-            w_ptr + offs_v[None, :].to(tl.int64) * stride_wv + (d0 + offs_d)[:, None].to(tl.int64) * stride_wd,
-            mask=mask_d[:, None] & mask_v[None, :], other=0.0,
-        )  # fmt: skip
-        if UPCAST:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
-
-    # --- epilogue: bias, softcap, per-tile statistics
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:  # NaN and +inf logits make the row NaN; -inf (a masked class) stays allowed
-        valid = (acc == acc) & (acc < float("inf"))
-        acc = tl.where(valid, softcap * _tanh(acc / softcap), float("nan"))
-    acc_m = tl.where(mask_v[None, :], acc, float("-inf"))
-    tile_max = tl.max(acc_m, axis=1)
-    # A tile whose logits are all -inf has no mass: shift by 0 there (its exp terms are 0).
-    shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)
-    tile_sum = tl.sum(tl.exp2((acc_m - shift[:, None]) * 1.4426950408889634), axis=1)
-    t_offs = offs_c * stride_tc + pid_v
-    tl.store(tile_max_ptr + t_offs, tile_max, mask=mask_c)  # -inf for an all -inf tile: no mass in the merge
-    tl.store(tile_sum_ptr + t_offs, tile_sum, mask=mask_c)
-    if HAS_SMOOTHING:
-        zs = tl.where(mask_v[None, :], acc, 0.0)
-        if HAS_CLASS_WEIGHT:  # the smoothing term sums cw[j] * z[j]
-            zs *= tl.load(cw_ptr + offs_v, mask=mask_v, other=0.0)[None, :]
-        tl.store(tile_zsum_ptr + t_offs, tl.sum(zs, axis=1), mask=mask_c)
-    y = tl.load(y_ptr + offs_c, mask=mask_c, other=-1)
-    hit = offs_v[None, :] == y[:, None]
-    in_tile = (y >= pid_v * BLOCK_V) & (y < pid_v * BLOCK_V + BLOCK_V)
-    tl.store(target_ptr + offs_c, tl.sum(tl.where(hit, acc, 0.0), axis=1), mask=mask_c & in_tile)
-    if STORE_LOGITS:
-        z_ptrs = z_ptr + offs_c[:, None].to(tl.int64) * stride_zc + offs_v[None, :]
-        z = acc - shift[:, None]
-        tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_v[None, :])
+def load_tiles(path: Path = TILES_FILE) -> dict:
+    """The tile table: ``{arch: {"measured": ..., "2"|"4": {"schedule": name, name: config}}}``."""
+    table = json.loads(Path(path).read_text())
+    for arch, entry in table.items():
+        if arch.startswith("_"):
+            continue
+        for size, per in entry.items():
+            if size == "measured":
+                continue
+            for name in SCHEDULES:
+                if name in per:
+                    check_config({"schedule": name, **per[name]})
+            if per.get("schedule") not in per:
+                raise ValueError(f"{path}: {arch}/{size}: schedule {per.get('schedule')!r} has no config")
+    return table
 
 
-@triton.jit
-def _flce_lse_kernel(
-    tile_max_ptr, tile_sum_ptr, tile_zsum_ptr,  # in: per (row, V-tile) stats [C, NT]
-    loss_scale_ptr, lse_scale_ptr,  # in: per-row weights of the loss and of lse [C] (optional)
-    row_weight_ptr, weight_sum_ptr,  # in: class weight of each row's target [C], sum of the class weights [1]
-    lse_ptr, zsum_ptr, alpha_ptr, beta_ptr, gamma_ptr,  # out [C]
-    C, NT, stride_tc, V,
-    z_loss, smoothing,
-    HAS_SMOOTHING: tl.constexpr, HAS_LOSS_SCALE: tl.constexpr, HAS_LSE_SCALE: tl.constexpr,
-    HAS_CLASS_WEIGHT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
-):  # fmt: skip
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = offs_r < C
-    offs_t = tl.arange(0, BLOCK_T)
-    # --- pass 1: row max over tiles; pass 2: rescaled sum of the tile sums
-    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    for t0 in range(0, NT, BLOCK_T):
-        mask = mask_r[:, None] & (t0 + offs_t < NT)[None, :]
-        tm = tl.load(tile_max_ptr + offs_r[:, None] * stride_tc + t0 + offs_t[None, :], mask=mask, other=float("-inf"))
-        m = tl.maximum(m, tl.max(tm, axis=1))
-    m = tl.where(mask_r, m, 0.0)  # rows past C: keep the arithmetic finite
-    s = tl.zeros((BLOCK_R,), tl.float32)
-    zs = tl.zeros((BLOCK_R,), tl.float32)
-    for t0 in range(0, NT, BLOCK_T):
-        mask = mask_r[:, None] & (t0 + offs_t < NT)[None, :]
-        offs = offs_r[:, None] * stride_tc + t0 + offs_t[None, :]
-        tm = tl.load(tile_max_ptr + offs, mask=mask, other=float("-inf"))
-        ts = tl.load(tile_sum_ptr + offs, mask=mask, other=0.0)
-        s += tl.sum(tl.where(mask, ts * tl.exp2((tm - m[:, None]) * 1.4426950408889634), 0.0), axis=1)
-        if HAS_SMOOTHING:
-            zs += tl.sum(tl.load(tile_zsum_ptr + offs, mask=mask, other=0.0), axis=1)
-    lse = m + tl.log(tl.where(mask_r, s, 1.0))
-    lse = tl.where((lse == lse) & (tl.abs(lse) < float("inf")), lse, float("nan"))
-    tl.store(lse_ptr + offs_r, lse, mask=mask_r)
-    if HAS_SMOOTHING:
-        tl.store(zsum_ptr + offs_r, zs, mask=mask_r)
-    # --- gradient coefficients
-    if HAS_LOSS_SCALE:
-        c = tl.load(loss_scale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
-    else:
-        c = tl.zeros((BLOCK_R,), tl.float32)
-    if HAS_CLASS_WEIGHT:
-        r = tl.load(row_weight_ptr + offs_r, mask=mask_r, other=0.0)
-        alpha = c * (r * (1.0 - smoothing + 2.0 * z_loss * lse) + smoothing / V * tl.load(weight_sum_ptr))
-        beta = c * r * (1.0 - smoothing)
-    else:
-        alpha = c * (1.0 + 2.0 * z_loss * lse)
-        beta = c * (1.0 - smoothing)
-    if HAS_LSE_SCALE:
-        alpha += tl.load(lse_scale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
-    tl.store(alpha_ptr + offs_r, alpha, mask=mask_r)
-    tl.store(beta_ptr + offs_r, beta, mask=mask_r)
-    tl.store(gamma_ptr + offs_r, c * (smoothing / V), mask=mask_r)
+_TILES = load_tiles()
 
 
-@triton.jit
-def _dlogits(z_ptr, tile_max_ptr, cw_ptr, y, lse, alpha, beta, gamma, offs_c, offs_v, mask_c, mask_v,
-             stride_zc, stride_tc, tile_idx, softcap,
-             HAS_SOFTCAP: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr):  # fmt: skip
-    """dz[c, v] for a [C-block, V-block] tile, from the stored relative logits (float32)."""
-    zrel = tl.load(
-        z_ptr + offs_c[:, None].to(tl.int64) * stride_zc + offs_v[None, :],
-        mask=mask_c[:, None] & mask_v[None, :], other=0.0,
-    ).to(tl.float32)  # fmt: skip
-    tmax = tl.load(tile_max_ptr + offs_c * stride_tc + tile_idx, mask=mask_c, other=0.0)
-    z = zrel + tl.where(tmax == float("-inf"), 0.0, tmax)[:, None]  # kernel 1 stored z - shift
-    dz = alpha[:, None] * tl.exp2((z - lse[:, None]) * 1.4426950408889634)
-    if HAS_GAMMA:
-        if HAS_CLASS_WEIGHT:
-            dz -= gamma[:, None] * tl.load(cw_ptr + offs_v, mask=mask_v, other=0.0)[None, :]
-        else:
-            dz -= gamma[:, None]
-    dz -= tl.where(offs_v[None, :] == y[:, None], beta[:, None], 0.0)
-    if HAS_SOFTCAP:
-        t = z / softcap
-        dz *= 1.0 - t * t
-    return tl.where(mask_c[:, None] & mask_v[None, :], dz, 0.0)
+def device_arch(device: torch.device) -> str:
+    """The key of the tile table: 'sm_90' for an H100/H200. For CPU tensors standing in for CUDA
+    ones (kernels.warmup's compile_only), the GPU that Triton compiles for; otherwise sm_90."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"sm_{major}{minor}"
+    if compile_only():
+        from triton.runtime.driver import driver
 
-
-@triton.jit
-def _flce_grad_hidden_kernel(
-    z_ptr, tile_max_ptr, w_ptr, cw_ptr, y_ptr, lse_ptr, alpha_ptr, beta_ptr, gamma_ptr,
-    part_ptr,  # out: partial dh [SPLIT, C, D], fp32
-    C, V, D, v_per_split,
-    stride_zc, stride_tc, stride_wv, stride_wd,
-    softcap,
-    HAS_SOFTCAP: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    num_pid_d = tl.cdiv(D, BLOCK_D)
-    pid_c = pid // num_pid_d
-    pid_d = pid % num_pid_d
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_c = offs_c < C
-    mask_d = offs_d < D
-    y = tl.load(y_ptr + offs_c, mask=mask_c, other=-1)
-    lse = tl.load(lse_ptr + offs_c, mask=mask_c, other=0.0)
-    alpha = tl.load(alpha_ptr + offs_c, mask=mask_c, other=0.0)
-    beta = tl.load(beta_ptr + offs_c, mask=mask_c, other=0.0)
-    gamma = tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0)
-
-    acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
-    v_start = split * v_per_split
-    for v0 in range(v_start, tl.minimum(v_start + v_per_split, V), BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
-        mask_v = offs_v < V
-        dz = _dlogits(z_ptr, tile_max_ptr, cw_ptr, y, lse, alpha, beta, gamma, offs_c, offs_v, mask_c, mask_v,
-                      stride_zc, stride_tc, v0 // BLOCK_V, softcap, HAS_SOFTCAP, HAS_GAMMA, HAS_CLASS_WEIGHT)  # fmt: skip
-        w = tl.load(
-            w_ptr + offs_v[:, None].to(tl.int64) * stride_wv + offs_d[None, :].to(tl.int64) * stride_wd,
-            mask=mask_v[:, None] & mask_d[None, :], other=0.0,
-        )  # fmt: skip
-        if UPCAST:
-            acc = tl.dot(dz, w.to(tl.float32), acc, input_precision=DOT_PRECISION)
-        else:
-            acc = tl.dot(dz.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
-    part_ptrs = part_ptr + (split * C + offs_c[:, None]).to(tl.int64) * D + offs_d[None, :]
-    tl.store(part_ptrs, acc, mask=mask_c[:, None] & mask_d[None, :])
-
-
-@triton.jit
-def _flce_grad_weight_kernel(
-    z_ptr, tile_max_ptr, h_ptr, cw_ptr, y_ptr, lse_ptr, alpha_ptr, beta_ptr, gamma_ptr,
-    dw_ptr, db_ptr,  # in/out: float32 accumulators dW [V, D], db [V]
-    C, V, D,
-    stride_zc, stride_tc, stride_hc, stride_hd,
-    softcap,
-    HAS_SOFTCAP: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
-    HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    num_pid_d = tl.cdiv(D, BLOCK_D)
-    pid_v = pid // num_pid_d
-    pid_d = pid % num_pid_d
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_v = offs_v < V
-    mask_d = offs_d < D
-
-    acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
-    dbias = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        y = tl.load(y_ptr + offs_c, mask=mask_c, other=-1)
-        lse = tl.load(lse_ptr + offs_c, mask=mask_c, other=0.0)
-        alpha = tl.load(alpha_ptr + offs_c, mask=mask_c, other=0.0)
-        beta = tl.load(beta_ptr + offs_c, mask=mask_c, other=0.0)
-        gamma = tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0)
-        dz = _dlogits(z_ptr, tile_max_ptr, cw_ptr, y, lse, alpha, beta, gamma, offs_c, offs_v, mask_c, mask_v,
-                      stride_zc, stride_tc, pid_v, softcap, HAS_SOFTCAP, HAS_GAMMA, HAS_CLASS_WEIGHT)  # fmt: skip
-        if HAS_DW:
-            h = tl.load(
-                h_ptr + offs_c[:, None].to(tl.int64) * stride_hc + offs_d[None, :].to(tl.int64) * stride_hd,
-                mask=mask_c[:, None] & mask_d[None, :], other=0.0,
-            )  # fmt: skip
-            if UPCAST:
-                acc = tl.dot(tl.trans(dz), h.to(tl.float32), acc, input_precision=DOT_PRECISION)
-            else:
-                acc = tl.dot(tl.trans(dz.to(h.dtype)), h, acc, input_precision=DOT_PRECISION)
-        if HAS_DB:
-            dbias += tl.sum(dz, axis=0)
-    if HAS_DW:
-        dw_ptrs = dw_ptr + offs_v[:, None].to(tl.int64) * D + offs_d[None, :]
-        mask = mask_v[:, None] & mask_d[None, :]
-        tl.store(dw_ptrs, tl.load(dw_ptrs, mask=mask, other=0.0) + acc, mask=mask)
-    if HAS_DB:
-        if pid_d == 0:
-            tl.store(db_ptr + offs_v, tl.load(db_ptr + offs_v, mask=mask_v, other=0.0) + dbias, mask=mask_v)
+        return f"sm_{driver.active.get_current_target().arch}"
+    return "sm_90"
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -323,38 +132,74 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-class TritonChunkBackend:
-    """Per-chunk math in Triton (see ChunkBackend in fused_linear_cross_entropy_function).
+def _padded(v: int) -> int:
+    return triton.cdiv(v, ROW_ALIGN) * ROW_ALIGN
 
-    Args:
-        chunk_bytes: memory for one chunk of stored logits (default: the module's CHUNK_BYTES).
-        split: number of V-splits of the hidden-gradient GEMM (default: the module's SPLIT;
-            None means enough splits to give every SM two programs).
+
+def _chunk_buffer(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [rows, vocab] view of a buffer whose row stride is a multiple of ROW_ALIGN elements."""
+    return torch.empty((rows, _padded(vocab)), dtype=dtype, device=device)[:, :vocab]
+
+
+_ADDMM_OUT_DTYPE = True  # torch.addmm(..., out_dtype=float32) works here (CUDA, torch >= 2.8)
+
+
+def _addmm_float32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with float32 ``acc`` and 16-bit ``a``, ``b`` (float32 accumulation)."""
+    global _ADDMM_OUT_DTYPE
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if _ADDMM_OUT_DTYPE:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _ADDMM_OUT_DTYPE = False
+    b32 = b.to(acc.dtype)
+    step = max(1, (64 << 20) // max(1, a.shape[1] * 4))  # 64 MiB float32 blocks of a
+    for r in range(0, a.shape[0], step):
+        acc[r : r + step].addmm_(a[r : r + step].to(acc.dtype), b32)
+
+
+class TritonChunkBackend:
+    """Per-chunk math in Triton and cuBLAS (see ChunkBackend in fused_linear_cross_entropy_function).
+
+    Args (each None: the module's override, else the tile table):
+        chunk_bytes: memory for one chunk of stored logits.
+        split: number of V-splits of the fused schedule's hidden-gradient GEMM.
+        schedule: "hybrid" or "fused" (see the module docstring).
+        config: a whole configuration (check_config), e.g. a candidate of bench/sweep_flce.py.
     """
 
-    def __init__(self, chunk_bytes: int | None = None, split: int | None = None):
+    def __init__(self, chunk_bytes: int | None = None, split: int | None = None, schedule: str | None = None,
+                 config: dict | None = None):  # fmt: skip
         self.chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
         self.split = SPLIT if split is None else split
+        self.schedule = SCHEDULE if schedule is None else schedule
+        self.config = CONFIG if config is None else config
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         self.interpret = is_interpreter()
 
-    def _blocks(self, grad: bool, dtype: torch.dtype) -> dict:
+    def resolve(self, dtype: torch.dtype, device: torch.device) -> dict:
+        """The configuration a chunk of ``dtype`` on ``device`` runs with."""
+        if self.config is not None:
+            return check_config(self.config)
         if self.interpret:
-            return dict(_INTERP_BLOCKS)
-        return dict(_GPU_BLOCKS[("grad" if grad else "logits", dtype.itemsize)])
+            name = self.schedule or _TILES["default"]["4"]["schedule"]
+            return {"schedule": name, **_INTERP_CONFIGS[name]}
+        entry = _TILES.get(device_arch(device), _TILES["default"])[str(dtype.itemsize)]
+        # A schedule the table has no tiles for at this size (fused at float32) falls back.
+        name = self.schedule if self.schedule in entry else entry["schedule"]
+        return {"schedule": name, **entry[name]}
 
     def chunk_rows(self, n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
-        block_c = self._blocks(False, dtype)["BLOCK_C"]
-        rows = self.chunk_bytes // max(1, vocab * dtype.itemsize)
-        rows = max(block_c, rows // block_c * block_c)
-        return max(1, min(n_rows, rows))
-
-    def _split(self, device: torch.device, n_tiles: int, n_vblocks: int) -> int:
-        if self.split is not None:
-            return max(1, min(self.split, n_vblocks))
-        if self.interpret or device.type != "cuda":
-            return 1
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_vblocks, triton.cdiv(2 * sms, n_tiles)))
+        cfg = self.resolve(dtype, device)
+        quantum = cfg["logits"]["BLOCK_C"] if cfg["schedule"] == "fused" else 64
+        budget = self.chunk_bytes if self.chunk_bytes is not None else cfg["chunk_mib"] << 20
+        rows = budget // max(1, _padded(vocab) * dtype.itemsize) // quantum * quantum
+        return max(1, min(n_rows, max(quantum, rows)))
 
     def chunk(
         self,
@@ -371,93 +216,155 @@ class TritonChunkBackend:
         dw_acc_VD: torch.Tensor | None,
         db_acc_V: torch.Tensor | None,
     ) -> ChunkResult:
+        cfg = self.resolve(h_CD.dtype, h_CD.device)
+        run = self._hybrid if cfg["schedule"] == "hybrid" else self._fused
+        return run(cfg, h_CD, w_VD, None if b_V is None else b_V.contiguous(), y_C.contiguous(), params,
+                   cw_V=cw_V, loss_scale_C=None if loss_scale_C is None else loss_scale_C.float().contiguous(),
+                   lse_scale_C=None if lse_scale_C is None else lse_scale_C.float().contiguous(),
+                   want_dh=want_dh, dw_acc_VD=dw_acc_VD, db_acc_V=db_acc_V)  # fmt: skip
+
+    # --- shared -------------------------------------------------------------------------------
+
+    def _merge(self, blk_max, blk_sum, blk_zsum, y_C, V, params, cw_V, loss_scale_C, lse_scale_C, write_scale):
+        """Row lse, smoothing sum and gradient coefficients from per-(row, block) statistics;
+        with ``write_scale`` blk_sum is overwritten with alpha * exp(block max - lse)."""
+        C, NB = blk_max.shape
+        f32 = dict(dtype=torch.float32, device=blk_max.device)
+        lse = torch.empty(C, **f32)
+        smoothing = blk_zsum is not None
+        zsum = torch.empty(C, **f32) if smoothing else lse
+        alpha, beta, gamma = (torch.empty(C, **f32) for _ in range(3))
+        has_cw = cw_V is not None
+        row_weight_C = cw_V[y_C].contiguous() if has_cw else lse
+        weight_sum = cw_V.sum().reshape(1) if has_cw else lse
+        BLOCK_R = 16
+        block_t = triton.next_power_of_2(NB) if self.interpret else min(256, triton.next_power_of_2(NB))
+        K._flce_lse_kernel[(triton.cdiv(C, BLOCK_R),)](
+            blk_max, blk_sum, blk_zsum if smoothing else blk_sum,
+            loss_scale_C if loss_scale_C is not None else lse, lse_scale_C if lse_scale_C is not None else lse,
+            row_weight_C, weight_sum,
+            lse, zsum, alpha, beta, gamma, blk_sum,
+            C, NB, blk_max.stride(0), V,
+            params.z_loss, params.label_smoothing,
+            HAS_SMOOTHING=smoothing, HAS_LOSS_SCALE=loss_scale_C is not None,
+            HAS_LSE_SCALE=lse_scale_C is not None, HAS_CLASS_WEIGHT=has_cw, WRITE_SCALE=write_scale,
+            BLOCK_R=BLOCK_R, BLOCK_T=block_t,
+        )  # fmt: skip
+        return lse, (zsum if smoothing else None), alpha, beta, gamma
+
+    # --- "hybrid": cuBLAS GEMMs, Triton row passes --------------------------------------------
+
+    def _hybrid(self, cfg, h_CD, w_VD, b_V, y_C, params, *, cw_V, loss_scale_C, lse_scale_C, want_dh, dw_acc_VD,
+                db_acc_V):  # fmt: skip
+        C, V = h_CD.shape[0], w_VD.shape[0]
+        grad = loss_scale_C is not None or lse_scale_C is not None
+        smoothing = params.label_smoothing > 0
+        cw_smoothing = cw_V is not None and smoothing  # the row kernels read class weights only for smoothing
+        softcap = params.softcap if params.softcap is not None else 1.0
+        f32 = dict(dtype=torch.float32, device=h_CD.device)
+
+        gemms = not compile_only()  # CPU tensors standing in for CUDA ones: only Triton launches count
+        z_CV = _chunk_buffer(C, V, h_CD.dtype, h_CD.device)
+        if gemms and b_V is None:
+            torch.mm(h_CD, w_VD.t(), out=z_CV)
+        elif gemms:
+            torch.addmm(b_V, h_CD, w_VD.t(), out=z_CV)
+
+        block_v = cfg["BLOCK_V"]
+        n_seg = triton.cdiv(V, cfg["SEGMENT"])
+        n_iter = triton.cdiv(triton.cdiv(V, n_seg), block_v)  # every program runs the same trip count
+        seg_len = n_iter * block_v
+        n_seg = triton.cdiv(V, seg_len)
+        blk_max, blk_sum = torch.empty((C, n_seg), **f32), torch.empty((C, n_seg), **f32)
+        blk_zsum = torch.empty((C, n_seg), **f32) if smoothing else None
+        target = torch.empty(C, **f32)
+        flags = dict(HAS_SOFTCAP=params.softcap is not None, HAS_CLASS_WEIGHT=cw_smoothing, BLOCK_V=block_v,
+                     num_warps=cfg["num_warps"])  # fmt: skip
+        cw_arg = cw_V if cw_V is not None else target
+        K._flce_row_stats_kernel[(C, n_seg)](
+            z_CV, cw_arg, y_C, blk_max, blk_sum, blk_zsum if smoothing else blk_sum, target,
+            V, seg_len, n_iter, z_CV.stride(0), n_seg, softcap, HAS_SMOOTHING=smoothing, **flags,
+        )  # fmt: skip
+        lse, zsum, alpha, beta, gamma = self._merge(blk_max, blk_sum, blk_zsum, y_C, V, params, cw_V, loss_scale_C,
+                                                    lse_scale_C, write_scale=False)  # fmt: skip
+        dh_CD = None
+        if grad:
+            K._flce_row_dz_kernel[(C, n_seg)](
+                z_CV, cw_arg, y_C, lse, alpha, beta, gamma,
+                V, seg_len, n_iter, z_CV.stride(0), softcap, HAS_GAMMA=smoothing, **flags,
+            )  # fmt: skip
+            if want_dh:
+                dh_CD = torch.mm(z_CV, w_VD) if gemms else torch.empty_like(h_CD)
+            if dw_acc_VD is not None and gemms:
+                _addmm_float32(dw_acc_VD, z_CV.t(), h_CD)
+            if db_acc_V is not None and gemms:
+                db_acc_V += z_CV.sum(dim=0, dtype=db_acc_V.dtype)
+        return ChunkResult(lse, target, zsum, dh_CD)
+
+    # --- "fused": both GEMMs in Triton ---------------------------------------------------------
+
+    def _fused(self, cfg, h_CD, w_VD, b_V, y_C, params, *, cw_V, loss_scale_C, lse_scale_C, want_dh, dw_acc_VD,
+               db_acc_V):  # fmt: skip
         C, D = h_CD.shape
         V = w_VD.shape[0]
         dev = h_CD.device
         grad = loss_scale_C is not None or lse_scale_C is not None
-        blocks = self._blocks(False, h_CD.dtype)
-        BLOCK_V = blocks["BLOCK_V"]
-        NT = triton.cdiv(V, BLOCK_V)
         smoothing = params.label_smoothing > 0
+        cw_smoothing = cw_V is not None and smoothing
         softcap = params.softcap if params.softcap is not None else 1.0
         precision = _dot_precision(h_CD.dtype)
         f32 = dict(dtype=torch.float32, device=dev)
+        lc = cfg["logits"]
+        tile_v = lc["BLOCK_V"]
+        NT = triton.cdiv(V, tile_v)
 
-        tile_max = torch.empty((C, NT), **f32)
-        tile_sum = torch.empty((C, NT), **f32)
-        tile_zsum = torch.empty((C, NT), **f32) if smoothing else tile_sum
+        tile_max, tile_sum = torch.empty((C, NT), **f32), torch.empty((C, NT), **f32)
+        tile_zsum = torch.empty((C, NT), **f32) if smoothing else None
         target = torch.empty(C, **f32)
-        z = torch.empty((C, V), dtype=h_CD.dtype, device=dev) if grad else tile_sum
-        y_C = y_C.contiguous()
-        b_V = None if b_V is None else b_V.contiguous()  # the kernels index the bias densely
-        loss_scale_C = None if loss_scale_C is None else loss_scale_C.float().contiguous()
-        lse_scale_C = None if lse_scale_C is None else lse_scale_C.float().contiguous()
-        has_cw = cw_V is not None  # float32 and contiguous (the Function's accumulation dtype)
-        if has_cw:
-            row_weight_C = cw_V[y_C].contiguous()
-            weight_sum = cw_V.sum().reshape(1)
-        cw_smoothing = has_cw and smoothing  # kernels 1, 3, 4 read the class weights only for smoothing
-        grid = (triton.cdiv(C, blocks["BLOCK_C"]) * NT,)
-        _flce_logits_kernel[grid](
-            h_CD, w_VD, b_V if b_V is not None else target, cw_V if has_cw else target, y_C,
-            z, tile_max, tile_sum, tile_zsum, target,
+        e_CV = _chunk_buffer(C, V, h_CD.dtype, dev) if grad else target
+        cw_arg = cw_V if cw_V is not None else target
+        K._flce_logits_kernel[(triton.cdiv(C, lc["BLOCK_C"]) * NT,)](
+            h_CD, w_VD, b_V if b_V is not None else target, cw_arg, y_C,
+            e_CV, tile_max, tile_sum, tile_zsum if smoothing else tile_sum, target,
             C, V, D,
-            h_CD.stride(0), h_CD.stride(1), w_VD.stride(0), w_VD.stride(1), z.stride(0) if grad else 0, NT,
+            h_CD.stride(0), h_CD.stride(1), w_VD.stride(0), w_VD.stride(1), e_CV.stride(0) if grad else 0, NT,
             softcap,
             HAS_BIAS=b_V is not None, HAS_SOFTCAP=params.softcap is not None, HAS_SMOOTHING=smoothing,
-            HAS_CLASS_WEIGHT=cw_smoothing, STORE_LOGITS=grad, UPCAST=self.interpret, DOT_PRECISION=precision,
-            BLOCK_C=blocks["BLOCK_C"], BLOCK_V=BLOCK_V, BLOCK_D=blocks["BLOCK_D"], GROUP_C=8,
-            num_warps=blocks["num_warps"], num_stages=blocks["num_stages"],
+            HAS_CLASS_WEIGHT=cw_smoothing, STORE=grad, UPCAST=self.interpret, DOT_PRECISION=precision, **lc,
         )  # fmt: skip
-
-        lse = torch.empty(C, **f32)
-        zsum = torch.empty(C, **f32) if smoothing else lse
-        alpha, beta, gamma = (torch.empty(C, **f32) for _ in range(3))
-        BLOCK_R = 16
-        _flce_lse_kernel[(triton.cdiv(C, BLOCK_R),)](
-            tile_max, tile_sum, tile_zsum,
-            loss_scale_C if loss_scale_C is not None else lse,
-            lse_scale_C if lse_scale_C is not None else lse,
-            row_weight_C if has_cw else lse, weight_sum if has_cw else lse,
-            lse, zsum, alpha, beta, gamma,
-            C, NT, NT, V,
-            params.z_loss, params.label_smoothing,
-            HAS_SMOOTHING=smoothing, HAS_LOSS_SCALE=loss_scale_C is not None,
-            HAS_LSE_SCALE=lse_scale_C is not None, HAS_CLASS_WEIGHT=has_cw,
-            BLOCK_R=BLOCK_R, BLOCK_T=min(256, triton.next_power_of_2(NT)) if not self.interpret else triton.next_power_of_2(NT),
-        )  # fmt: skip
-
+        lse, zsum, alpha, beta, gamma = self._merge(tile_max, tile_sum, tile_zsum, y_C, V, params, cw_V,
+                                                    loss_scale_C, lse_scale_C, write_scale=grad)  # fmt: skip
+        scale = tile_sum  # alpha * exp(tile max - lse), written by the merge
         dh_CD = None
         if grad:
-            gblocks = self._blocks(True, h_CD.dtype)
-            gblocks["BLOCK_V"] = BLOCK_V  # must match the tiles whose max kernel 1 stored
-            common = dict(
-                HAS_SOFTCAP=params.softcap is not None, HAS_GAMMA=smoothing, HAS_CLASS_WEIGHT=cw_smoothing,
-                UPCAST=self.interpret,
-                DOT_PRECISION=precision, BLOCK_C=gblocks["BLOCK_C"], BLOCK_V=BLOCK_V,
-                BLOCK_D=gblocks["BLOCK_D"], num_warps=gblocks["num_warps"],
-                num_stages=gblocks["num_stages"],
-            )  # fmt: skip
+            common = dict(HAS_SOFTCAP=params.softcap is not None, HAS_GAMMA=smoothing, HAS_CLASS_WEIGHT=cw_smoothing,
+                          UPCAST=self.interpret, DOT_PRECISION=precision, TILE_V=tile_v)  # fmt: skip
             if want_dh:
-                n_tiles = triton.cdiv(C, gblocks["BLOCK_C"]) * triton.cdiv(D, gblocks["BLOCK_D"])
-                split = self._split(dev, n_tiles, NT)
-                v_per_split = triton.cdiv(NT, split) * BLOCK_V
-                split = triton.cdiv(V, v_per_split)
+                gc = dict(cfg["grad"])
+                waves = gc.pop("waves")
+                n_tiles = triton.cdiv(C, gc["BLOCK_C"]) * triton.cdiv(D, gc["BLOCK_D"])
+                n_kblocks = triton.cdiv(V, gc["BLOCK_K"])
+                split = self.split
+                if split is None:
+                    split = 1 if self.interpret else waves * multiprocessor_count(dev) // n_tiles
+                n_k = triton.cdiv(n_kblocks, max(1, min(split, n_kblocks)))
+                split = triton.cdiv(n_kblocks, n_k)
                 part = torch.empty((split, C, D), **f32)
-                _flce_grad_hidden_kernel[(n_tiles, split)](
-                    z, tile_max, w_VD, cw_V if has_cw else lse, y_C, lse, alpha, beta, gamma, part,
-                    C, V, D, v_per_split,
-                    z.stride(0), NT, w_VD.stride(0), w_VD.stride(1),
-                    softcap, **common,
+                K._flce_grad_hidden_kernel[(n_tiles, split)](
+                    e_CV, scale, tile_max, w_VD, cw_arg, y_C, beta, gamma, part,
+                    C, V, D, n_k,
+                    e_CV.stride(0), NT, w_VD.stride(0), w_VD.stride(1),
+                    softcap, **common, **gc,
                 )  # fmt: skip
                 dh_CD = (part[0] if split == 1 else part.sum(dim=0)).to(h_CD.dtype)
             if dw_acc_VD is not None or db_acc_V is not None:
-                grid_w = (NT * triton.cdiv(D, gblocks["BLOCK_D"]),)
-                _flce_grad_weight_kernel[grid_w](
-                    z, tile_max, h_CD, cw_V if has_cw else lse, y_C, lse, alpha, beta, gamma,
-                    dw_acc_VD if dw_acc_VD is not None else lse, db_acc_V if db_acc_V is not None else lse,
+                wc = cfg["weight"]
+                n_d = triton.cdiv(D, wc["BLOCK_D"]) if dw_acc_VD is not None else 1
+                K._flce_grad_weight_kernel[(triton.cdiv(V, wc["BLOCK_V"]) * n_d,)](
+                    e_CV, scale, tile_max, h_CD, cw_arg, y_C, beta, gamma,
+                    dw_acc_VD if dw_acc_VD is not None else target, db_acc_V if db_acc_V is not None else target,
                     C, V, D,
-                    z.stride(0), NT, h_CD.stride(0), h_CD.stride(1),
-                    softcap, HAS_DW=dw_acc_VD is not None, HAS_DB=db_acc_V is not None, **common,
+                    e_CV.stride(0), NT, h_CD.stride(0), h_CD.stride(1),
+                    softcap, HAS_DW=dw_acc_VD is not None, HAS_DB=db_acc_V is not None, **common, **wc,
                 )  # fmt: skip
-        return ChunkResult(lse, target, zsum if smoothing else None, dh_CD)
+        return ChunkResult(lse, target, zsum, dh_CD)

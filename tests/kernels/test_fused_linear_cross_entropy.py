@@ -22,6 +22,9 @@ from kernels import (
 )
 from tests._cases import HAS_CUDA, TRITON_OK, device_cases, needs_triton
 from tests._numerics import assert_parity, flce_inputs
+from tests.kernels._flce_schedules import expand, with_schedule
+
+fused_linear_cross_entropy = with_schedule(fused_linear_cross_entropy)  # noqa: F811 (paths "triton:<schedule>")
 
 gpu = pytest.mark.gpu
 
@@ -82,7 +85,7 @@ OPTION_SETS = [
 ]
 
 
-@pytest.mark.parametrize("device,path,dtype", device_cases())
+@pytest.mark.parametrize("device,path,dtype", expand(device_cases()))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opts", OPTION_SETS)
 @pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
@@ -97,7 +100,7 @@ def test_parity_options(device, path, dtype, reduction, opts, trainable):
     _check_all(device, path, dtype, h, w, y, b, trainable=trainable, reduction=reduction, **opts)
 
 
-@pytest.mark.parametrize("device,path,dtype", device_cases())
+@pytest.mark.parametrize("device,path,dtype", expand(device_cases()))
 def test_parity_vocab_above_64k(device, path, dtype):
     """V > 65,536: grid and index arithmetic must not wrap."""
     h, w, y, b = flce_inputs(24, 32, 65_601, torch.float64)
@@ -105,7 +108,7 @@ def test_parity_vocab_above_64k(device, path, dtype):
     _check_all(device, path, dtype, h, w, y, b, trainable=False, reduction="mean")
 
 
-@pytest.mark.parametrize("device,path,dtype", device_cases())
+@pytest.mark.parametrize("device,path,dtype", expand(device_cases()))
 def test_parity_many_chunks(device, path, dtype, monkeypatch):
     """Chunks of a few rows and a split hidden-gradient GEMM exercise the chunk loop."""
     import kernels.fused_linear_cross_entropy_triton as flce_triton
@@ -117,7 +120,7 @@ def test_parity_many_chunks(device, path, dtype, monkeypatch):
     _check_all(device, path, dtype, h, w, y, b, trainable=True, reduction="mean", label_smoothing=0.1)
 
 
-PATHS = ["reference", "torch", pytest.param("triton", marks=needs_triton)]
+PATHS = expand(["reference", "torch", pytest.param("triton", marks=needs_triton)])
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -150,7 +153,7 @@ def test_no_target_gives_zero_loss_and_zero_grads(path, reduction, params, shape
         assert w.grad is None
 
 
-@pytest.mark.parametrize("device,path,dtype", device_cases())
+@pytest.mark.parametrize("device,path,dtype", expand(device_cases()))
 def test_non_finite_hidden_gives_nan_loss(device, path, dtype):
     h, w, y, _ = flce_inputs(8, 16, 60, dtype, ignore_frac=0.0, device=device)
     h[2, 3] = float("nan")
@@ -162,7 +165,7 @@ def test_non_finite_hidden_gives_nan_loss(device, path, dtype):
         assert torch.isnan(fused_linear_cross_entropy(h, w, y, softcap=softcap, impl=path))
 
 
-@pytest.mark.parametrize("device,path,dtype", device_cases())
+@pytest.mark.parametrize("device,path,dtype", expand(device_cases()))
 def test_non_contiguous_inputs(device, path, dtype):
     """hidden as a transposed view of [2, 13, D]; weight, bias as every other row of bigger tensors."""
     h64, w64, y, b64 = flce_inputs(26, 24, 301, torch.float64)
@@ -194,7 +197,7 @@ def test_reference_matches_plain_pytorch():
     torch.testing.assert_close(fused_linear_cross_entropy_ref(h, w, y, bias=b, z_loss=z), manual)
 
 
-@pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("path", expand(["torch", pytest.param("triton", marks=needs_triton)]))
 def test_num_items_makes_micro_batches_add_up(path):
     """Two micro-batches with num_items = the global count sum to the full-batch mean."""
     h, w, y, _ = flce_inputs(40, 16, 97, torch.float32)
@@ -212,7 +215,7 @@ def test_num_items_makes_micro_batches_add_up(path):
     torch.testing.assert_close(parts_h.grad, full_h.grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("path", expand(["torch", pytest.param("triton", marks=needs_triton)]))
 def test_return_lse_is_differentiable(path):
     """z-loss built from the returned lse equals the built-in z_loss option, grads included."""
     h, w, y, _ = flce_inputs(30, 16, 80, torch.float64 if path == "torch" else torch.float32)
@@ -363,68 +366,32 @@ def test_triton_on_float64_raises_clearly():
 @gpu
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("path", expand(["torch", "triton"]))
 def test_sonar_scale_bf16_cuda(path):
     """V = 256,206, D = 1024, 4,096 tokens, bf16, frozen weight: parity with the reference."""
     h, w, y, _ = flce_inputs(4096, 1024, 256_206, torch.float64, peaky=False, ignore_frac=0.05)
     _check_all("cuda", path, torch.bfloat16, h * 0.5, w, y, None, trainable=False, reduction="mean")
 
 
-_AOT_SCRIPT = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import kernels.fused_linear_cross_entropy_triton as ft
-
-assert not ft.is_interpreter()
-fp32_ptrs = {"tile_max_ptr", "tile_sum_ptr", "tile_zsum_ptr", "target_ptr", "loss_scale_ptr", "lse_scale_ptr",
-             "lse_ptr", "zsum_ptr", "alpha_ptr", "beta_ptr", "gamma_ptr", "part_ptr", "dw_ptr", "db_ptr",
-             "cw_ptr", "row_weight_ptr", "weight_sum_ptr"}
-for size, operand, precision in ((2, "*bf16", "tf32"), (4, "*fp32", "ieee")):
-    blocks = {k: v for k, v in ft._GPU_BLOCKS[("logits", size)].items() if k.startswith("BLOCK")}
-    grad = {k: v for k, v in ft._GPU_BLOCKS[("grad", size)].items() if k.startswith("BLOCK")}
-    flags = dict(HAS_SOFTCAP=True, HAS_GAMMA=True, HAS_CLASS_WEIGHT=True, UPCAST=False, DOT_PRECISION=precision)
-    kernels = [
-        (ft._flce_logits_kernel, blocks | dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SMOOTHING=True, HAS_CLASS_WEIGHT=True,
-         STORE_LOGITS=True, UPCAST=False, DOT_PRECISION=precision, GROUP_C=8), ft._GPU_BLOCKS[("logits", size)]),
-        (ft._flce_lse_kernel, dict(HAS_SMOOTHING=True, HAS_LOSS_SCALE=True, HAS_LSE_SCALE=True, HAS_CLASS_WEIGHT=True,
-         BLOCK_R=16, BLOCK_T=256), dict(num_warps=4, num_stages=1)),
-        (ft._flce_grad_hidden_kernel, grad | flags, ft._GPU_BLOCKS[("grad", size)]),
-        (ft._flce_grad_weight_kernel, grad | flags | dict(HAS_DW=True, HAS_DB=True), ft._GPU_BLOCKS[("grad", size)]),
-    ]
-    for fn, consts, launch in kernels:
-        sig = {}
-        for name in fn.arg_names:
-            if name in consts:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                sig[name] = "*fp32" if name in fp32_ptrs else "*i64" if name == "y_ptr" else operand
-            else:
-                sig[name] = "fp32" if name in ("softcap", "z_loss", "smoothing") else "i32"
-        opts = dict(num_warps=launch["num_warps"], num_stages=launch["num_stages"])
-        target = GPUTarget("cuda", 90, 32)
-        compiled = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target, options=opts)
-        assert compiled.metadata.shared <= 232_448, (fn.__name__, operand, compiled.metadata.shared)
-print("ok")
-"""
-
-
 @pytest.mark.slow
-def test_triton_kernels_compile_for_hopper_without_a_gpu():
-    """Compile (not run) the four kernels for sm_90 with the pinned bf16 and fp32 configs, every
-    option on (class weights included): GPU-only compile errors, which the interpreter accepts,
-    and shared-memory overflows fail here too."""
+def test_triton_kernels_compile_for_hopper_without_spills():
+    """Every Triton kernel of every schedule the tile table keeps for sm_90, at bf16 and fp32,
+    with no option and with every option on (bias, class weights, smoothing, z-loss, softcap),
+    compiled for sm_90a as a launch at SONAR-like shapes would be (bench/flce_compile_report.py):
+    no register spill, shared memory within the limit, every Triton GEMM's K loop pipelined."""
     backends = pytest.importorskip("triton.backends")
     if "nvidia" not in backends.backends:
         pytest.skip("Triton's NVIDIA backend is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], cwd=Path(__file__).resolve().parents[2], env=env,
-                         capture_output=True, text=True)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().endswith("ok")
+    out = subprocess.run([sys.executable, "-m", "bench.flce_compile_report", "--check"],
+                         cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    kernels = {"_flce_row_stats_kernel", "_flce_row_dz_kernel", "_flce_lse_kernel", "_flce_logits_kernel",
+               "_flce_grad_hidden_kernel", "_flce_grad_weight_kernel"}  # fmt: skip
+    assert all(f"`{k}`" in out.stdout for k in kernels), out.stdout
 
 
-@pytest.mark.parametrize("device,path,dtype", device_cases())
+@pytest.mark.parametrize("device,path,dtype", expand(device_cases()))
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_minus_inf_logits_are_masked_classes(device, path, dtype, softcap):
     """A -inf bias masks classes (probability 0), also across a whole kernel tile; a target in a
@@ -457,3 +424,38 @@ def test_fp16_gradient_survives_loss_scaling():
         grads[name] = hh.grad
     assert torch.count_nonzero(grads["fast"]) == grads["fast"].numel()
     assert_parity(grads["fast"], grads["ref"], grads["gold"], torch.float16, "fp16 d hidden", grad=True)
+
+
+@needs_triton
+def test_float32_accumulation_of_16bit_weight_gradients(monkeypatch):
+    """The hybrid schedule's dW += dz.T @ h with bf16 operands lands in the float32 accumulator
+    with float32 accumulation: torch.addmm(out_dtype=float32) where torch has it (CUDA), else
+    float32 blocks (this CPU)."""
+    import kernels.fused_linear_cross_entropy_triton as flce_triton
+
+    monkeypatch.setattr(flce_triton, "_ADDMM_OUT_DTYPE", True)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 4000, generator=g).bfloat16(), torch.randn(4000, 24, generator=g).bfloat16()
+    acc = torch.randn(300, 24, generator=g)
+    want = acc.double() + a.double() @ b.double()
+    flce_triton._addmm_float32(acc, a, b)
+    assert acc.dtype == torch.float32
+    assert (acc.double() - want).abs().max().item() < 5e-3  # a bf16 result would be off by ~0.25
+
+
+@needs_triton
+def test_tile_table_is_validated():
+    import kernels.fused_linear_cross_entropy_triton as flce_triton
+
+    good = {"schedule": "hybrid", **flce_triton._TILES["sm_90"]["2"]["hybrid"]}
+    assert flce_triton.check_config(good) is good
+    with pytest.raises(ValueError, match="must have keys"):
+        flce_triton.check_config({k: v for k, v in good.items() if k != "BLOCK_V"})
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        flce_triton.check_config(dict(good, schedule="cublas"))
+    fused = {"schedule": "fused", **flce_triton._TILES["sm_90"]["2"]["fused"]}
+    bad = dict(fused, grad=dict(fused["grad"], BLOCK_K=96))
+    with pytest.raises(ValueError, match="must divide logits.BLOCK_V"):
+        flce_triton.check_config(bad)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        flce_triton.TritonChunkBackend(schedule="cublas")

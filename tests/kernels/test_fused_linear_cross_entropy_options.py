@@ -15,8 +15,10 @@ from kernels import (
 )
 from tests._cases import needs_triton
 from tests._numerics import flce_inputs
+from tests.kernels._flce_schedules import expand, with_schedule
 
-PATHS = ["reference", "torch", pytest.param("triton", marks=needs_triton)]
+fused_linear_cross_entropy = with_schedule(fused_linear_cross_entropy)  # noqa: F811 (paths "triton:<schedule>")
+PATHS = expand(["reference", "torch", pytest.param("triton", marks=needs_triton)])
 
 
 def _weights(v: int, seed: int = 3) -> torch.Tensor:
@@ -108,7 +110,7 @@ def test_shift_true_is_one():
                                fused_linear_cross_entropy(h, w, y, shift=1, impl="torch"))  # fmt: skip
 
 
-@pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("path", expand(["torch", pytest.param("triton", marks=needs_triton)]))
 def test_num_items_with_class_weights_makes_micro_batches_add_up(path):
     """With class weights num_items is the global sum of the targets' weights (a float)."""
     h, w, y, _ = flce_inputs(40, 16, 97, torch.float32)

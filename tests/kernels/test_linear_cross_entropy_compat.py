@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from kernels import linear_cross_entropy
 from tests._cases import needs_triton
 from tests._numerics import assert_parity
+from tests.kernels._flce_schedules import SCHEDULES, expand, with_schedule
+
+linear_cross_entropy = with_schedule(linear_cross_entropy)  # noqa: F811 (paths "triton:<schedule>")
 
 pytestmark = pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="needs torch >= 2.13")
 
@@ -50,8 +53,10 @@ def _random_cases(n: int, seed: int = 2026) -> list:
             options=rng.random() < 0.3,
             seed=i,
         )
-        marks = [needs_triton] if path == "triton" else []
-        cases.append(pytest.param(case, id=f"{i}-{path}-{str(case['dtype'])[6:]}-{case['reduction']}", marks=marks))
+        for p in [f"triton:{s}" for s in SCHEDULES] if path == "triton" else [path]:
+            marks = [needs_triton] if path == "triton" else []
+            case_id = f"{i}-{p.replace(':', '-')}-{str(case['dtype'])[6:]}-{case['reduction']}"
+            cases.append(pytest.param(case | {"path": p}, id=case_id, marks=marks))
     return cases
 
 
@@ -138,7 +143,7 @@ def test_bad_input_names_torchs_arguments(call, exc, match):
         call(h, w, y)
 
 
-@pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("path", expand(["torch", pytest.param("triton", marks=needs_triton)]))
 def test_double_backward_raises_instead_of_a_wrong_second_derivative(path):
     """The gradient is precomputed in the forward, so a gradient of the gradient would be wrong:
     it must raise (torch's chunked path does not support it either)."""
