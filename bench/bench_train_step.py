@@ -28,6 +28,7 @@ from sonarllm.config import SonarLLMConfig
 from sonarllm.loss import SonarTargets, SonarTokenLoss
 from sonarllm.model import SonarLLM
 from sonarllm.sonar import SonarDecoder, SonarTextConfig
+from training.compile import compile_for_training
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 H200_BF16_TFLOPS = 790.0  # dense bf16 matmul on random data, measured on this workplace's H200s
@@ -44,8 +45,9 @@ def peak_tflops() -> float:
     return float(os.environ.get("SONARLLM_PEAK_TFLOPS", H200_BF16_TFLOPS))
 
 
-def build_step(size: str, provider: str, docs: int, device: str = DEVICE):
-    """(step function, description) of one training step; see the module docstring."""
+def build_step(size: str, provider: str, docs: int, device: str = DEVICE, compiled: bool = False):
+    """(step function, description) of one training step; see the module docstring. ``compiled``:
+    the forwards compiled as the trainer's ``system.compile`` does (bench/bench_compile.py)."""
     preset, dcfg, _, sents, dtype = SIZES[(device, size)]
     impl = "auto" if provider == "fused" else "reference"
     torch.manual_seed(0)
@@ -55,6 +57,8 @@ def build_step(size: str, provider: str, docs: int, device: str = DEVICE):
     for p in decoder.parameters():
         torch.nn.init.normal_(p, std=0.02)
     loss_fn = SonarTokenLoss(decoder, kernel_impl=impl)
+    if compiled:
+        compile_for_training(model, loss_fn, zero_stage=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     g = torch.Generator().manual_seed(1)

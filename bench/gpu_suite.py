@@ -13,6 +13,7 @@ it spent compiling.
     bash bench/gpu_suite.sh --only attention      # one kernel: its parity tests + its benchmark
     bash bench/gpu_suite.sh --only train,zero     # the example run, then the ZeRO-2/3 probe
     bash bench/gpu_suite.sh --only sweep          # retune the fused cross-entropy (~3 minutes)
+    bash bench/gpu_suite.sh --only compile        # the training step eager vs torch.compile'd (minutes)
     bash bench/gpu_suite.sh --full                # the whole parity matrix (no time target)
     python -m bench.gpu_suite --dry-run [...]     # the plan, without running anything
 """
@@ -47,6 +48,7 @@ BENCH_FILES = {
     "sonar_loss": "bench/bench_sonar_loss.py",
     "train_step": "bench/bench_train_step.py",
     "encoder": "bench/bench_sonar_encoder.py",
+    "compile": "bench/bench_compile.py",
 }
 
 
@@ -100,6 +102,10 @@ def plan(only: set[str] | None, full: bool, work: Path) -> list[Stage]:
                                           "winning tile table is sweep_tiles.json", [
             [PY, "bench/sweep_flce.py", "--time-limit", "185", "--table-out", str(work / "sweep_tiles.json"),
              "--json", str(work / "sweep_flce.json")]]))  # fmt: skip
+    if only is not None and "compile" in only:  # opt-in: torch.compile of the 300M + basic step takes minutes
+        stages.append(Stage("compile", 300, f"{BENCH_FILES['compile']} --bench-size full (eager vs system.compile)", [
+            [PY, "-m", "pytest", BENCH_FILES["compile"], "-q", "-p", "no:cacheprovider", "--benchmark",
+             "--bench-size", "full", "--bench-jsonl", str(work / "bench-compile.jsonl")]]))  # fmt: skip
     if only is not None and "zero" in only:  # opt-in: several minutes
         stages.append(Stage("zero", 330, "largest concept model with ZeRO-2 / ZeRO-3 (bench/zero_probe.py)", [
             [PY, "-m", "bench.zero_probe", "--out", str(work / "zero")]]))  # fmt: skip
@@ -107,7 +113,7 @@ def plan(only: set[str] | None, full: bool, work: Path) -> list[Stage]:
 
 
 STAGE_NAMES = ("warmup", "tests", "train", "attention", "projection", "sonar_loss", "train_step", "flce",
-               "encoder", "profile", "sweep", "zero")  # fmt: skip
+               "encoder", "profile", "sweep", "zero", "compile")  # fmt: skip
 
 
 def _has_xdist() -> bool:
@@ -330,7 +336,7 @@ def publish(work: Path, out: Path | None, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bash bench/gpu_suite.sh", description=__doc__.split("\n\n")[0])
     p.add_argument("--only", help=f"comma-separated stages: {', '.join(STAGE_NAMES)} (flce, attention, projection "
-                                  "also run their parity tests; sweep and zero run only when named)")  # fmt: skip
+                                  "also run their parity tests; sweep, zero and compile run only when named)")  # fmt: skip
     p.add_argument("--full", action="store_true", help="the whole parity matrix instead of the smoke subset (no 6-minute target)")
     p.add_argument("--work", default=os.environ.get("SONARLLM_SUITE_DIR", "/tmp/sonarllm-gpu"), help="work directory")
     p.add_argument("--deadline", type=int, default=None, help=f"seconds for everything (default {DEADLINE_S}; --full: the sum of the limits)")
@@ -344,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--only: unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGE_NAMES)}")
     work = Path(args.work).resolve()
     stages = plan(only, args.full, work)
-    opt_in = only is not None and bool(only & {"sweep", "zero"})
+    opt_in = only is not None and bool(only & {"sweep", "zero", "compile"})
     deadline_s = args.deadline or (sum(s.limit for s in stages) + 30 if args.full or opt_in else DEADLINE_S)
     if args.dry_run:
         print(f"deadline {deadline_s} s; setup first (wheels from .whl/, versions, bf16 matmul rate)")

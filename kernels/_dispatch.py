@@ -73,6 +73,7 @@ def triton_import_error() -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result  # torch.compile: not traced (it imports triton)
 def triton_available() -> bool:
     """True when Triton can be imported."""
     return triton_import_error() is None

@@ -28,6 +28,7 @@ import operator
 import torch
 
 from kernels._dispatch import KernelImpl, is_auto, resolve_impl
+from kernels.attention_op import attention_triton_op
 from kernels.attention_ref import attention_ref
 from kernels.attention_torch import attention_torch_batched, attention_torch_varlen
 
@@ -82,6 +83,12 @@ def cu_seqlens_from_lengths(lengths, *, device: torch.device | str | None = None
     cu = torch.zeros(len_B.numel() + 1, dtype=torch.int32, device=len_B.device)
     cu[1:] = torch.cumsum(len_B, 0)
     return cu
+
+
+def _index(value) -> int:
+    """``operator.index``, but an int passes unchanged: under torch.compile a symbolic int, which
+    ``operator.index`` would specialise (one recompilation per sequence length)."""
+    return value if isinstance(value, int) else operator.index(value)
 
 
 def _check_args(q, k, v, causal, softmax_scale, cu_q, cu_k, max_q, max_k, dropout_p) -> bool:
@@ -155,7 +162,7 @@ def _check_args(q, k, v, causal, softmax_scale, cu_q, cu_k, max_q, max_k, dropou
             try:
                 if isinstance(value, bool):
                     raise TypeError
-                value = operator.index(value)
+                value = _index(value)
             except TypeError:
                 raise TypeError(f"{name} must be an int or None, got {type(value).__name__}") from None
             if value < 0:
@@ -167,12 +174,13 @@ def _varlen_max_lengths(q, k, cu_q, cu_k, max_q, max_k) -> tuple[int, int]:
     """Check cu_seqlens values and return (max_seqlen_q, max_seqlen_k).
 
     Costs one host sync when a maximum must be computed; then, and always on CPU (where it is
-    free), the values are checked too. On CUDA with both maxima given nothing is checked: the
-    caller vouches for cu_seqlens (as with flash-attn).
+    free), the values are checked too. On CUDA, and under torch.compile (where a host read
+    breaks the graph), with both maxima given nothing is checked: the caller vouches for
+    cu_seqlens (as with flash-attn).
     """
     given = max_q is not None and max_k is not None
-    if given and q.device.type != "cpu":
-        return operator.index(max_q), operator.index(max_k)
+    if given and (q.device.type != "cpu" or torch.compiler.is_compiling()):
+        return _index(max_q), _index(max_k)
     len_q, len_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
     stats = torch.stack(
         [cu_q[0], cu_q[-1], len_q.min(), len_q.max(), cu_k[0], cu_k[-1], len_k.min(), len_k.max()]
@@ -188,9 +196,9 @@ def _varlen_max_lengths(q, k, cu_q, cu_k, max_q, max_k) -> tuple[int, int]:
             raise ValueError(f"{arg} must be non-decreasing (cumulative lengths), found a length of {shortest}")
         if last != total:
             raise ValueError(f"{arg}[-1] must equal the number of {name} tokens {name}.shape[0] = {total}, got {last}")
-        if given_max is not None and operator.index(given_max) < longest:
+        if given_max is not None and _index(given_max) < longest:
             raise ValueError(f"max_seqlen_{name} = {given_max} is smaller than the longest {name} sequence ({longest})")
-    pick = lambda given_max, longest: longest if given_max is None else operator.index(given_max)
+    pick = lambda given_max, longest: longest if given_max is None else _index(given_max)
     return pick(max_q, stats[3]), pick(max_k, stats[7])
 
 
@@ -317,9 +325,7 @@ def attention(
     if path == "flash":
         return _flash(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p)
     if path == "triton":
-        from kernels.attention_triton import AttnParams, attention_triton
-
-        return attention_triton(q, k, v, cu_q, cu_k, AttnParams(causal, scale, max_q, max_k))
+        return attention_triton_op(q, k, v, cu_q, cu_k, causal, scale, max_q, max_k)
     if varlen:
         return attention_torch_varlen(
             q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, softmax_scale=scale, dropout_p=dropout_p

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from kernels._dispatch import NO_FLOAT64, KernelImpl, check_impl_name, is_auto, resolve_impl
+from kernels.fused_embedding_projection_op import fused_embedding_projection_triton_op
 from kernels.fused_embedding_projection_ref import fused_embedding_projection_ref
 from kernels.fused_embedding_projection_torch import fused_embedding_projection_torch
 
@@ -108,11 +109,14 @@ def check_normalizer_values(center: torch.Tensor, scale: torch.Tensor) -> None:
 # Normalizers whose values were checked: (id(center), id(scale)) -> (weakrefs, version counters).
 # A frozen buffer is checked (one host sync) on first use only; an in-place change bumps its
 # version counter and triggers a new check. Inference-mode tensors have no version counter and
-# are checked on every call.
+# are checked on every call. Under torch.compile nothing is checked here (a host read would
+# break the graph); set_normalizer checked the values it installed.
 _CHECKED: dict[tuple[int, int], tuple] = {}
 
 
 def _check_normalizer_once(center: torch.Tensor, scale: torch.Tensor) -> None:
+    if torch.compiler.is_compiling():  # a host read would break the graph; set_normalizer checked them
+        return
     key = (id(center), id(scale))
     try:
         versions = (center._version, scale._version)
@@ -168,9 +172,7 @@ def fused_embedding_projection(
         return fused_embedding_projection_ref(x, weight, bias, center=center, scale=scale, mode=mode)
     if path == "torch":
         return fused_embedding_projection_torch(x, weight, bias, center, scale, mode)
-    from kernels.fused_embedding_projection_triton import fused_embedding_projection_triton
-
-    return fused_embedding_projection_triton(x, weight, bias, center, scale, mode)
+    return fused_embedding_projection_triton_op(x, weight, bias, center, scale, mode)
 
 
 class FusedEmbeddingProjection(nn.Module):

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from kernels._dispatch import NO_FLOAT64, KernelImpl, check_impl_name, resolve_impl
-from kernels.fused_linear_cross_entropy_function import FLCEParams, FusedLinearCrossEntropyFunction
+from kernels.fused_linear_cross_entropy_function import FLCEParams, valid_rows
+from kernels.fused_linear_cross_entropy_op import flce_apply
 from kernels.fused_linear_cross_entropy_ref import fused_linear_cross_entropy_ref
-from kernels.fused_linear_cross_entropy_torch import TorchChunkBackend
 
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -120,69 +120,12 @@ def _check_num_items(num_items, reduction: str, weighted: bool) -> None:
         raise ValueError(f"num_items must be finite and >= 0, got {num_items}")
 
 
-def _valid_rows(
-    y_N: torch.Tensor,
-    vocab: int,
-    ignore_index: int,
-    num_items: int | float | torch.Tensor | None,
-    cw_V: torch.Tensor | None,
-) -> tuple[int, torch.Tensor | None, torch.Tensor]:
-    """Check target values (and class weights) and count non-ignored rows with one host sync.
-
-    Returns the number of valid rows, their indices (None when every row is valid) and the
-    "mean" denominator as a float64 tensor: ``num_items``, else the valid count (the sum of the
-    valid targets' class weights with ``cw_V``); a zero denominator counts as 1.
-    """
-    valid_N = y_N != ignore_index
-    bad_N = valid_N & ((y_N < 0) | (y_N >= vocab))
-    parts = [valid_N.sum(), bad_N.sum()]
-    if cw_V is not None:
-        bad_w_V = ~torch.isfinite(cw_V) | (cw_V < 0)
-        safe_N = torch.where(valid_N & ~bad_N, y_N, 0)
-        parts += [bad_w_V.sum(), (cw_V.double()[safe_N] * valid_N).sum()]
-    if isinstance(num_items, torch.Tensor):
-        parts.append(num_items.to(y_N.device))
-    values = torch.stack([p.to(torch.float64) for p in parts]).tolist()
-    n_valid, n_bad = int(values[0]), int(values[1])
-    if n_bad:
-        examples = y_N[bad_N][:5].tolist()
-        raise ValueError(
-            f"target values must be in [0, V) = [0, {vocab}) or ignore_index ({ignore_index}); "
-            f"found {n_bad} outside, e.g. {examples}"
-        )
-    base = float(n_valid)
-    if cw_V is not None:
-        if values[2]:
-            examples = cw_V[bad_w_V][:5].tolist()
-            raise ValueError(
-                "class weights (class_weight; weight in linear_cross_entropy) must be finite and >= 0; "
-                f"found {int(values[2])} others, e.g. {examples}"
-            )
-        base = values[3]
-    items = values[-1] if isinstance(num_items, torch.Tensor) else num_items
-    if items is not None:
-        if not 0 <= items < float("inf"):
-            raise ValueError(f"num_items must be finite and >= 0, got {items}")
-        if items == 0 and base > 0:
-            what = f"{n_valid} targets are not ignored" if cw_V is None else f"the targets' class weights sum to {base}"
-            raise ValueError(f"num_items is 0 but {what}")
-    rows_N = None if n_valid == y_N.numel() else torch.nonzero(valid_N).squeeze(1)
-    denom = float(items) if items else (base if base > 0 else 1.0)
-    return n_valid, rows_N, torch.tensor(denom, dtype=torch.float64, device=y_N.device)
-
-
 def _shift_targets(target: torch.Tensor, shift: int, ignore_index: int) -> torch.Tensor:
     """``target[..., t + shift]`` at position t, ``ignore_index`` in the last ``shift`` positions:
     hidden keeps its shape (no copy) and the positions without a target are skipped as ignored."""
     shifted = torch.full(target.shape, ignore_index, dtype=torch.long, device=target.device)
     shifted[..., : target.shape[-1] - shift] = target[..., shift:]
     return shifted
-
-
-def _triton_backend():
-    from kernels.fused_linear_cross_entropy_triton import TritonChunkBackend
-
-    return TritonChunkBackend()
 
 
 def fused_linear_cross_entropy(
@@ -237,7 +180,9 @@ def fused_linear_cross_entropy(
         return_lse: also return the per-token log-sum-exp (differentiable; 0 where ignored).
         return_z_loss: also return the z-loss part of the loss, reduced like the loss (for
             logging, as Liger-Kernel's ``return_z_loss``; differentiable).
-        impl: "auto", "triton", "torch" or "reference" (see kernels/_dispatch.py).
+        impl: "auto", "triton", "torch" or "reference" (see kernels/_dispatch.py). Under
+            torch.compile "triton" and "torch" are custom ops that trace without a graph break
+            (kernels/fused_linear_cross_entropy_op.py), with the same numbers and errors.
 
     Returns:
         The loss (float32, or float64 for float64 inputs); with ``return_lse`` and/or
@@ -266,19 +211,17 @@ def fused_linear_cross_entropy(
     cw_V = None if class_weight is None else class_weight.detach().to(acc_dtype).contiguous()
     shifted = _shift_targets(target, params.shift, params.ignore_index) if params.shift else target
     y_N = shifted.reshape(-1).long()
-    n_valid, rows_N, denom = _valid_rows(y_N, weight.shape[0], params.ignore_index, num_items, cw_V)
     if path == "reference":
+        # The target checks on the host: under torch.compile the specification breaks the graph here.
+        valid_rows(y_N, weight.shape[0], params.ignore_index, num_items, cw_V)
         return fused_linear_cross_entropy_ref(
             hidden, weight, target, bias=bias, class_weight=class_weight, ignore_index=ignore_index,
             reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, shift=shift,
             num_items=num_items, return_lse=return_lse, return_z_loss=return_z_loss,
         )  # fmt: skip
 
-    backend = _triton_backend() if path == "triton" else TorchChunkBackend()
     h_ND = hidden.reshape(-1, hidden.shape[-1])
-    loss, lse_N, zl = FusedLinearCrossEntropyFunction.apply(
-        h_ND, weight, bias, cw_V, y_N, rows_N, n_valid, denom, params, backend, torch.is_grad_enabled()
-    )
+    loss, lse_N, zl = flce_apply(h_ND, weight, bias, cw_V, y_N, num_items, params, path)
 
     def per_token(x_N):  # hidden's leading shape, without the last `shift` positions
         x = x_N.reshape(hidden.shape[:-1])

@@ -1,4 +1,5 @@
-"""The chunked autograd Function shared by the "torch" and "triton" fused cross-entropy paths.
+"""The chunked forward and backward shared by the "torch" and "triton" fused cross-entropy paths
+(registered as the custom ops of kernels/fused_linear_cross_entropy_op.py).
 
 Non-ignored rows are processed in chunks; a backend computes, per chunk, the log-sum-exp of
 the logits and, when asked, the gradient, without ever holding more than one chunk of logits.
@@ -8,7 +9,8 @@ token sum is computed during the forward, while the chunk's logits exist, and th
 scales it (by the incoming gradient and the "mean" denominator, in float32). The logits are
 recomputed in the backward only when that cannot work: reduction="none" with a trainable weight
 or bias (the per-token incoming gradient must weight each token before the sum over tokens that
-forms dW), and a gradient flowing into the returned log-sum-exp. A frozen weight (SONAR's case) does no weight-gradient work at all.
+forms dW), and a gradient flowing into the returned log-sum-exp (or z-loss). A frozen weight
+(SONAR's case) does no weight-gradient work at all.
 
 Per valid row i, with loss weight c_i and log-sum-exp weight d_i, class weights cw (all 1 when
 not given; r_i = cw[y_i] is the row's weight and S = sum_j cw[j]), the logit gradient is::
@@ -30,7 +32,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from torch.autograd.function import once_differentiable
 
 
 @dataclass(frozen=True)
@@ -198,132 +199,200 @@ def _token_losses(lse_M, target_M, sum_M, r_M, cw_V, vocab: int, params: FLCEPar
     return torch.where(finite_M, ce_M + zl_M, nan), torch.where(finite_M, zl_M, nan)
 
 
-class FusedLinearCrossEntropyFunction(torch.autograd.Function):
-    """Chunked fused linear cross-entropy. Inputs are already validated and flattened; ``cw_V``
-    (class weights in the accumulation dtype, or None) gets no gradient.
+def grad_in_forward(reduction: str, want_dh: bool, want_dw: bool, want_db: bool) -> bool:
+    """Whether the forward computes the gradient (see the module docstring's schedule)."""
+    return (want_dh or want_dw or want_db) and not (reduction == "none" and (want_dw or want_db))
 
-    Returns the loss, the per-row log-sum-exp (differentiable only with ``return_lse``) and the
-    z-loss part of the loss, reduced like the loss (differentiable only with ``return_z_loss``)."""
 
-    @staticmethod
-    def forward(
-        ctx,
-        h_ND: torch.Tensor,
-        w_VD: torch.Tensor,
-        b_V: torch.Tensor | None,
-        cw_V: torch.Tensor | None,
-        y_N: torch.Tensor,
-        rows_N: torch.Tensor | None,
-        n_valid: int,
-        denom: torch.Tensor,
-        params: FLCEParams,
-        backend: ChunkBackend,
-        grad_enabled: bool,
-    ):
-        # needs_input_grad ignores torch.no_grad(), so the caller passes the grad mode it saw.
-        want_dh = grad_enabled and ctx.needs_input_grad[0]
-        want_dw = grad_enabled and ctx.needs_input_grad[1]
-        want_db = grad_enabled and b_V is not None and ctx.needs_input_grad[2]
-        any_grad = want_dh or want_dw or want_db
-        per_token = params.reduction == "none"
-        grad_in_forward = any_grad and not (per_token and (want_dw or want_db))
+def saves_inputs(params: FLCEParams, want_dh: bool, want_dw: bool, want_db: bool) -> bool:
+    """Whether the backward needs the inputs (a recompute pass may run)."""
+    any_grad = want_dh or want_dw or want_db
+    in_forward = grad_in_forward(params.reduction, want_dh, want_dw, want_db)
+    return any_grad and (not in_forward or params.return_lse or params.return_z_loss)
+
+
+def valid_rows(
+    y_N: torch.Tensor,
+    vocab: int,
+    ignore_index: int,
+    num_items: int | float | torch.Tensor | None,
+    cw_V: torch.Tensor | None,
+) -> tuple[int, torch.Tensor | None, torch.Tensor]:
+    """Check target values (and class weights) and count non-ignored rows with one host sync.
+
+    Returns the number of valid rows, their indices (None when every row is valid) and the
+    "mean" denominator as a float64 tensor: ``num_items``, else the valid count (the sum of the
+    valid targets' class weights with ``cw_V``); a zero denominator counts as 1.
+    """
+    valid_N = y_N != ignore_index
+    bad_N = valid_N & ((y_N < 0) | (y_N >= vocab))
+    parts = [valid_N.sum(), bad_N.sum()]
+    if cw_V is not None:
+        bad_w_V = ~torch.isfinite(cw_V) | (cw_V < 0)
+        safe_N = torch.where(valid_N & ~bad_N, y_N, 0)
+        parts += [bad_w_V.sum(), (cw_V.double()[safe_N] * valid_N).sum()]
+    if isinstance(num_items, torch.Tensor):
+        parts.append(num_items.to(y_N.device))
+    values = torch.stack([p.to(torch.float64) for p in parts]).tolist()
+    n_valid, n_bad = int(values[0]), int(values[1])
+    if n_bad:
+        examples = y_N[bad_N][:5].tolist()
+        raise ValueError(
+            f"target values must be in [0, V) = [0, {vocab}) or ignore_index ({ignore_index}); "
+            f"found {n_bad} outside, e.g. {examples}"
+        )
+    base = float(n_valid)
+    if cw_V is not None:
+        if values[2]:
+            examples = cw_V[bad_w_V][:5].tolist()
+            raise ValueError(
+                "class weights (class_weight; weight in linear_cross_entropy) must be finite and >= 0; "
+                f"found {int(values[2])} others, e.g. {examples}"
+            )
+        base = values[3]
+    items = values[-1] if isinstance(num_items, torch.Tensor) else num_items
+    if items is not None:
+        if not 0 <= items < float("inf"):
+            raise ValueError(f"num_items must be finite and >= 0, got {items}")
+        if items == 0 and base > 0:
+            what = f"{n_valid} targets are not ignored" if cw_V is None else f"the targets' class weights sum to {base}"
+            raise ValueError(f"num_items is 0 but {what}")
+    rows_N = None if n_valid == y_N.numel() else torch.nonzero(valid_N).squeeze(1)
+    denom = float(items) if items else (base if base > 0 else 1.0)
+    return n_valid, rows_N, torch.tensor(denom, dtype=torch.float64, device=y_N.device)
+
+
+def flce_forward(
+    backend: ChunkBackend,
+    h_ND: torch.Tensor,
+    w_VD: torch.Tensor,
+    b_V: torch.Tensor | None,
+    cw_V: torch.Tensor | None,
+    y_N: torch.Tensor,
+    num_items: int | float | torch.Tensor | None,
+    params: FLCEParams,
+    want_dh: bool,
+    want_dw: bool,
+    want_db: bool,
+):
+    """The forward: check the targets, compact the valid rows, run the chunks.
+
+    Inputs are validated (but for the values checked here) and flattened; ``cw_V`` (class
+    weights in the accumulation dtype, or None) gets no gradient; ``want_*``: the inputs whose
+    gradient is wanted. Returns ``(loss, lse_N, zl, dh_ND, dw_VD, db_V, denom)``: the loss, the
+    per-row log-sum-exp (0 where ignored), the z-loss part reduced like the loss, the gradient
+    of the unscaled token sum when computed here (else None) and the "mean" denominator."""
+    n_valid, rows_N, denom = valid_rows(y_N, w_VD.shape[0], params.ignore_index, num_items, cw_V)
+    in_forward = grad_in_forward(params.reduction, want_dh, want_dw, want_db)
+    acc_dtype = torch.promote_types(h_ND.dtype, torch.float32)
+    n_rows, vocab = h_ND.shape[0], w_VD.shape[0]
+    per_token = params.reduction == "none"
+
+    # The forward's gradient is that of the unscaled token sum: 1/denom and the incoming
+    # gradient (a loss scale of 2^16 under fp16 training, say) are applied together in the
+    # backward, in float32, so a low-precision gradient never underflows before it is scaled.
+    loss_scale_N = torch.ones(n_valid, dtype=acc_dtype, device=h_ND.device) if in_forward else None
+    lse_M, target_M, sum_M, dh_ND, dw_VD, db_V = _run_chunks(
+        backend, h_ND, w_VD, b_V, y_N, rows_N, n_valid, params, cw_V,
+        loss_scale_N=loss_scale_N, lse_scale_N=None,
+        want_dh=want_dh, want_dw=want_dw, want_db=want_db,
+    )  # fmt: skip
+
+    loss_M, zl_M = _token_losses(lse_M, target_M, sum_M, _row_weights(cw_V, y_N, rows_N), cw_V, vocab, params)
+
+    def reduce(x_M):
+        if per_token:
+            return _scatter_rows(x_M, rows_N, n_rows)
+        if params.reduction == "sum":
+            return x_M.sum()
+        return x_M.sum() / denom.to(acc_dtype)
+
+    return reduce(loss_M), _scatter_rows(lse_M, rows_N, n_rows), reduce(zl_M), dh_ND, dw_VD, db_V, denom
+
+
+def flce_backward(
+    backend: ChunkBackend,
+    params: FLCEParams,
+    grads_out: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    forward_grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    denom: torch.Tensor,
+    inputs: tuple | None,
+    lse_N: torch.Tensor | None,
+    wants: tuple[bool, bool, bool],
+    grad_like: list,
+):
+    """The backward: scale the forward's gradient, recompute where the schedule needs it.
+
+    Args:
+        grads_out: incoming gradients of (loss, lse_N, zl), None where none arrived.
+        forward_grads: (dh_ND, dw_VD, db_V) of ``flce_forward``.
+        inputs: (h_ND, w_VD, b_V, cw_V, y_N) when ``saves_inputs``, else None.
+        lse_N: the forward's lse, with ``inputs`` and ``return_z_loss``.
+        wants: (want_dh, want_dw, want_db) of the forward.
+        grad_like: (shape, dtype, device) of hidden, weight and bias (None where absent).
+
+    Returns ``(dh, dw, db)``: a tensor for every wanted input (zeros when no token reached
+    it), None for the others.
+    """
+    g_loss, g_lse, g_zl = grads_out
+    dh_ND, dw_VD, db_V = forward_grads
+    want_dh, want_dw, want_db = wants
+    per_token = params.reduction == "none"
+    in_forward = grad_in_forward(params.reduction, *wants)
+    grads = [None, None, None]
+    if g_loss is not None and in_forward:
+        scale = g_loss.double() / denom if params.reduction == "mean" else g_loss.double()
+        grads = [
+            None if dh_ND is None else _scale_rows(dh_ND, scale.reshape(-1, 1) if per_token else scale),
+            None if dw_VD is None else dw_VD * scale.to(dw_VD.dtype),
+            None if db_V is None else db_V * scale.to(db_V.dtype),
+        ]
+
+    # Recompute pass: per-token loss weights that reach dW/db, and/or a gradient into lse
+    # (from the returned lse, or from the returned z-loss: d(z * r * lse^2) = 2 * z * r * lse).
+    if inputs is not None:
+        h_ND, w_VD, b_V, cw_V, y_N = inputs
+        valid_N = y_N != params.ignore_index
+        n_valid = int(valid_N.sum())  # a host sync, in recomputing backwards only
+        rows_N = None if n_valid == y_N.numel() else torch.nonzero(valid_N).squeeze(1)
         acc_dtype = torch.promote_types(h_ND.dtype, torch.float32)
-        n_rows, vocab = h_ND.shape[0], w_VD.shape[0]
 
-        # The forward's gradient is that of the unscaled token sum: 1/denom and the incoming
-        # gradient (a loss scale of 2^16 under fp16 training, say) are applied together in the
-        # backward, in float32, so a low-precision gradient never underflows before it is scaled.
-        loss_scale_N = torch.ones(n_valid, dtype=acc_dtype, device=h_ND.device) if grad_in_forward else None
-        lse_M, target_M, sum_M, dh_ND, dw_VD, db_V = _run_chunks(
-            backend, h_ND, w_VD, b_V, y_N, rows_N, n_valid, params, cw_V,
-            loss_scale_N=loss_scale_N, lse_scale_N=None,
-            want_dh=want_dh, want_dw=want_dw, want_db=want_db,
-        )  # fmt: skip
+        def per_row(g, reduced: bool):  # an output's incoming gradient, per valid row
+            if g is None:
+                return None
+            g_N = g.expand(h_ND.shape[0]) if reduced and not per_token else g.reshape(-1)
+            if reduced and params.reduction == "mean":
+                g_N = g_N / denom
+            g_N = g_N.to(acc_dtype)
+            return g_N if rows_N is None else g_N.index_select(0, rows_N)
 
-        loss_M, zl_M = _token_losses(lse_M, target_M, sum_M, _row_weights(cw_V, y_N, rows_N), cw_V, vocab, params)
+        rec_loss = per_row(g_loss, True) if not in_forward else None
+        rec_lse = per_row(g_lse, False) if params.return_lse else None
+        g_zl_M = per_row(g_zl, True) if params.return_z_loss and params.z_loss != 0 else None
+        if g_zl_M is not None:
+            r_M = _row_weights(cw_V, y_N, rows_N)
+            lse_M = lse_N if rows_N is None else lse_N.index_select(0, rows_N)
+            zl_lse_M = g_zl_M * (2.0 * params.z_loss) * lse_M * (1.0 if r_M is None else r_M)
+            rec_lse = zl_lse_M if rec_lse is None else rec_lse + zl_lse_M
+        if n_valid > 0 and (rec_loss is not None or rec_lse is not None):
+            _, _, _, dh2, dw2, db2 = _run_chunks(
+                backend, h_ND, w_VD, b_V, y_N, rows_N, n_valid, params, cw_V,
+                loss_scale_N=rec_loss, lse_scale_N=rec_lse,
+                want_dh=want_dh, want_dw=want_dw, want_db=want_db,
+            )  # fmt: skip
+            for i, extra in enumerate((dh2, dw2, db2)):
+                if extra is not None:
+                    grads[i] = extra if grads[i] is None else grads[i] + extra
 
-        def reduce(x_M):
-            if per_token:
-                return _scatter_rows(x_M, rows_N, n_rows)
-            if params.reduction == "sum":
-                return x_M.sum()
-            return x_M.sum() / denom.to(acc_dtype)
-
-        loss, zl = reduce(loss_M), reduce(zl_M)
-        lse_N = _scatter_rows(lse_M, rows_N, n_rows)
-
-        ctx.params, ctx.backend, ctx.n_valid = params, backend, n_valid
-        ctx.grad_in_forward = grad_in_forward
-        ctx.wants = (want_dh, want_dw, want_db)
-        ctx.grad_like = [(t.shape, t.dtype, t.device) if t is not None else None for t in (h_ND, w_VD, b_V)]
-        ctx.set_materialize_grads(False)
-        need_inputs = any_grad and (not grad_in_forward or params.return_lse or params.return_z_loss)
-        saved = [dh_ND, dw_VD, db_V, denom]
-        saved += [h_ND, w_VD, b_V, cw_V, y_N, rows_N] if need_inputs else [None] * 6
-        saved += [lse_M if need_inputs and params.return_z_loss else None]
-        ctx.save_for_backward(*saved)
-        if not params.return_lse:
-            ctx.mark_non_differentiable(lse_N)
-        if not params.return_z_loss:
-            ctx.mark_non_differentiable(zl)
-        return loss, lse_N, zl
-
-    @staticmethod
-    @once_differentiable  # the gradient is precomputed in the forward: a double backward raises
-    def backward(ctx, g_loss, g_lse, g_zl):
-        dh_ND, dw_VD, db_V, denom, h_ND, w_VD, b_V, cw_V, y_N, rows_N, lse_M = ctx.saved_tensors
-        params, backend = ctx.params, ctx.backend
-        want_dh, want_dw, want_db = ctx.wants
-        per_token = params.reduction == "none"
-        grads = [None, None, None]
-        if g_loss is not None and ctx.grad_in_forward:
-            scale = g_loss.double() / denom if params.reduction == "mean" else g_loss.double()
-            grads = [
-                None if dh_ND is None else _scale_rows(dh_ND, scale.reshape(-1, 1) if per_token else scale),
-                None if dw_VD is None else dw_VD * scale.to(dw_VD.dtype),
-                None if db_V is None else db_V * scale.to(db_V.dtype),
-            ]
-
-        # Recompute pass: per-token loss weights that reach dW/db, and/or a gradient into lse
-        # (from the returned lse, or from the returned z-loss: d(z * r * lse^2) = 2 * z * r * lse).
-        if ctx.n_valid > 0 and h_ND is not None:
-            acc_dtype = torch.promote_types(h_ND.dtype, torch.float32)
-
-            def per_row(g, reduced: bool):  # an output's incoming gradient, per valid row
-                if g is None:
-                    return None
-                g_N = g.expand(h_ND.shape[0]) if reduced and not per_token else g.reshape(-1)
-                if reduced and params.reduction == "mean":
-                    g_N = g_N / denom
-                g_N = g_N.to(acc_dtype)
-                return g_N if rows_N is None else g_N.index_select(0, rows_N)
-
-            rec_loss = per_row(g_loss, True) if not ctx.grad_in_forward else None
-            rec_lse = per_row(g_lse, False) if params.return_lse else None
-            g_zl_M = per_row(g_zl, True) if params.return_z_loss and params.z_loss != 0 else None
-            if g_zl_M is not None:
-                r_M = _row_weights(cw_V, y_N, rows_N)
-                zl_lse_M = g_zl_M * (2.0 * params.z_loss) * lse_M * (1.0 if r_M is None else r_M)
-                rec_lse = zl_lse_M if rec_lse is None else rec_lse + zl_lse_M
-            if rec_loss is not None or rec_lse is not None:
-                _, _, _, dh2, dw2, db2 = _run_chunks(
-                    backend, h_ND, w_VD, b_V, y_N, rows_N, ctx.n_valid, params, cw_V,
-                    loss_scale_N=rec_loss, lse_scale_N=rec_lse,
-                    want_dh=want_dh, want_dw=want_dw, want_db=want_db,
-                )  # fmt: skip
-                for i, extra in enumerate((dh2, dw2, db2)):
-                    if extra is not None:
-                        grads[i] = extra if grads[i] is None else grads[i] + extra
-
-        # Every input that wants a gradient gets a tensor, zeros when no token reached it (all
-        # targets ignored, N = 0): optimizers and accumulation code skip or break on None.
-        for i, want in enumerate(ctx.wants):
-            if want and grads[i] is None:
-                shape, dtype, device = ctx.grad_like[i]
-                grads[i] = torch.zeros(shape, dtype=dtype, device=device)
-        dh, dw, db = grads
-        if dw is not None:
-            dw = dw.to(ctx.grad_like[1][1])
-        if db is not None:
-            db = db.to(ctx.grad_like[2][1])
-        return dh, dw, db, None, None, None, None, None, None, None, None
+    # Every input that wants a gradient gets a tensor, zeros when no token reached it (all
+    # targets ignored, N = 0): optimizers and accumulation code skip or break on None.
+    for i, want in enumerate(wants):
+        if want and grads[i] is None:
+            shape, dtype, device = grad_like[i]
+            grads[i] = torch.zeros(shape, dtype=dtype, device=device)
+    dh, dw, db = grads
+    if dw is not None:
+        dw = dw.to(grad_like[1][1])
+    if db is not None:
+        db = db.to(grad_like[2][1])
+    return dh, dw, db

@@ -310,6 +310,7 @@ class SonarLLM(nn.Module):
         self.gradient_checkpointing = False
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset_parameters()
+        self._fill_rope_cache()
 
     def reset_parameters(self) -> None:
         """HF Llama init: linear weights of the blocks ~ N(0, init_std), RMSNorm weights 1; the
@@ -368,9 +369,18 @@ class SonarLLM(nn.Module):
         for p, center, scale in saved:
             if p.center is not None and p.center.dtype != center.dtype:
                 p.center, p.scale = center.to(p.center.device), scale.to(p.scale.device)
+        self._fill_rope_cache()
         return self
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _fill_rope_cache(self) -> None:
+        """Build the RoPE tables for the parameters' device now, not in the first forward: a
+        forward that fills the cache under torch.compile would compile again on the next call."""
+        device = self.input_proj.weight.device
+        if device.type != "meta":
+            self._rope = {}
+            self._rope_tables(device)
 
     def _rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = str(device)

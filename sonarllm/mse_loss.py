@@ -136,8 +136,10 @@ def next_sentence_mse(
     if num_items is None:
         count = loss_N.numel() if mask is None else mask.sum()
         denom = torch.as_tensor(count, dtype=acc, device=total.device).clamp_min(1)
-    else:
-        denom = torch.as_tensor(num_items, device=total.device).to(acc)
+    elif isinstance(num_items, torch.Tensor):
+        denom = num_items.to(device=total.device, dtype=acc)
+    else:  # an int divides as it is: under torch.compile a tensor made of it would pin its value
+        denom = num_items
     return total / denom
 
 

@@ -71,7 +71,7 @@ def test_gpu_suite_plan_fits_the_six_minutes_and_selects_stages(tmp_path):
 
     default = plan(None, False, tmp_path)
     names = [s.name for s in default]
-    assert set(names) == set(STAGE_NAMES) - {"zero", "sweep"}, "the opt-in stages run only when named"
+    assert set(names) == set(STAGE_NAMES) - {"zero", "sweep", "compile"}, "the opt-in stages run only when named"
     assert sum(s.limit for s in default) + 15 <= DEADLINE_S, "stage limits (and setup's 15 s) within 6 minutes"
     tests = next(s for s in default if s.name == "tests")
     assert "--smoke" in tests.commands[0] and tests.commands[0].count("tests/kernels/test_attention.py") == 1
@@ -81,6 +81,7 @@ def test_gpu_suite_plan_fits_the_six_minutes_and_selects_stages(tmp_path):
     cmd = one[0].commands[0]
     assert [a for a in cmd if a.startswith("tests/")] == ["tests/kernels/test_attention.py"]
     assert [s.name for s in plan({"train", "zero"}, False, tmp_path)] == ["train", "zero"]
+    assert [s.name for s in plan({"compile"}, False, tmp_path)] == ["compile"]
     (sweep,) = plan({"sweep"}, False, tmp_path)
     from bench.sweep_flce import parse
 

@@ -111,6 +111,9 @@ class SystemConfig:
     batch sizes, precision and clipping are always filled in from this configuration."""
     device: str = "auto"
     progress: bool = True
+    compile: str = "auto"
+    """torch.compile the concept transformer and the SONAR token loss (training/compile.py): true,
+    false, or auto (true on CUDA; false on CPU, where it pays little: bench/RESULTS.md)."""
 
 
 @dataclass
@@ -145,6 +148,8 @@ def _set(cfg: TrainConfig, key: str, value, *, from_text: bool) -> None:
         value = _parse(key, value, type(current))
     elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    elif isinstance(current, str) and isinstance(value, bool):  # a switch with an "auto" default
+        value = "true" if value else "false"
     if type(value) is not type(current):
         raise ConfigError(f"{key} must be {_kind(type(current))}, got {value!r}")
     setattr(section, name, value)
@@ -242,6 +247,7 @@ def validate(cfg: TrainConfig) -> None:
     need(not cfg.system.deepspeed_config or os.path.isfile(cfg.system.deepspeed_config), "system.deepspeed_config",
          "must name an existing file")  # fmt: skip
     need(cfg.system.device in ("auto", "cpu", "cuda"), "system.device", "must be auto, cpu or cuda")
+    need(cfg.system.compile in ("auto", "true", "false"), "system.compile", "must be true, false or auto")
     try:
         from sonarllm.config import SonarLLMConfig
 

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from training.checkpoint import NO_MANIFEST, CheckpointError
+from training.compile import check_compile
 from training.config import (
     EXAMPLE_CORPUS,
     ConfigError,
@@ -79,6 +80,7 @@ class Trainer:
         from sonarllm.normalizer import SonarNormalizer
         from sonarllm.sonar.pipeline import SonarPipeline, SonarSpec
         from training.checkpoint import Checkpointer
+        from training.compile import compile_for_training, wanted
         from training.data import StepSchedule
         from training.engine import build_engine
         from training.identity import run_identity
@@ -127,6 +129,10 @@ class Trainer:
             sample = torch.cat([self.train_docs[d].embeddings for d in range(min(len(self.train_docs), 2000))])
             model.set_normalizer(SonarNormalizer(mcfg.sonar_dim).fit(sample.float()))
         self.engine = build_engine(model, cfg, self.world)
+        if wanted(cfg.system.compile, device):
+            what = compile_for_training(self.engine.module, self.token_loss, cfg.system.zero_stage)
+            if self.rank == 0:
+                print(f"system.compile: compiling {what} at the first step", flush=True)
         self.mse_loss = NextSentenceMSELoss.for_model(self.engine.module) if cfg.model.objective == "mse" else None
         self.schedule = StepSchedule(self.train_docs, micro=cfg.loop.micro_batch_documents, accum=cfg.loop.grad_accum_steps,
                                      world=self.world, seed=cfg.run.seed, duplicate_eos=cfg.data.duplicate_eos)  # fmt: skip
@@ -453,6 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     use_cuda = cfg.system.device == "cuda" or (cfg.system.device == "auto" and torch.cuda.is_available())
     if cfg.system.device == "cuda" and not torch.cuda.is_available():
         print("train.py: error: system.device is 'cuda' but no CUDA device is available", file=sys.stderr)
+        return 2
+    try:
+        check_compile(cfg.system.compile, torch.device("cuda" if use_cuda else "cpu"))
+    except ConfigError as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -1,0 +1,72 @@
+"""``system.compile``: torch.compile the concept transformer and the SONAR token loss for training.
+
+Each forward method is compiled in place (parameter names, checkpoints and the exported model
+are unchanged): the concept transformer's inside the DeepSpeed engine, whose own hooks (timers,
+ZeRO bookkeeping) stay eager around it, and the token loss's (the frozen SONAR decoder and the
+fused cross-entropy, outside the engine). Each is one graph (``fullgraph``: the kernels are
+custom ops, kernels/*_op.py) with dynamic shapes: micro-batches of other sizes, sentence counts
+and lengths reuse the compiled graphs instead of recompiling every step.
+
+ZeRO-3 gathers every layer's parameters in DeepSpeed module hooks that torch.compile cannot
+trace; a compiled concept transformer there breaks into per-layer pieces that recompile until
+Dynamo gives up. Under ZeRO-3 the concept transformer therefore runs eagerly and only the
+token loss is compiled (announced in one line).
+
+"auto" compiles on CUDA only: on CPU compiling costs about a minute per run and pays little
+(toy step 1.26x slower, 39M step 1.10x faster; bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+
+import torch
+
+from training.config import ConfigError
+
+
+def wanted(setting: str, device: torch.device) -> bool:
+    """Whether ``system.compile`` (``"auto"``, ``"true"`` or ``"false"``) compiles on ``device``."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return setting == "true"
+
+
+def check_compile(setting: str, device: torch.device) -> None:
+    """Refuse at start-up, in one line, what would fail at the first step: inductor compiles CPU
+    code with a C++ compiler."""
+    if not wanted(setting, device) or device.type != "cpu":
+        return
+    compilers = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+    if not any(c and shutil.which(c) for c in compilers):
+        raise ConfigError(
+            "system.compile true on CPU needs a C++ compiler (torch.compile's inductor); install g++ "
+            "(or set CXX) or use system.compile false"
+        )
+
+
+def compiled(fn, *, fullgraph: bool = True, backend="inductor"):
+    """``torch.compile(fn, dynamic=True)``, called with float constants (eps, loss options)
+    specialised: otherwise Dynamo first turns them into graph inputs, then traces everything
+    a second time when an op needs their value (about doubling the tracing time)."""
+    compiled_fn = torch.compile(fn, dynamic=True, fullgraph=fullgraph, backend=backend)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with torch._dynamo.config.patch(specialize_float=True):
+            return compiled_fn(*args, **kwargs)
+
+    return call
+
+
+def compile_for_training(model: torch.nn.Module, token_loss: torch.nn.Module, zero_stage: int) -> str:
+    """Compile ``token_loss.forward`` and, below ZeRO-3, ``model.forward`` (the engine's module),
+    in place; returns what was compiled, in words."""
+    token_loss.forward = compiled(token_loss.forward)
+    if zero_stage >= 3:
+        return ("the SONAR token loss (the concept transformer runs eagerly under ZeRO-3: DeepSpeed's "
+                "parameter-gathering hooks cannot be compiled)")  # fmt: skip
+    model.forward = compiled(model.forward)
+    return "the concept transformer and the SONAR token loss"
