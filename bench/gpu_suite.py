@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 DEADLINE_S = 360  # the issue's target: the whole suite within 6 minutes
 EXAMPLE = ["--config", "training/configs/example.toml", "--system.precision", "bf16"]
+EXAMPLE_STAGES = ("train", "compile")  # the stages that run the example (they wait for its data)
 TEST_FILES = {
     "flce": "tests/kernels/test_fused_linear_cross_entropy.py",
     "attention": "tests/kernels/test_attention.py",
@@ -80,13 +81,10 @@ def plan(only: set[str] | None, full: bool, work: Path) -> list[Stage]:
         limit = 900 if full else (70 if len(groups) == len(TEST_FILES) else 50)
         what = "CUDA parity, " + ("the full matrix" if full else "smoke matrix (pytest --smoke)") + " of " + ", ".join(groups)
         stages.append(Stage("tests", limit, what, [cmd]))
-    if wanted("train"):
-        run_dir, data = work / "train-run", work / "example-data"
-        train = ["deepspeed", "--num_gpus", "1", "training/train.py", *EXAMPLE]
-        stages.append(Stage("train", 95, "deepspeed training/train.py (embedded example, bf16) to completion; "
-                                         "includes waiting for its data preparation (started at the beginning)", [
-            train + ["--data.prepared_dir", str(data), "--run.output_dir", str(run_dir), "--run.resume", "never",
-                     "--system.progress", "false"]]))  # fmt: skip
+    if wanted("train"):  # eager: inductor's compile time would not fit the stage (--only compile runs it compiled)
+        stages.append(Stage("train", 95, "deepspeed training/train.py (embedded example, bf16, system.compile false) "
+                                         "to completion; includes waiting for its data preparation (started at the "
+                                         "beginning)", [example_command(work, "train-run", compile_=False)]))  # fmt: skip
     limits = {"attention": 35, "projection": 20, "sonar_loss": 20, "train_step": 30, "flce": 20, "encoder": 15}
     for name in ("attention", "projection", "sonar_loss", "train_step", "flce", "encoder"):
         if wanted(name):
@@ -103,7 +101,9 @@ def plan(only: set[str] | None, full: bool, work: Path) -> list[Stage]:
             [PY, "bench/sweep_flce.py", "--time-limit", "185", "--table-out", str(work / "sweep_tiles.json"),
              "--json", str(work / "sweep_flce.json")]]))  # fmt: skip
     if only is not None and "compile" in only:  # opt-in: torch.compile of the 300M + basic step takes minutes
-        stages.append(Stage("compile", 300, f"{BENCH_FILES['compile']} --bench-size full (eager vs system.compile)", [
+        stages.append(Stage("compile", 420, f"the embedded example with system.compile true, then "
+                                            f"{BENCH_FILES['compile']} --bench-size full (eager vs system.compile)", [
+            example_command(work, "train-run-compiled", compile_=True),
             [PY, "-m", "pytest", BENCH_FILES["compile"], "-q", "-p", "no:cacheprovider", "--benchmark",
              "--bench-size", "full", "--bench-jsonl", str(work / "bench-compile.jsonl")]]))  # fmt: skip
     if only is not None and "zero" in only:  # opt-in: several minutes
@@ -120,6 +120,13 @@ def _has_xdist() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("xdist") is not None
+
+
+def example_command(work: Path, run_name: str, compile_: bool) -> list[str]:
+    """The README's main job on the embedded example, bf16, into ``work/run_name``."""
+    return ["deepspeed", "--num_gpus", "1", "training/train.py", *EXAMPLE, "--data.prepared_dir",
+            str(work / "example-data"), "--run.output_dir", str(work / run_name), "--run.resume", "never",
+            "--system.progress", "false", "--system.compile", "true" if compile_ else "false"]  # fmt: skip
 
 
 def prepare_example_command(work: Path) -> list[str]:
@@ -249,8 +256,8 @@ def _tests_section(work: Path) -> list[str]:
     return lines + [""]
 
 
-def _train_section(work: Path) -> list[str]:
-    path = work / "train-run" / "metrics.jsonl"
+def _train_section(work: Path, run_name: str = "train-run", stage: str = "train") -> list[str]:
+    path = work / run_name / "metrics.jsonl"
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -258,7 +265,9 @@ def _train_section(work: Path) -> list[str]:
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     first = next((r for r in rows if "first_step_s" in r), {})
     rates = sorted(r["tokens_per_s"] for r in losses[1:]) or [r["tokens_per_s"] for r in losses]
-    lines = ["## Main job on CUDA (`deepspeed training/train.py --system.precision bf16`, embedded example)", ""]
+    compiled = "true" if stage == "compile" else "false"
+    lines = [f"## Main job on CUDA (`deepspeed training/train.py --system.precision bf16 --system.compile {compiled}`, "
+             "embedded example)", ""]
     if losses:
         lines.append(f"- steps logged: {losses[-1]['step']}; training loss {losses[0]['loss']:.3f} (first window) -> "
                      f"{losses[-1]['loss']:.3f} (last)")  # fmt: skip
@@ -269,10 +278,10 @@ def _train_section(work: Path) -> list[str]:
     if first:
         mem = f", peak memory {first['peak_memory_gib']} GiB" if "peak_memory_gib" in first else ""
         lines.append(f"- first optimizer step done {first['first_step_s']} s after train.py started (kernel compilation included){mem}")
-    log = work / "train.log"
+    log = work / f"{stage}.log"
     if log.is_file():
         for line in log.read_text().splitlines():
-            if line.startswith(("kernels:", "done:")) or "error" in line.lower()[:20]:
+            if line.startswith(("kernels:", "done:", "system.compile:")) or "error" in line.lower()[:20]:
                 lines.append(f"- `{line.strip()[:200]}`")
     return lines + [""]
 
@@ -289,6 +298,7 @@ def render(work: Path, stages: list[dict], setup_info: dict) -> str:
         lines.append(f"| {s['name']} | {s['status']} | {s.get('seconds', '')} | {s['limit']} | "
                      f"{s.get('compile_s', '')} ({s.get('compiles', '')}) | {s['what']} |")  # fmt: skip
     lines += [""] + _tests_section(work) + _train_section(work)
+    lines += _train_section(work, "train-run-compiled", "compile")
     merged, skipped, _ = load(sorted(str(p) for p in work.glob("bench-*.jsonl")))
     if merged["benchmarks"] or skipped:
         lines += ["## Benchmarks (CUDA, --bench-size full)", "", format_table(merged), ""]
@@ -380,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": round(time.monotonic() - start, 1), "what": "wheels, versions, bf16 matmul rate"}]  # fmt: skip
     publish(work, out, render(work, records, setup_info))
     background = None
-    if any(s.name == "train" for s in stages):  # the example's data, prepared while other stages run
+    if any(s.name in EXAMPLE_STAGES for s in stages):  # the example's data, prepared while other stages run
         with open(work / "prepare.log", "w") as log:
             background = subprocess.Popen(prepare_example_command(work), cwd=REPO, env=env, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
@@ -403,7 +413,7 @@ def clear_previous(work: Path, stages: list[Stage]) -> None:
                                      ("sweep", "sweep_flce.json"), ("sweep", "sweep_tiles.json")) if n in names]
     for path in doomed:
         path.unlink(missing_ok=True)
-    for n, folder in (("train", "train-run"), ("zero", "zero")):
+    for n, folder in (("train", "train-run"), ("compile", "train-run-compiled"), ("zero", "zero")):
         if n in names:
             shutil.rmtree(work / folder, ignore_errors=True)
 
@@ -424,7 +434,7 @@ def execute(stages: list[Stage], records: list[dict], work: Path, env: dict, out
         stage_env = dict(env, SONARLLM_COMPILE_LOG=str(work / f"compile-{stage.name}.jsonl"))
         budget, code = min(stage.limit, left), 0
         tic = time.monotonic()
-        if stage.name == "train" and background is not None:  # its data preparation first
+        if stage.name in EXAMPLE_STAGES and background is not None:  # its data preparation first
             try:
                 background.wait(timeout=budget)
             except subprocess.TimeoutExpired:

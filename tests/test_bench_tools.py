@@ -158,6 +158,11 @@ def test_gpu_suite_report_has_every_section(tmp_path):
         {"step": 30, "loss": 1.5, "tokens_per_s": 5000.0}, {"step": 30, "eval_loss": 1.6},
     ])  # fmt: skip
 
+    _write_jsonl(w / "train-run-compiled" / "metrics.jsonl", [
+        {"step": 1, "first_step_s": 64.0}, {"step": 10, "loss": 2.5, "tokens_per_s": 7000.0},
+    ])  # fmt: skip
+    (w / "compile.log").write_text("system.compile: compiling the concept transformer and the SONAR token loss at the first step\n")
+
     def bench(provider, group, median, **extra):
         return {"name": f"t[{provider}]", "group": group, "params": {"provider": provider}, "stats": {"median": median}, "extra_info": extra}
 
@@ -182,6 +187,9 @@ def test_gpu_suite_report_has_every_section(tmp_path):
     assert "| attention | triton | bf16 | 1 | 1 |" in text and "| fused_embedding_projection | torch | fp16 | 1 | 0 |" in text
     assert "training loss 2.750 (first window) -> 1.500 (last)" in text and "1.600 (step 30)" in text
     assert "target tokens/s: 5,000" in text and "21.5 s after train.py started" in text and "1.25 GiB" in text
+    eager, compiled = text.split("--system.compile false`")[1].split("--system.compile true`")
+    assert "21.5 s after train.py started" in eager and "64.0 s after train.py started" in compiled
+    assert "target tokens/s: 7,000" in compiled and "`system.compile: compiling the concept transformer" in compiled
     assert "attention dense: triton -> torch (CHANGE" in text and "attention varlen: triton -> triton (keep" in text
     assert "fastest SDPA backend sdpa_cudnn" in text
     assert "projection in: triton -> torch (CHANGE" in text and "1.05x" in text

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sys
 
 import torch
 
@@ -50,13 +51,30 @@ def check_compile(setting: str, device: torch.device) -> None:
 def compiled(fn, *, fullgraph: bool = True, backend="inductor"):
     """``torch.compile(fn, dynamic=True)``, called with float constants (eps, loss options)
     specialised: otherwise Dynamo first turns them into graph inputs, then traces everything
-    a second time when an op needs their value (about doubling the tracing time)."""
+    a second time when an op needs their value (about doubling the tracing time).
+
+    If compiling fails (a Dynamo or inductor error, e.g. a combination of this torch, its
+    compiler and the machine that was never tried), ``fn`` runs eagerly from then on, with one
+    warning line: the run goes on with the same numbers, only without the compiler's speed.
+    Errors of the computation itself (a ValueError for bad targets, ...) are not compile
+    errors and propagate as in eager mode."""
     compiled_fn = torch.compile(fn, dynamic=True, fullgraph=fullgraph, backend=backend)
+    failed: list[str] = []
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        with torch._dynamo.config.patch(specialize_float=True):
-            return compiled_fn(*args, **kwargs)
+        if failed:
+            return fn(*args, **kwargs)
+        try:
+            with torch._dynamo.config.patch(specialize_float=True):
+                return compiled_fn(*args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            failed.append(type(exc).__name__)
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            print(f"system.compile: compiling {getattr(fn, '__qualname__', fn)} failed ({type(exc).__name__}: "
+                  f"{first_line}); it runs eagerly from now on (system.compile false skips compiling)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return fn(*args, **kwargs)
 
     return call
 

@@ -55,6 +55,37 @@ def test_zero3_leaves_the_concept_transformer_eager(stage):
     assert ("concept transformer runs eagerly under ZeRO-3" in what) == (stage == 3)
 
 
+def test_a_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, capsys):
+    calls = []
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            calls.append("compiled")
+            raise torch._dynamo.exc.BackendCompilerFailed(broken_compile, RuntimeError("no ptxas\nmore"), None)
+
+        return run
+
+    monkeypatch.setattr(tc.torch, "compile", broken_compile)
+    double = tc.compiled(lambda x: x * 2)
+    assert torch.equal(double(torch.ones(3)), torch.full((3,), 2.0))
+    assert torch.equal(double(torch.ones(2)), torch.full((2,), 2.0))
+    assert calls == ["compiled"], "after a failure the compiled function is not tried again"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "failed (BackendCompilerFailed" in err[0] and "runs eagerly from now on" in err[0]
+
+
+def test_an_error_of_the_computation_is_not_taken_for_a_compile_failure(monkeypatch):
+    def compile_that_raises(fn, **kwargs):
+        def run(*args):
+            raise ValueError("target must be in [0, 16)")
+
+        return run
+
+    monkeypatch.setattr(tc.torch, "compile", compile_that_raises)
+    with pytest.raises(ValueError, match="target must be"):
+        tc.compiled(lambda x: x)(torch.ones(1))
+
+
 def _records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
