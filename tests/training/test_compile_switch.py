@@ -101,6 +101,7 @@ def test_compiled_run_reproduces_the_eager_run(tmp_path, prepared, stage):
     assert "system.compile" not in eager.stdout
     what = "the SONAR token loss (the concept" if stage == 3 else "the concept transformer and the SONAR token loss"
     assert f"system.compile: compiling {what}" in fast.stdout
+    assert "runs eagerly from now on" not in fast.stderr, "it compiled (no fallback to eager)"
     got, want = _records(tmp_path / "compiled"), _records(tmp_path / "eager")
     for key in ("loss", "eval_loss", "eval_token_ce"):
         a = torch.tensor([r[key] for r in got if key in r])
