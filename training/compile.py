@@ -48,7 +48,7 @@ def check_compile(setting: str, device: torch.device) -> None:
         )
 
 
-def compiled(fn, *, fullgraph: bool = True, backend="inductor"):
+def compiled(fn, *, fullgraph: bool = True, backend="inductor", fallback: bool = True):
     """``torch.compile(fn, dynamic=True)``, called with float constants (eps, loss options)
     specialised: otherwise Dynamo first turns them into graph inputs, then traces everything
     a second time when an op needs their value (about doubling the tracing time).
@@ -57,7 +57,8 @@ def compiled(fn, *, fullgraph: bool = True, backend="inductor"):
     compiler and the machine that was never tried), ``fn`` runs eagerly from then on, with one
     warning line: the run goes on with the same numbers, only without the compiler's speed.
     Errors of the computation itself (a ValueError for bad targets, ...) are not compile
-    errors and propagate as in eager mode."""
+    errors and propagate as in eager mode. ``fallback=False`` raises compile errors instead
+    (tests: a check of the compiled function must not pass by running the eager one)."""
     compiled_fn = torch.compile(fn, dynamic=True, fullgraph=fullgraph, backend=backend)
     failed: list[str] = []
 
@@ -69,6 +70,8 @@ def compiled(fn, *, fullgraph: bool = True, backend="inductor"):
             with torch._dynamo.config.patch(specialize_float=True):
                 return compiled_fn(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as exc:
+            if not fallback:
+                raise
             failed.append(type(exc).__name__)
             first_line = (str(exc).strip().splitlines() or [""])[0][:200]
             print(f"system.compile: compiling {getattr(fn, '__qualname__', fn)} failed ({type(exc).__name__}: "
@@ -79,12 +82,13 @@ def compiled(fn, *, fullgraph: bool = True, backend="inductor"):
     return call
 
 
-def compile_for_training(model: torch.nn.Module, token_loss: torch.nn.Module, zero_stage: int) -> str:
+def compile_for_training(model: torch.nn.Module, token_loss: torch.nn.Module, zero_stage: int,
+                         fallback: bool = True) -> str:  # fmt: skip
     """Compile ``token_loss.forward`` and, below ZeRO-3, ``model.forward`` (the engine's module),
-    in place; returns what was compiled, in words."""
-    token_loss.forward = compiled(token_loss.forward)
+    in place (``fallback``: see ``compiled``); returns what was compiled, in words."""
+    token_loss.forward = compiled(token_loss.forward, fallback=fallback)
     if zero_stage >= 3:
         return ("the SONAR token loss (the concept transformer runs eagerly under ZeRO-3: DeepSpeed's "
                 "parameter-gathering hooks cannot be compiled)")  # fmt: skip
-    model.forward = compiled(model.forward)
+    model.forward = compiled(model.forward, fallback=fallback)
     return "the concept transformer and the SONAR token loss"

@@ -114,7 +114,7 @@ def _three_steps_match_eager(backend):
     model, loss_fn = _parts(normalizer=True)
     counter = CompileCounterWithBackend(backend)
     step = _sonar_step(model, loss_fn)
-    fast = compiled(step, backend=counter)
+    fast = compiled(step, backend=counter, fallback=False)
     compilations = []
     for i, docs in enumerate(([4, 6, 3], [5, 2, 7, 3], [2, 8])):
         batch = (*_packed_batch(docs, seed=i), 37 + 11 * i)
@@ -137,7 +137,7 @@ def test_compiled_padded_step_matches_eager_without_recompiling():
     model, _ = _parts(normalizer=True)
     counter = CompileCounterWithBackend("aot_eager")
     step = _mse_step(model)
-    fast = compiled(step, backend=counter)
+    fast = compiled(step, backend=counter, fallback=False)
     for i, (docs, sents) in enumerate(((3, 5), (4, 7), (2, 9))):
         batch = _padded_batch(docs, sents, seed=i)
         _assert_same(_loss_and_grads(fast, model, batch), _loss_and_grads(step, model, batch), f"padded step {i}")

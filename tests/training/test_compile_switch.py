@@ -72,6 +72,8 @@ def test_a_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, cap
     assert calls == ["compiled"], "after a failure the compiled function is not tried again"
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "failed (BackendCompilerFailed" in err[0] and "runs eagerly from now on" in err[0]
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):  # what tests and benchmarks use
+        tc.compiled(lambda x: x * 2, fallback=False)(torch.ones(1))
 
 
 def test_an_error_of_the_computation_is_not_taken_for_a_compile_failure(monkeypatch):
