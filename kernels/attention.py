@@ -54,6 +54,7 @@ def _flash_attn():
     return flash_attn_func, flash_attn_varlen_func
 
 
+@torch.compiler.assume_constant_result  # torch.compile: not traced (an import Dynamo cannot follow)
 def flash_attn_available() -> bool:
     """True when flash-attn's functions import (auto-detection then uses them for fp16/bf16 CUDA)."""
     return _flash_attn() is not None
@@ -224,7 +225,7 @@ def _choose_path(impl: str, device: torch.device, dtype: torch.dtype, head_dim: 
     auto = is_auto(impl)
     impl = resolve_impl(impl, device, "attention", extra_impls=("flash",))
     if impl == "flash":
-        if _flash_attn() is None:
+        if not flash_attn_available():
             raise RuntimeError("attention: impl='flash' but flash_attn cannot be imported (pip install flash-attn)")
         if device.type != "cuda":
             raise RuntimeError(f"attention: impl='flash' needs CUDA tensors, got {device}")
@@ -234,7 +235,7 @@ def _choose_path(impl: str, device: torch.device, dtype: torch.dtype, head_dim: 
                 f"divisible by 8, got {dtype} and {head_dim}"
             )
         return "flash"
-    if auto and device.type == "cuda" and _flash_attn() is not None and _flash_usable(dtype, head_dim):
+    if auto and device.type == "cuda" and flash_attn_available() and _flash_usable(dtype, head_dim):
         return "flash"
     path = impl
     if auto and path == "triton" and device.type == "cuda":

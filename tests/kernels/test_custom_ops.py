@@ -270,3 +270,34 @@ def test_triton_double_backward_raises():
     (dx,) = torch.autograd.grad(y, x, grad_outputs=torch.ones(4, 6, requires_grad=True), create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         dx.sum().backward()
+
+
+# --- the CUDA path choice, traced on a CPU ------------------------------------------------------------------
+
+
+def test_the_cuda_path_choice_traces_without_a_graph_break(monkeypatch):
+    """On CUDA, ``impl="auto"`` asks whether flash-attn and Triton import before it picks a path;
+    Dynamo must not follow those imports (a graph break, or an error under fullgraph=True) —
+    CPU tests never take that branch, so it is traced here for a CUDA device."""
+    import importlib
+
+    from kernels._dispatch import resolve_impl
+
+    # the modules, not the functions of the same name that kernels/__init__ exports
+    attn_mod, fep_mod = (importlib.import_module(f"kernels.{m}") for m in ("attention", "fused_embedding_projection"))
+
+    monkeypatch.delenv("SONARLLM_KERNEL_IMPL", raising=False)  # the tests' conftest sets it; users' auto is plain
+    cuda = torch.device("cuda", 0)
+    choices = {
+        "attention dense": lambda: attn_mod._choose_path("auto", cuda, torch.bfloat16, 64, 0.0, "dense"),
+        "attention varlen": lambda: attn_mod._choose_path("auto", cuda, torch.bfloat16, 64, 0.0, "varlen"),
+        "attention decode": lambda: attn_mod._choose_path("auto", cuda, torch.bfloat16, 64, 0.0, "decode"),
+        "projection": lambda: fep_mod._choose_path("auto", cuda, torch.bfloat16, "in"),
+        "cross-entropy": lambda: resolve_impl("auto", cuda, "fused_linear_cross_entropy"),
+    }
+    for what, choose in choices.items():
+        torch._dynamo.reset()
+        eager = choose()
+        assert eager in ("triton", "torch", "flash"), what
+        traced = _compiled(lambda x: x * float(choose() == eager))(torch.ones(1))
+        assert traced.item() == 1.0, f"{what}: traced choice differs from {eager!r}"
