@@ -176,7 +176,8 @@ def fused_linear_cross_entropy(
         num_items: replaces the "mean" denominator (the number of non-ignored targets, or the sum
             of their class weights) — an int, a 0-d tensor, or a float with ``class_weight`` — so
             gradient-accumulation micro-batches and data-parallel ranks can all divide by the
-            global value.
+            global value. Under torch.compile pass an int or a 0-d tensor: a float's value is
+            specialised, so every new value compiles a new graph.
         return_lse: also return the per-token log-sum-exp (differentiable; 0 where ignored).
         return_z_loss: also return the z-loss part of the loss, reduced like the loss (for
             logging, as Liger-Kernel's ``return_z_loss``; differentiable).

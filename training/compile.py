@@ -48,18 +48,39 @@ def check_compile(setting: str, device: torch.device) -> None:
         )
 
 
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """What a failure to compile raises: Dynamo's and inductor's errors, and the recompile limit
+    (not a TorchDynamoException), when a function would need more graphs than Dynamo allows."""
+    exc = torch._dynamo.exc
+    return tuple(t for t in (exc.TorchDynamoException, getattr(exc, "FailOnRecompileLimitHit", None)) if t)
+
+
+def _cause(exc: BaseException) -> str:
+    """The reason in one line: for a backend failure that is the inner exception's first line
+    (the outer message's first line only says which backend raised)."""
+    inner = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
+    first = (str(inner).strip().splitlines() or [""])[0][:200]
+    return f"{type(inner).__name__}: {first}"
+
+
 def compiled(fn, *, fullgraph: bool = True, backend="inductor", fallback: bool = True):
     """``torch.compile(fn, dynamic=True)``, called with float constants (eps, loss options)
     specialised: otherwise Dynamo first turns them into graph inputs, then traces everything
-    a second time when an op needs their value (about doubling the tracing time).
+    a second time when an op needs their value (about doubling the tracing time). The backward
+    is compiled with the forward, not at the first ``backward()``, so that its failure too
+    happens here.
 
     If compiling fails (a Dynamo or inductor error, e.g. a combination of this torch, its
-    compiler and the machine that was never tried), ``fn`` runs eagerly from then on, with one
-    warning line: the run goes on with the same numbers, only without the compiler's speed.
-    Errors of the computation itself (a ValueError for bad targets, ...) are not compile
-    errors and propagate as in eager mode. ``fallback=False`` raises compile errors instead
-    (tests: a check of the compiled function must not pass by running the eager one)."""
+    compiler and the machine that was never tried, or the recompile limit), ``fn`` runs eagerly
+    from then on, with one warning line: the run goes on with the same numbers, only without
+    the compiler's speed. An error of the call itself (a ValueError for bad targets, also when
+    Dynamo meets it while tracing) is not a compile failure: ``fn`` is run eagerly once, and its
+    error propagates as in eager mode; compiling stays on. ``fallback=False`` raises compile
+    errors instead (tests and benchmarks: a compiled function must not pass as the eager one)."""
     compiled_fn = torch.compile(fn, dynamic=True, fullgraph=fullgraph, backend=backend)
+    functorch_config = torch._functorch.config
+    eager_backward = {"force_non_lazy_backward_lowering": True} if hasattr(
+        functorch_config, "force_non_lazy_backward_lowering") else {}  # fmt: skip
     failed: list[str] = []
 
     @functools.wraps(fn)
@@ -67,17 +88,16 @@ def compiled(fn, *, fullgraph: bool = True, backend="inductor", fallback: bool =
         if failed:
             return fn(*args, **kwargs)
         try:
-            with torch._dynamo.config.patch(specialize_float=True):
+            with torch._dynamo.config.patch(specialize_float=True), functorch_config.patch(**eager_backward):
                 return compiled_fn(*args, **kwargs)
-        except torch._dynamo.exc.TorchDynamoException as exc:
+        except _compile_errors() as exc:
             if not fallback:
                 raise
+            out = fn(*args, **kwargs)  # an error of the call itself propagates from here
             failed.append(type(exc).__name__)
-            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-            print(f"system.compile: compiling {getattr(fn, '__qualname__', fn)} failed ({type(exc).__name__}: "
-                  f"{first_line}); it runs eagerly from now on (system.compile false skips compiling)",
-                  file=sys.stderr, flush=True)  # fmt: skip
-            return fn(*args, **kwargs)
+            print(f"system.compile: compiling {getattr(fn, '__qualname__', fn)} failed ({_cause(exc)}); it runs "
+                  "eagerly from now on (system.compile false skips compiling)", file=sys.stderr, flush=True)  # fmt: skip
+            return out
 
     return call
 

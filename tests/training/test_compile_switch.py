@@ -71,21 +71,56 @@ def test_a_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, cap
     assert torch.equal(double(torch.ones(2)), torch.full((2,), 2.0))
     assert calls == ["compiled"], "after a failure the compiled function is not tried again"
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "failed (BackendCompilerFailed" in err[0] and "runs eagerly from now on" in err[0]
+    assert len(err) == 1 and "failed (RuntimeError: no ptxas)" in err[0] and "runs eagerly from now on" in err[0]
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):  # what tests and benchmarks use
         tc.compiled(lambda x: x * 2, fallback=False)(torch.ones(1))
 
 
-def test_an_error_of_the_computation_is_not_taken_for_a_compile_failure(monkeypatch):
-    def compile_that_raises(fn, **kwargs):
-        def run(*args):
-            raise ValueError("target must be in [0, 16)")
+def test_a_failure_to_compile_the_backward_falls_back_too(capsys):
+    """AOTAutograd compiles the backward at the first backward() unless told otherwise: there a
+    failure would escape the fallback and end every step."""
+    from torch._dynamo.backends.common import aot_autograd
 
-        return run
+    def no_backward(gm, example_inputs):
+        raise RuntimeError("backward codegen failed")
 
-    monkeypatch.setattr(tc.torch, "compile", compile_that_raises)
-    with pytest.raises(ValueError, match="target must be"):
-        tc.compiled(lambda x: x)(torch.ones(1))
+    loss = tc.compiled(lambda x, w: (x @ w).square().sum(), backend=aot_autograd(fw_compiler=lambda gm, ex: gm.forward,
+                                                                              bw_compiler=no_backward))  # fmt: skip
+    x = torch.randn(4, 3)
+    for _ in range(2):
+        w = torch.randn(3, 2, requires_grad=True)
+        loss(x, w).backward()
+        torch.testing.assert_close(w.grad, 2 * x.T @ (x @ w.detach()))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "backward codegen failed" in err[0]
+
+
+def test_the_recompile_limit_falls_back_instead_of_failing_every_step(capsys):
+    scale = tc.compiled(lambda x, factor: x * factor, backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for factor in (1.5, 2.5, 3.5, 4.5):  # floats are specialised: one graph per value
+            assert torch.equal(scale(torch.ones(2), factor), torch.full((2,), factor))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "runs eagerly from now on" in err[0]
+
+
+def test_an_error_of_the_call_is_not_taken_for_a_compile_failure(capsys):
+    """Dynamo meets the ValueError while tracing: it reaches the caller as in eager mode, and
+    compiling stays on for the next, good call."""
+    from torch._dynamo.testing import CompileCounter
+
+    def check(x):
+        if x.shape[0] > 3:
+            raise ValueError("x must have at most 3 rows")
+        return x + 1
+
+    counter = CompileCounter()
+    fn = tc.compiled(check, backend=counter)
+    with pytest.raises(ValueError, match="at most 3 rows"):
+        fn(torch.ones(5))
+    assert torch.equal(fn(torch.ones(2)), torch.full((2,), 2.0))
+    assert counter.frame_count >= 1, "the good call was compiled"
+    assert capsys.readouterr().err == ""
 
 
 def _records(run_dir):
