@@ -12,8 +12,8 @@ trace; a compiled concept transformer there breaks into per-layer pieces that re
 Dynamo gives up. Under ZeRO-3 the concept transformer therefore runs eagerly and only the
 token loss is compiled (announced in one line).
 
-"auto" compiles on CUDA only: on CPU compiling costs about a minute per run and pays little
-(toy step 1.26x slower, 39M step 1.10x faster; bench/RESULTS.md).
+"auto" compiles on CUDA only: on CPU compiling costs about a minute per run and shows no
+consistent gain (toy and 39M steps within the run-to-run spread; bench/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ class SystemConfig:
     progress: bool = True
     compile: str = "auto"
     """torch.compile the concept transformer and the SONAR token loss (training/compile.py): true,
-    false, or auto (true on CUDA; false on CPU, where it pays little: bench/RESULTS.md)."""
+    false, or auto (true on CUDA; false on CPU, where it showed no consistent gain: bench/RESULTS.md)."""
 
 
 @dataclass
