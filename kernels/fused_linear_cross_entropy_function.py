@@ -320,6 +320,7 @@ def flce_backward(
     lse_N: torch.Tensor | None,
     wants: tuple[bool, bool, bool],
     grad_like: list,
+    y_N: torch.Tensor | None = None,
 ):
     """The backward: scale the forward's gradient, recompute where the schedule needs it.
 
@@ -330,6 +331,8 @@ def flce_backward(
         lse_N: the forward's lse, with ``inputs`` and ``return_z_loss``.
         wants: (want_dh, want_dw, want_db) of the forward.
         grad_like: (shape, dtype, device) of hidden, weight and bias (None where absent).
+        y_N: the targets, for reduction "none": an ignored row's incoming gradient is not used
+            (0 * NaN would make its zero gradient NaN; the reference's masking gives 0).
 
     Returns ``(dh, dw, db)``: a tensor for every wanted input (zeros when no token reached
     it), None for the others.
@@ -342,6 +345,8 @@ def flce_backward(
     grads = [None, None, None]
     if g_loss is not None and in_forward:
         scale = g_loss.double() / denom if params.reduction == "mean" else g_loss.double()
+        if per_token and y_N is not None:
+            scale = torch.where(y_N.reshape(-1) != params.ignore_index, scale, 0.0)
         grads = [
             None if dh_ND is None else _scale_rows(dh_ND, scale.reshape(-1, 1) if per_token else scale),
             None if dw_VD is None else dw_VD * scale.to(dw_VD.dtype),

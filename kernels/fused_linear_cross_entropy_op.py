@@ -159,11 +159,12 @@ def _backward_grads(
     wants = (want_dh, want_dw, want_db)
     in_forward = grad_in_forward(reduction, *wants)
     forward_grads = tuple(t if in_forward and want else None for t, want in zip((dh_ND, dw_VD, db_V), wants))
-    inputs = (h_ND, w_VD, b_V, cw_V, y_N) if y_N is not None else None
+    inputs = (h_ND, w_VD, b_V, cw_V, y_N) if h_ND is not None else None
     device = denom.device
     grad_like = [((n_rows, dim), dtype, device), ((vocab, dim), dtype, device), ((vocab,), dtype, device)]
     grads = flce_backward(
-        BACKENDS[backend](), params, (g_loss, g_lse, g_zl), forward_grads, denom, inputs, lse_N, wants, grad_like
+        BACKENDS[backend](), params, (g_loss, g_lse, g_zl), forward_grads, denom, inputs, lse_N, wants, grad_like,
+        y_N=y_N,
     )
     return tuple(_or_empty(g, denom, dtype).contiguous() for g in grads)  # hidden's gradient follows its strides
 
@@ -202,8 +203,8 @@ def _setup_context(ctx, inputs, output):
     saved = [dh_ND, dw_VD, db_V, denom]
     if saves_inputs(_params(*options[1:]), *wants):
         saved += [h_ND, w_VD, b_V, cw_V, y_N, lse_N if return_z_loss else None]
-    else:
-        saved += [None] * 6
+    else:  # per-token losses: the targets, so that ignored rows get no share of the incoming gradient
+        saved += [None, None, None, None, y_N if options[2] == "none" else None, None]
     ctx.save_for_backward(*saved)
 
 

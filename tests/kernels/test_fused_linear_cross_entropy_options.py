@@ -201,3 +201,19 @@ def test_module_checks_new_options_at_construction():
         FusedLinearCrossEntropy(shift=-2)
     with pytest.raises(TypeError, match="class_weight must be a floating-point"):
         FusedLinearCrossEntropy(class_weight=torch.ones(5, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("trainable", [False, True])
+def test_ignored_rows_take_no_share_of_a_non_finite_incoming_gradient(path, trainable):
+    """reduction="none": an ignored row's loss is a constant 0, so its hidden gradient is 0 even
+    when the gradient arriving there is NaN (a per-sequence mean over a sequence with every
+    target ignored divides 0 by 0); a valid row's NaN still propagates."""
+    h, w, _, _ = flce_inputs(6, 8, 20, torch.float32)
+    y = torch.tensor([1, -100, 3, -100, 5, 6])
+    g = torch.tensor([1.0, float("nan"), 0.5, float("inf"), 2.0, float("nan")])
+    h.requires_grad_(True)
+    w.requires_grad_(trainable)
+    (fused_linear_cross_entropy(h, w, y, reduction="none", impl=path) * g).sum().backward()
+    assert torch.count_nonzero(h.grad[[1, 3]]) == 0 and not h.grad[[1, 3]].isnan().any()
+    assert torch.isfinite(h.grad[[0, 2, 4]]).all() and h.grad[5].isnan().all()
