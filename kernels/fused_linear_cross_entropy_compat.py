@@ -53,7 +53,7 @@ def linear_cross_entropy(
 
     Differences from torch, on purpose:
         * "mean" with no target to average (every target ignored, N = 0, or class weights of the
-          targets summing to 0) divides by 1: loss 0 and zero gradients, not NaN.
+          targets summing to 0, also with label smoothing) is 0 with zero gradients, not NaN.
         * Negative or non-finite class weights, and target values outside [0, C), raise
           ValueError; input may have any number of leading dimensions; ``weight`` may be any
           floating dtype; any integer target dtype is accepted.

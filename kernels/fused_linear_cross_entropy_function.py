@@ -222,7 +222,9 @@ def valid_rows(
 
     Returns the number of valid rows, their indices (None when every row is valid) and the
     "mean" denominator as a float64 tensor: ``num_items``, else the valid count (the sum of the
-    valid targets' class weights with ``cw_V``); a zero denominator counts as 1.
+    valid targets' class weights with ``cw_V``). A zero denominator (nothing to average over)
+    is returned as +inf, so that the "mean" and its gradients are 0 — also where label
+    smoothing spreads loss onto classes of non-zero weight.
     """
     valid_N = y_N != ignore_index
     bad_N = valid_N & ((y_N < 0) | (y_N >= vocab))
@@ -258,7 +260,7 @@ def valid_rows(
             what = f"{n_valid} targets are not ignored" if cw_V is None else f"the targets' class weights sum to {base}"
             raise ValueError(f"num_items is 0 but {what}")
     rows_N = None if n_valid == y_N.numel() else torch.nonzero(valid_N).squeeze(1)
-    denom = float(items) if items else (base if base > 0 else 1.0)
+    denom = float(items) if items else (base if base > 0 else float("inf"))
     return n_valid, rows_N, torch.tensor(denom, dtype=torch.float64, device=y_N.device)
 
 

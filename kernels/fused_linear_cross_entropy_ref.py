@@ -18,8 +18,8 @@ masked out, e.g. by the bias) has probability 0 (a target there costs +inf). A N
 NaN or inf in the inputs — makes that token's loss NaN, also under softcap, which would otherwise
 map inf to a finite value; so does a row whose logits are all -inf. Ignored tokens contribute 0
 and their ``lse`` is 0. "mean" divides the sums by ``num_items`` when given, else by the sum of
-``cw[y]`` over the non-ignored tokens (their number without class weights); a zero denominator
-counts as 1, so a batch without targets has loss 0. ``shift = k`` scores ``hidden[..., t, :]``
+``cw[y]`` over the non-ignored tokens (their number without class weights); with a zero
+denominator there is nothing to average and the mean is 0 (zero gradients), not NaN. ``shift = k`` scores ``hidden[..., t, :]``
 against ``target[..., t + k]`` (causal language modelling), dropping the last ``k`` positions of
 hidden and the first ``k`` of target.
 """
@@ -91,7 +91,7 @@ def fused_linear_cross_entropy_ref(
     if reduction == "mean":
         denom = row_w_N.sum() if num_items is None else torch.as_tensor(num_items, device=loss_N.device)
         denom = denom.to(acc_dtype)
-        denom = torch.where(denom == 0, torch.ones_like(denom), denom)
+        denom = torch.where(denom == 0, torch.full_like(denom, float("inf")), denom)  # nothing to average: 0
     outs = []
     for x_N in (loss_N, zl_N):
         if reduction == "none":

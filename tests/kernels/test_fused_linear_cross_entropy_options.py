@@ -132,14 +132,16 @@ def test_num_items_with_class_weights_makes_micro_batches_add_up(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_zero_class_weight_sum_gives_zero_not_nan(path):
-    """Every target's class weight 0: "mean" divides by 1 (loss 0, zero gradient); torch gives NaN."""
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_zero_class_weight_sum_gives_zero_not_nan(path, smoothing):
+    """Every target's class weight 0: nothing to average, "mean" is 0 with zero gradients, also
+    when label smoothing puts loss on the other classes (their weights are not 0); torch: NaN."""
     h, w, _, _ = flce_inputs(6, 8, 20, torch.float32)
     y = torch.tensor([1, 2, 3, -100, 1, 2])
     cw = torch.ones(20)
     cw[[1, 2, 3]] = 0.0
     h.requires_grad_(True)
-    loss = fused_linear_cross_entropy(h, w, y, class_weight=cw, impl=path)
+    loss = fused_linear_cross_entropy(h, w, y, class_weight=cw, label_smoothing=smoothing, impl=path)
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(h.grad) == 0
 
