@@ -41,6 +41,7 @@ import tempfile
 import torch
 
 from sonarllm.corpus import read_documents
+from sonarllm.sonar.checkpoint import checkpoint_config
 from sonarllm.sonar.config import SONAR_CONFIGS
 from sonarllm.sonar.pipeline import SonarPipeline, SonarSpec
 from sonarllm.sonar.tokenizer import SonarTokenizer
@@ -189,15 +190,12 @@ def resolve_sonar(args, out: Path, scratch: Path, train_docs: list[list[str]], s
 
 
 def decoder_positions(spec: SonarSpec) -> int:
-    """How many positions the SONAR decoder named by ``spec`` has (our files record their config;
-    the released SONAR decoder has 512)."""
+    """How many positions the SONAR decoder named by ``spec`` has, resolved as the trainer will
+    load it (``spec.decoder_config``, the config the file records, a sonar.json beside it, the
+    released architecture's sizes; else CheckpointError, before any encoding); an asset name
+    (not a local file) is the released decoder, 512."""
     if spec.decoder and os.path.isfile(spec.decoder):
-        try:
-            obj = torch.load(spec.decoder, map_location="cpu", weights_only=True, mmap=True)
-        except (RuntimeError, OSError, ValueError):
-            obj = None
-        if isinstance(obj, dict) and isinstance(obj.get("sonar_config"), dict):
-            return int(obj["sonar_config"]["max_seq_len"])
+        return checkpoint_config(spec.decoder, "decoder", config=spec.decoder_config).max_seq_len
     return SONAR_CONFIGS["basic"].max_seq_len
 
 

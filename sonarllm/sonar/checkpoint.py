@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from sonarllm.sonar.config import SONAR_CONFIGS, SonarTextConfig
+from sonarllm.sonar.config import SONAR_CONFIGS, SonarTextConfig, sonar_config
 from sonarllm.sonar.decoder import SonarDecoder
 from sonarllm.sonar.encoder import SonarEncoder
 from sonarllm.sonar.layers import sinusoidal_table
@@ -261,9 +261,10 @@ def config_beside(path: Path, kind: str) -> dict:
     return values
 
 
-def _build(cls, kind, source, config, device, dtype, trust, **kwargs):
-    """The model from any source (see ``load_sonar_decoder``), its config resolved in order: an
-    explicit one, the one the checkpoint records, a ``sonar.json`` beside the file, the weights."""
+def _resolve(kind, source, config, trust):
+    """(config, fairseq2 state dict) of a checkpoint from any source, the config resolved in
+    order: an explicit one, the one the checkpoint records, a ``sonar.json`` beside the file, the
+    weights (see ``load_sonar_decoder``)."""
     path, obj = (None, source) if isinstance(source, dict) else _read_source(source, kind, trust)
     sd = to_fairseq2_state_dict(obj, kind)
     given, config = (config, None) if isinstance(config, Mapping) else ({}, config)
@@ -276,6 +277,20 @@ def _build(cls, kind, source, config, device, dtype, trust, **kwargs):
             known["max_seq_len"] = positions - (2 if kind == "encoder" else 0)
         given = given or (config_beside(path, kind) if path is not None else {})
         config = infer_config(sd, kind, known=known | dict(given))
+    return sonar_config(config), sd
+
+
+def checkpoint_config(source, kind: str, *, config: str | SonarTextConfig | Mapping | None = None,
+                      trust: bool = False) -> SonarTextConfig:  # fmt: skip
+    """The configuration ``load_sonar_decoder`` (kind "decoder") or ``load_sonar_encoder``
+    ("encoder") would build ``source`` with, without building it (e.g. the decoder's
+    ``max_seq_len`` before data preparation cuts target sequences)."""
+    return _resolve(kind, source, config, trust)[0]
+
+
+def _build(cls, kind, source, config, device, dtype, trust, **kwargs):
+    """The model from any source (see ``load_sonar_decoder``)."""
+    config, sd = _resolve(kind, source, config, trust)
     with torch.device("meta"):  # no random initialisation of weights about to be replaced
         model = cls(config, **kwargs)
     load_state(model, {k: v.contiguous() for k, v in sd.items()}, assign=True)

@@ -121,6 +121,24 @@ def test_target_sentences_are_cut_to_the_decoder_positions(tmp_path):
     assert max(len(t) for t in doc.tokens) == 128 and doc.tokens[0][-1] == 3  # cut, </s> kept
 
 
+def test_decoder_positions_come_from_the_config_the_decoder_loads_with(tmp_path):
+    """A fairseq2-layout decoder file records no config: its positions come from the spec's
+    decoder_config or a sonar.json beside it (as loading resolves them), never a 512 guess."""
+    from sonarllm.sonar import SonarDecoder, SonarTextConfig
+    from sonarllm.sonar.checkpoint import CheckpointError
+
+    cfg = SonarTextConfig(model_dim=48, num_layers=1, num_heads=3, ffn_dim=96, vocab_size=64, max_seq_len=40)
+    path = tmp_path / "decoder.pt"
+    torch.save({"model": SonarDecoder(cfg).state_dict()}, path)
+    given = {"num_heads": 3, "max_seq_len": 40, "legacy_pad_idx": 1}
+    assert prepare_data.decoder_positions(SonarSpec(tokenizer="t.model", decoder=str(path), decoder_config=given)) == 40
+    (tmp_path / "sonar.json").write_text(json.dumps({"tokenizer": "t.model", "decoder": "decoder.pt", "decoder_config": given}))
+    assert prepare_data.decoder_positions(SonarSpec(tokenizer="t.model", decoder=str(path))) == 40
+    (tmp_path / "sonar.json").unlink()
+    with pytest.raises(CheckpointError, match="max_seq_len"):  # before any encoding, not after
+        prepare_data.decoder_positions(SonarSpec(tokenizer="t.model", decoder=str(path)))
+
+
 def _snapshot(directory):
     return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, sha256_file(p)) for p in sorted(directory.rglob("*")) if p.is_file()}
 
