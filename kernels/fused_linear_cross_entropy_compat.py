@@ -58,7 +58,12 @@ def linear_cross_entropy(
           ValueError; input may have any number of leading dimensions; ``weight`` may be any
           floating dtype; any integer target dtype is accepted.
         * Not supported (TypeError/ValueError): class-probability targets, K-dimensional loss
-          (``linear_weight`` of shape [C, d1, ..., D]), gradients of gradients.
+          (``linear_weight`` of shape [C, d1, ..., D]), gradients of gradients, class weights
+          that require a gradient.
+        * Bad arguments raise ValueError (shapes, values, a negative ``label_smoothing``, which
+          torch accepts) or TypeError (dtypes) naming the argument, where torch raises
+          RuntimeError (or IndexError for targets out of range): ``except RuntimeError``
+          around a torch call does not catch them.
     """
     if isinstance(linear_weight, torch.Tensor) and linear_weight.dim() > 2:
         raise ValueError(
