@@ -184,3 +184,12 @@ def test_long_single_document_is_split_with_progress(tmp_path, capsys):
     docs = prepare_data.load_documents(big, max_sentences=32, max_docs=None, progress=True)
     assert len(docs) == 1 and len(docs[0]) == 33
     assert "split: " in capsys.readouterr().err  # the progress bar
+
+
+def test_a_lone_surrogate_in_jsonl_is_refused_naming_the_line(tmp_path, capsys):
+    bad = tmp_path / "surrogate.jsonl"
+    bad.write_text('{"text": "Fine. Two sentences."}\n{"text": "Bad \\ud800 here. And more."}\n')
+    assert prepare_data.main(["--source", str(bad), "--out", str(tmp_path / "o"), "--toy-train-steps", "0", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bad}:2: " in err and "lone surrogate U+D800" in err
+    assert not (tmp_path / "o").exists()  # nothing written
