@@ -162,7 +162,7 @@ def _build_toy_sonar(args, folder: Path, scratch: Path, train_docs: list[list[st
 def _install_toy_sonar(built: Path, folder: Path) -> None:
     """Copy a toy SONAR built in scratch space into ``folder``, each file atomically and the
     marker last (an interrupted install is rebuilt by the next run)."""
-    if built == folder:
+    if built.resolve() == folder.resolve():  # already in place (``built`` is a resolved path)
         return
     folder.mkdir(parents=True, exist_ok=True)
     (folder / TOY_MARKER).unlink(missing_ok=True)

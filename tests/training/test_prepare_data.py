@@ -193,3 +193,14 @@ def test_a_lone_surrogate_in_jsonl_is_refused_naming_the_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{bad}:2: " in err and "lone surrogate U+D800" in err
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_a_rerun_with_a_relative_out_keeps_the_toy_sonar(tmp_path, monkeypatch):
+    """The toy SONAR already in place was 'installed' onto itself (a resolved path compared with a
+    relative one): its toy.json was deleted and the re-run failed."""
+    corpus = tiny_corpus(tmp_path / "c.jsonl", 12)
+    monkeypatch.chdir(tmp_path)
+    first = prepare_data.prepare(_args(corpus, "data"))
+    marker = (tmp_path / "data" / "sonar" / "toy.json").read_text()
+    assert prepare_data.prepare(_args(corpus, "data")) == first
+    assert (tmp_path / "data" / "sonar" / "toy.json").read_text() == marker
