@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 
 import pytest
 import torch
@@ -122,7 +123,9 @@ def test_target_sentences_are_cut_to_the_decoder_positions(tmp_path):
 
 
 def _snapshot(directory):
-    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, sha256_file(p)) for p in sorted(directory.rglob("*")) if p.is_file()}
+    """Every file's mtime and digest, but the lock file's (a refused run takes the lock too)."""
+    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, sha256_file(p)) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != prepare_data.LOCK_NAME}  # fmt: skip
 
 
 def test_a_refused_rerun_writes_nothing(tmp_path):
@@ -193,6 +196,39 @@ def test_a_lone_surrogate_in_jsonl_is_refused_naming_the_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{bad}:2: " in err and "lone surrogate U+D800" in err
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_a_second_preparation_of_one_directory_waits_for_the_first(tmp_path):
+    """Two preparations into one directory (two first-use trainings sharing data.prepared_dir):
+    while one holds the directory, the other waits, saying for whom, then reuses its work."""
+    import logging
+    import threading
+
+    corpus = tiny_corpus(tmp_path / "c.jsonl", 12)
+    out = tmp_path / "data"
+    waiting = threading.Event()
+
+    class Note(logging.Handler):
+        def emit(self, record):
+            if "waiting for another preparation" in record.getMessage():
+                self.message = record.getMessage()
+                waiting.set()
+
+    note = Note()
+    logging.getLogger("sonarllm.prepare").addHandler(note)
+    results = []
+    try:
+        with prepare_data._locked(out):  # the first preparer, mid-way
+            second = threading.Thread(target=lambda: results.append(prepare_data.prepare(_args(corpus, out))))
+            second.start()
+            assert waiting.wait(timeout=120), "the second preparation did not wait for the lock"
+            assert not (out / "manifest.json").exists()  # it is blocked on the lock, not preparing
+        second.join(timeout=300)
+    finally:
+        logging.getLogger("sonarllm.prepare").removeHandler(note)
+    assert f"waiting for another preparation of {out} to finish (pid {os.getpid()} on host" in note.message
+    assert results and results[0]["complete"]
+    ShardedDocuments(out, "train")  # verifies every shard
 
 
 def test_a_rerun_with_a_relative_out_keeps_the_toy_sonar(tmp_path, monkeypatch):
