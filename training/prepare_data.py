@@ -92,9 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_sentences", "max_target_tokens", "shard_documents", "toy_vocab_size", "max_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("eval_documents", "toy_train_steps"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0")
+    if args.max_docs is not None and args.max_docs < 1:
+        p.error("--max-docs must be >= 1")
+    if args.eval_documents < 1:
+        p.error("--eval-documents must be >= 1 (the trainer evaluates on held-out documents)")
+    if args.toy_train_steps < 0:
+        p.error("--toy-train-steps must be >= 0")
     if args.max_target_tokens < 4:
         p.error("--max-target-tokens must be >= 4 (</s>, language tag, a piece, </s>)")
     return args
@@ -262,6 +265,10 @@ def prepare(args: argparse.Namespace) -> dict:
     if out.exists() and not out.is_dir():
         raise ShardError(f"--out {out} is a file, not a directory")
     docs = load_documents(source, args.max_sentences, args.max_docs, progress=not args.quiet)
+    if len(docs) < 2:
+        within = f" within --max-docs {args.max_docs}" if args.max_docs is not None else ""
+        raise ValueError(f"{source} holds only {len(docs)} usable document{within}; at least 2 are needed, one for "
+                         "training and one held out for evaluation (the trainer evaluates on it)")  # fmt: skip
     n_eval = min(args.eval_documents, len(docs) // 2)
     if n_eval < args.eval_documents:
         log.warning("--eval-documents %d capped to %d: the corpus has %d usable document(s) and at least half are "

@@ -240,3 +240,23 @@ def test_a_rerun_with_a_relative_out_keeps_the_toy_sonar(tmp_path, monkeypatch):
     marker = (tmp_path / "data" / "sonar" / "toy.json").read_text()
     assert prepare_data.prepare(_args(corpus, "data")) == first
     assert (tmp_path / "data" / "sonar" / "toy.json").read_text() == marker
+
+
+@pytest.mark.parametrize("option", [["--max-docs", "0"], ["--max-docs", "-3"], ["--eval-documents", "0"]])
+def test_options_that_leave_no_document_or_no_eval_split_are_refused(tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as info:
+        prepare_data.main(["--source", str(tiny_corpus(tmp_path / "c.jsonl", 12)), "--out", str(tmp_path / "o"),
+                           "--toy-train-steps", "0", "--quiet", *option])
+    assert info.value.code == 2 and f"{option[0]} must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("corpus_docs,max_docs", [(1, []), (12, ["--max-docs", "1"])])
+def test_a_corpus_of_one_document_is_refused_before_writing(tmp_path, capsys, corpus_docs, max_docs):
+    """One document leaves nothing to hold out, and the trainer refuses data without an eval split."""
+    corpus = tiny_corpus(tmp_path / "c.jsonl", corpus_docs)
+    assert prepare_data.main(["--source", str(corpus), "--out", str(tmp_path / "o"), "--toy-train-steps", "0", "--quiet",
+                             *max_docs]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds only 1 usable document" in err and "held out for evaluation" in err
+    assert not (tmp_path / "o").exists()
