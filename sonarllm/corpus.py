@@ -6,7 +6,8 @@
 * a directory: every ``.txt``/``.txt.gz`` file below it (sorted) is one document.
 
 A file that is not UTF-8 text, or not gzip data although its name ends in ``.gz`` (or a
-truncated one), raises ValueError naming the file and the cause.
+truncated one), raises ValueError naming the file and the cause; so does a JSONL text holding a
+lone surrogate (an unpaired ``\\ud800``-``\\udfff`` escape), naming the file and line.
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ def _read_error(path: Path, exc: Exception) -> ValueError:
 
 
 DECODE_ERRORS = (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error)
+
+
+def _check_encodable(text: str, where: str) -> None:
+    """Refuse a string that is not Unicode text: JSON's ``\\ud800`` escapes decode to lone
+    surrogates, which no tokenizer accepts (sentencepiece fails with a bare RuntimeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{where} holds a lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start} "
+                         f"(an unpaired \\ud800-\\udfff escape), which is not Unicode text; fix or drop that record") from None
 
 
 def _kind(path: Path) -> str:
@@ -77,8 +88,10 @@ def _file_documents(path: Path, text_field: str) -> Iterator[str]:
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                     raise ValueError(f"{path}:{lineno}: expected an object with a string field {text_field!r}")
-                if record[text_field].strip():
-                    yield record[text_field]
+                text = record[text_field]
+                _check_encodable(text, f"{path}:{lineno}: field {text_field!r}")
+                if text.strip():
+                    yield text
         elif kind == ".txt":
             block: list[str] = []
             for line in fh:

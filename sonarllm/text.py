@@ -10,9 +10,11 @@ pysbd's time grows with the square of the text it is given (4.5 s for 72 KB, 70 
 so a long document is never handed to it whole: ``iter_sentences`` segments a window of
 ``WINDOW`` characters, keeps the sentences that end well inside it, and continues from the first
 one it did not keep, so the work is linear in the text actually read, and ``document_sentences``
-stops reading after ``max_sentences``. A run of more than ``MAX_SENTENCE_CHARS`` characters
-without a sentence end is cut at a space into pieces of at most that length (SONAR encodes at
-most 512 tokens of a sentence anyway).
+stops reading after ``max_sentences``. Sentences are slices of the (whitespace-normalised) text
+located by matching pysbd's pieces, not the pieces themselves: pysbd sometimes inserts or drops a
+space or trailing punctuation, and the next window must start where the kept text really ends.
+A run of more than ``MAX_SENTENCE_CHARS`` characters without a sentence end is cut at a space
+into pieces of at most that length (SONAR encodes at most 512 tokens of a sentence anyway).
 """
 
 from __future__ import annotations
@@ -41,32 +43,61 @@ def _segmenter(language: str):
 
 
 def _segment(text: str, language: str) -> list[str]:
-    """pysbd's pieces of ``text``; they concatenate to ``text`` (clean=False)."""
+    """pysbd's pieces of ``text``. With clean=False they are meant to concatenate to ``text``, but
+    pysbd sometimes inserts a space ("Wait. . .(he" gives ". . " and "(he"), drops one ("Mr.....
+    Brown"), or drops trailing punctuation at the end of the text; ``_piece_ends`` copes."""
     return _segmenter(language).segment(text)
+
+
+RESYNC = 16
+"""How far ahead in the text a piece's character is looked for when pysbd dropped some."""
+
+
+def _piece_ends(text: str, pieces: list[str]) -> list[int]:
+    """Where in ``text`` each of pysbd's ``pieces`` of it ends: a cursor advances over the text,
+    matching each piece exactly where pysbd kept the text as it was, else character by character
+    on non-space characters (whitespace pysbd inserted or dropped is skipped; a character it
+    inserted is passed over, characters it dropped are stepped over when the piece's next
+    character is found within ``RESYNC`` characters)."""
+    ends, j = [], 0
+    for piece in pieces:
+        if text.startswith(piece, j):  # the usual case, at C speed
+            j += len(piece)
+        else:
+            for ch in piece:
+                if ch.isspace():
+                    continue
+                while j < len(text) and text[j].isspace():
+                    j += 1
+                found = text.find(ch, j, j + RESYNC)
+                if found >= 0:
+                    j = found + 1
+        ends.append(j)
+    return ends
 
 
 def iter_sentences(text: str, language: str = "en") -> Iterator[str]:
     """Sentences of ``text`` (stripped, empty ones dropped), read window by window; ``language``
-    is a pysbd code."""
+    is a pysbd code. Each sentence is a slice of the whitespace-normalised text, and the slices
+    cover it: no character is lost or repeated, whatever pysbd does to the pieces it returns."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     text = " ".join(text.split())
     pos, window = 0, WINDOW
     while pos < len(text):
         end = pos + window
-        pieces = _segment(text[pos:end], language)
+        chunk = text[pos:end]
+        pieces = _segment(chunk, language)
+        ends = _piece_ends(chunk, pieces)
         if end >= len(text):  # the rest of the text: every piece is a whole sentence
-            yield from (p.strip() for p in pieces if p.strip())
+            ends[-1:] = [len(chunk)]  # what pysbd dropped at the end belongs to the last one
+            yield from _slices(chunk, ends)
             return
-        kept, length = [], 0
-        for piece in pieces[:-1]:  # the last piece runs into the cut
-            if length + len(piece) > window - MARGIN:
-                break
-            kept.append(piece)
-            length += len(piece)
-        if kept:
-            yield from (p.strip() for p in kept if p.strip())
-            pos, window = pos + length, WINDOW
+        # pieces ending well inside the window; the last piece runs into the cut
+        kept = list(itertools.takewhile(lambda e: e <= window - MARGIN, ends[:-1]))
+        if kept and kept[-1] > 0:
+            yield from _slices(chunk, kept)
+            pos, window = pos + kept[-1], WINDOW
         elif window < MAX_SENTENCE_CHARS:
             window = min(2 * window, MAX_SENTENCE_CHARS)  # a long sentence: look further
         else:  # no sentence end in MAX_SENTENCE_CHARS characters: cut at the last space
@@ -74,6 +105,15 @@ def iter_sentences(text: str, language: str = "en") -> Iterator[str]:
             cut = end if cut < 0 else cut
             yield text[pos:cut].strip()
             pos = cut
+
+
+def _slices(chunk: str, ends: list[int]) -> Iterator[str]:
+    """The non-empty stripped pieces of ``chunk`` that end at ``ends`` (ascending)."""
+    start = 0
+    for stop in ends:
+        if chunk[start:stop].strip():
+            yield chunk[start:stop].strip()
+        start = stop
 
 
 def split_sentences(text: str, language: str = "en") -> list[str]:

@@ -15,7 +15,9 @@ seeded random toy SONAR encoder/decoder; ``--sonar basic`` uses the released SON
 Re-running resumes: shards already written are verified against their SHA-256 and kept; a
 missing or corrupted shard (reported by name) is rebuilt. Changing an option that alters the
 data of an existing directory is refused before anything is written (a toy SONAR that must be
-rebuilt is built in a scratch directory and installed only once the options check passed).
+rebuilt is built in a scratch directory and installed only once the options check passed). Two
+preparations of one directory run one after the other: the second waits for the first's lock
+(``prepare.lock``, named holder) and then reuses its shards.
 Sentence splitting reads only what ``--max-sentences`` needs of each document (sonarllm/text.py),
 so preparation time is linear in the corpus size, and a progress bar counts the documents.
 """
@@ -29,14 +31,18 @@ if __package__ in (None, ""):  # run as a script: import this repository's packa
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shlex
 import shutil
+import socket
 import tempfile
+import time
 
 import torch
 
@@ -56,9 +62,11 @@ from training.shards import (
     write_json_atomic,
     write_shard,
 )
+from training.runlock import _read_holder, describe_holder
 
 log = logging.getLogger("sonarllm.prepare")
 DEFAULT_SOURCE = Path(__file__).resolve().parent / "example" / "stories.jsonl.gz"
+LOCK_NAME = "prepare.lock"
 BASIC_SONAR = SonarSpec("sonar_tokenizer", "text_sonar_basic_encoder", "text_sonar_basic_decoder")
 
 
@@ -85,9 +93,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_sentences", "max_target_tokens", "shard_documents", "toy_vocab_size", "max_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("eval_documents", "toy_train_steps"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0")
+    if args.max_docs is not None and args.max_docs < 1:
+        p.error("--max-docs must be >= 1")
+    if args.eval_documents < 1:
+        p.error("--eval-documents must be >= 1 (the trainer evaluates on held-out documents)")
+    if args.toy_train_steps < 0:
+        p.error("--toy-train-steps must be >= 0")
     if args.max_target_tokens < 4:
         p.error("--max-target-tokens must be >= 4 (</s>, language tag, a piece, </s>)")
     return args
@@ -163,7 +174,7 @@ def _build_toy_sonar(args, folder: Path, scratch: Path, train_docs: list[list[st
 def _install_toy_sonar(built: Path, folder: Path) -> None:
     """Copy a toy SONAR built in scratch space into ``folder``, each file atomically and the
     marker last (an interrupted install is rebuilt by the next run)."""
-    if built == folder:
+    if built.resolve() == folder.resolve():  # already in place (``built`` is a resolved path)
         return
     folder.mkdir(parents=True, exist_ok=True)
     (folder / TOY_MARKER).unlink(missing_ok=True)
@@ -223,19 +234,52 @@ def _encode_shard(pipe: SonarPipeline, docs: list[list[str]], lang: str, max_tar
     return emb, sentence_offsets, [t for s in seqs for t in s], token_offsets
 
 
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Hold an exclusive lock on ``out/prepare.lock`` (creating ``out``), so that two preparations
+    of one directory (two first-use trainings sharing data.prepared_dir) run one after the other:
+    the second waits, with a note naming the holder, and then reuses what the first prepared. The
+    kernel drops the lock when its holder ends, however it ends."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("waiting for another preparation of %s to finish (%s)", out, describe_holder(_read_holder(fd)))
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        yield
+        os.ftruncate(fd, 0)  # no holder any more
+    finally:
+        os.close(fd)  # drops the lock
+
+
 def prepare(args: argparse.Namespace) -> dict:
     """Run (or resume) preparation; returns the manifest."""
     source, out = Path(args.source), Path(args.out)
     if out.exists() and not out.is_dir():
         raise ShardError(f"--out {out} is a file, not a directory")
-    manifest_path = out / MANIFEST
-    manifest = read_manifest(out) if manifest_path.exists() else None
     docs = load_documents(source, args.max_sentences, args.max_docs, progress=not args.quiet)
+    if len(docs) < 2:
+        within = f" within --max-docs {args.max_docs}" if args.max_docs is not None else ""
+        raise ValueError(f"{source} holds only {len(docs)} usable document{within}; at least 2 are needed, one for "
+                         "training and one held out for evaluation (the trainer evaluates on it)")  # fmt: skip
     n_eval = min(args.eval_documents, len(docs) // 2)
     if n_eval < args.eval_documents:
         log.warning("--eval-documents %d capped to %d: the corpus has %d usable document(s) and at least half are "
                     "kept for training", args.eval_documents, n_eval, len(docs))  # fmt: skip
     train_docs, eval_docs = docs[: len(docs) - n_eval], docs[len(docs) - n_eval :]
+    with _locked(out):
+        return _prepare_locked(args, source, out, train_docs, eval_docs)
+
+
+def _prepare_locked(args, source: Path, out: Path, train_docs: list[list[str]], eval_docs: list[list[str]]) -> dict:
+    """``prepare`` once the documents are read and ``out`` is locked."""
+    manifest_path = out / MANIFEST
+    manifest = read_manifest(out) if manifest_path.exists() else None
     digest = _source_digest(source)
     marker, wanted = _read_toy_marker(out / "sonar"), _toy_options(args, digest)
     if manifest is not None and args.sonar == "toy" and marker is not None and marker != wanted:
@@ -248,7 +292,7 @@ def prepare(args: argparse.Namespace) -> dict:
         options = {
             "source": str(source.resolve()), "source_sha256": digest, "lang": args.lang,
             "max_sentences": args.max_sentences, "max_target_tokens": max_target,
-            "eval_documents": n_eval, "shard_documents": args.shard_documents, "max_docs": args.max_docs,
+            "eval_documents": len(eval_docs), "shard_documents": args.shard_documents, "max_docs": args.max_docs,
             "embedding_dtype": args.embedding_dtype, "eos_sentence": EOS_SENTENCE, "sonar": _identity(spec),
         }  # fmt: skip
         if manifest is not None and manifest["options"] != options:
@@ -257,7 +301,6 @@ def prepare(args: argparse.Namespace) -> dict:
                 f"{out} was prepared with different options ({', '.join(changed)}); use a new --out directory "
                 f"or delete {manifest_path}"
             )
-        out.mkdir(parents=True, exist_ok=True)  # the first write
         if args.sonar == "toy":
             _install_toy_sonar(Path(spec.tokenizer).parent, out / "sonar")
         saved_spec.save(out / "sonar.json")

@@ -5,6 +5,7 @@ A prepared directory holds::
     manifest.json            options, SONAR identity, totals, one entry per shard (with SHA-256)
     sonar.json               the SonarSpec of the tokenizer/encoder/decoder used
     sonar/                   the toy SONAR files, when the toy SONAR was built
+    prepare.lock             held by a preparation while it writes here (a second one waits)
     train-00000.safetensors  ...  eval-00000.safetensors
 
 Each shard (safetensors) holds, for its documents::

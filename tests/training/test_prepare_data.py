@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 
 import pytest
 import torch
@@ -140,7 +141,9 @@ def test_decoder_positions_come_from_the_config_the_decoder_loads_with(tmp_path)
 
 
 def _snapshot(directory):
-    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, sha256_file(p)) for p in sorted(directory.rglob("*")) if p.is_file()}
+    """Every file's mtime and digest, but the lock file's (a refused run takes the lock too)."""
+    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, sha256_file(p)) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != prepare_data.LOCK_NAME}  # fmt: skip
 
 
 def test_a_refused_rerun_writes_nothing(tmp_path):
@@ -202,3 +205,76 @@ def test_long_single_document_is_split_with_progress(tmp_path, capsys):
     docs = prepare_data.load_documents(big, max_sentences=32, max_docs=None, progress=True)
     assert len(docs) == 1 and len(docs[0]) == 33
     assert "split: " in capsys.readouterr().err  # the progress bar
+
+
+def test_a_lone_surrogate_in_jsonl_is_refused_naming_the_line(tmp_path, capsys):
+    bad = tmp_path / "surrogate.jsonl"
+    bad.write_text('{"text": "Fine. Two sentences."}\n{"text": "Bad \\ud800 here. And more."}\n')
+    assert prepare_data.main(["--source", str(bad), "--out", str(tmp_path / "o"), "--toy-train-steps", "0", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bad}:2: " in err and "lone surrogate U+D800" in err
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_a_second_preparation_of_one_directory_waits_for_the_first(tmp_path):
+    """Two preparations into one directory (two first-use trainings sharing data.prepared_dir):
+    while one holds the directory, the other waits, saying for whom, then reuses its work."""
+    import logging
+    import threading
+
+    corpus = tiny_corpus(tmp_path / "c.jsonl", 12)
+    out = tmp_path / "data"
+    waiting = threading.Event()
+
+    class Note(logging.Handler):
+        def emit(self, record):
+            if "waiting for another preparation" in record.getMessage():
+                self.message = record.getMessage()
+                waiting.set()
+
+    note = Note()
+    logging.getLogger("sonarllm.prepare").addHandler(note)
+    results = []
+    try:
+        with prepare_data._locked(out):  # the first preparer, mid-way
+            second = threading.Thread(target=lambda: results.append(prepare_data.prepare(_args(corpus, out))))
+            second.start()
+            assert waiting.wait(timeout=120), "the second preparation did not wait for the lock"
+            assert not (out / "manifest.json").exists()  # it is blocked on the lock, not preparing
+        second.join(timeout=300)
+    finally:
+        logging.getLogger("sonarllm.prepare").removeHandler(note)
+    assert f"waiting for another preparation of {out} to finish (pid {os.getpid()} on host" in note.message
+    assert results and results[0]["complete"]
+    ShardedDocuments(out, "train")  # verifies every shard
+
+
+def test_a_rerun_with_a_relative_out_keeps_the_toy_sonar(tmp_path, monkeypatch):
+    """The toy SONAR already in place was 'installed' onto itself (a resolved path compared with a
+    relative one): its toy.json was deleted and the re-run failed."""
+    corpus = tiny_corpus(tmp_path / "c.jsonl", 12)
+    monkeypatch.chdir(tmp_path)
+    first = prepare_data.prepare(_args(corpus, "data"))
+    marker = (tmp_path / "data" / "sonar" / "toy.json").read_text()
+    assert prepare_data.prepare(_args(corpus, "data")) == first
+    assert (tmp_path / "data" / "sonar" / "toy.json").read_text() == marker
+
+
+@pytest.mark.parametrize("option", [["--max-docs", "0"], ["--max-docs", "-3"], ["--eval-documents", "0"]])
+def test_options_that_leave_no_document_or_no_eval_split_are_refused(tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as info:
+        prepare_data.main(["--source", str(tiny_corpus(tmp_path / "c.jsonl", 12)), "--out", str(tmp_path / "o"),
+                           "--toy-train-steps", "0", "--quiet", *option])
+    assert info.value.code == 2 and f"{option[0]} must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("corpus_docs,max_docs", [(1, []), (12, ["--max-docs", "1"])])
+def test_a_corpus_of_one_document_is_refused_before_writing(tmp_path, capsys, corpus_docs, max_docs):
+    """One document leaves nothing to hold out, and the trainer refuses data without an eval split."""
+    corpus = tiny_corpus(tmp_path / "c.jsonl", corpus_docs)
+    assert prepare_data.main(["--source", str(corpus), "--out", str(tmp_path / "o"), "--toy-train-steps", "0", "--quiet",
+                             *max_docs]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds only 1 usable document" in err and "held out for evaluation" in err
+    assert not (tmp_path / "o").exists()
