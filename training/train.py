@@ -49,7 +49,7 @@ from training.config import (
     parse_cli,
 )
 from training.runlock import RunLockedError
-from training.shards import ShardError
+from training.shards import ShardError, write_json_atomic
 
 
 class TrainingError(RuntimeError):
@@ -380,6 +380,8 @@ class Trainer:
 
         loop = self.cfg.loop
         start = self.resume()
+        if self.rank == 0:  # only now: a refused resume leaves the run's record of its settings as it was
+            write_json_atomic(self.run_dir / "config.json", self.cfg.to_dict())
         def request_stop(signum, _frame):
             self.stop_requested = True  # stop with a checkpoint at the end of this step
             signal.signal(signum, signal.default_int_handler)  # a second signal interrupts at once
@@ -489,10 +491,6 @@ def main(argv: list[str] | None = None) -> int:
 
         check_precision(cfg.system.precision)
         _lock_run(cfg, lock)
-        if dist.get_rank() == 0:
-            tmp = Path(cfg.run.output_dir) / "config.json.tmp"
-            tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-            os.replace(tmp, Path(cfg.run.output_dir) / "config.json")
         return Trainer(cfg, device).run()
     except ConfigError as exc:
         return _fail(exc, 2)

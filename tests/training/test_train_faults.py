@@ -202,3 +202,12 @@ def test_a_read_only_output_dir_ends_in_one_line(tmp_path, prepared):
     out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 1
     _one_line(out.stderr, f"cannot use run.output_dir {readonly / 'run'}: ")
+
+
+def test_a_refused_resume_leaves_config_json_as_it_was(tmp_path, prepared, four_steps):
+    run = _copy(four_steps, tmp_path)
+    before = (run / "config.json").read_bytes()
+    out = train(run, prepared, "--loop.max_steps", "5", "--model.objective", "mse", check=False)
+    assert out.returncode == 2
+    _one_line(out.stderr, "cannot resume from", "model.objective 'sonar' -> 'mse'")
+    assert (run / "config.json").read_bytes() == before
