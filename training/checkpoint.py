@@ -131,6 +131,21 @@ def file_digests(directory: Path, names: list[str], *, rank: int, world: int) ->
     return {name: entry for part in _gather(mine) for name, entry in part.items()}
 
 
+def _damage(manifest: dict) -> str | None:
+    """What is wrong with the structure of a checkpoint.json, or None."""
+    files = manifest.get("files")
+    if type(manifest.get("step")) is not int:
+        return "no integer 'step'"
+    if not isinstance(files, dict) or not files:
+        return "no 'files' table"
+    for name, entry in files.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and type(entry.get("bytes")) is int):
+            return f"no sha256 and size for {name}"
+    if not isinstance(manifest.get("run", {}), dict):
+        return "'run' is not a table"
+    return None
+
+
 class Checkpointer:
     """Saves, verifies and finds checkpoints under ``<run_dir>/checkpoints`` (a filesystem every
     rank shares: global rank 0 publishes what all ranks wrote). ``save``, ``verify``,
@@ -243,6 +258,9 @@ class Checkpointer:
             return None, f"its {MANIFEST} is unreadable ({exc})"
         if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
             return None, f"its {MANIFEST} has an unknown format"
+        damage = _damage(manifest)
+        if damage:
+            return None, f"its {MANIFEST} is damaged ({damage})"
         for name, entry in sorted(manifest["files"].items()):
             file = path / name
             if not file.is_file():

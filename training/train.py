@@ -27,7 +27,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import this repository's packages, not training/'s files
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import json
 import math
 import os
 import signal
@@ -48,6 +47,7 @@ from training.config import (
     load_config,
     parse_cli,
 )
+from training.metrics import MetricsError
 from training.runlock import RunLockedError
 from training.shards import ShardError, write_json_atomic
 
@@ -85,7 +85,6 @@ class Trainer:
         from training.engine import build_engine
         from training.identity import run_identity
         from training.metrics import MetricsLog
-        from training.shards import ShardedDocuments
 
         self.cfg, self.device = cfg, device
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -94,8 +93,8 @@ class Trainer:
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.system.precision]
         prepared = self._ensure_prepared()
         self.spec = SonarSpec.load(prepared / "sonar.json")
-        self.train_docs = ShardedDocuments(prepared, "train", verify=False)  # verified in _ensure_prepared
-        self.eval_docs = ShardedDocuments(prepared, "eval", verify=False)
+        self.train_docs = self._open_split(prepared, "train")
+        self.eval_docs = self._open_split(prepared, "eval")
 
         pipe = SonarPipeline.from_spec(self.spec, encoder=False, device=device, kernel_impl=cfg.model.kernel_impl)
         self.eos_idx = pipe.tokenizer.eos_idx
@@ -149,12 +148,11 @@ class Trainer:
         from sonarllm.sonar.download import ASSETS, fetch
         from sonarllm.sonar.pipeline import SonarSpec
         from training import prepare_data
-        from training.shards import MANIFEST, rebuild_command, verify_shards
+        from training.shards import MANIFEST, read_manifest, rebuild_command, verify_shards
 
         wait = dist.new_group(backend="gloo", timeout=timedelta(days=7))
         prepared = Path(self.cfg.data.prepared_dir)
-        manifest = prepared / MANIFEST
-        existing = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        existing = read_manifest(prepared) if (prepared / MANIFEST).is_file() else {}
         complete = existing.get("complete", False)
         if complete:
             self._check_prepared_matches(existing["options"])
@@ -188,6 +186,28 @@ class Trainer:
                 verify_shards(prepared)
         dist.barrier(group=wait)
         return prepared
+
+    def _open_split(self, prepared: Path, split: str):
+        """The documents of one split (verified in _ensure_prepared unless data.verify_checksums is
+        false); a shard safetensors cannot open (truncated, overwritten) is named in one line."""
+        from safetensors import SafetensorError, safe_open
+
+        from training.shards import ShardedDocuments, read_manifest, rebuild_command
+
+        try:
+            return ShardedDocuments(prepared, split, verify=False)
+        except SafetensorError as exc:
+            manifest, bad, why = read_manifest(prepared), f"a {split} shard", exc
+            for entry in (e for e in manifest["shards"] if e["split"] == split):
+                try:
+                    safe_open(str(prepared / entry["name"]), framework="pt")
+                except SafetensorError as error:
+                    bad, why = f"shard {entry['name']}", error
+                    break
+            raise ShardError(
+                f"{bad} of data.prepared_dir {prepared} cannot be read ({why}); it is truncated or corrupted "
+                f"(data.verify_checksums true checks every shard); rebuild it with: {rebuild_command(manifest, prepared)}"
+            ) from None
 
     def _check_prepared_matches(self, options: dict) -> None:
         """A complete preparation is used as it is (its manifest records its options), unless the
@@ -256,11 +276,12 @@ class Trainer:
         from training.checkpoint import Checkpointer
 
         path = self.resume_from
+        client = {"step": 0} if path is None else Checkpointer.load(self.engine, path)
+        warning = self.metrics.truncate_after(client["step"])  # from 0: an earlier attempt that never checkpointed
+        if warning:
+            print(f"train.py: warning: {warning}", file=sys.stderr, flush=True)
         if path is None:
-            self.metrics.truncate_after(0)  # records of an earlier attempt that never checkpointed
             return 0
-        client = Checkpointer.load(self.engine, path)
-        self.metrics.truncate_after(client["step"])
         if self.rank == 0:
             print(f"resumed from {path} (step {client['step']})", flush=True)
         return client["step"]
@@ -494,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         return Trainer(cfg, device).run()
     except ConfigError as exc:
         return _fail(exc, 2)
-    except (ShardError, CheckpointError, RunLockedError, TrainingError) as exc:
+    except (ShardError, CheckpointError, RunLockedError, TrainingError, MetricsError) as exc:
         return _fail(exc, 1)
     except OSError as exc:
         return _fail(describe_io_error(exc, Path(cfg.run.output_dir)), 1)

@@ -169,6 +169,24 @@ def test_resume_takes_the_newest_checkpoint_that_verifies_and_names_the_others(t
     assert ckpt.newest_verified() == (saved[0], manifest, [])
 
 
+@pytest.mark.parametrize("damage, reason", [
+    (lambda m: m.pop("files"), "no 'files' table"),
+    (lambda m: m.update(files=[]), "no 'files' table"),
+    (lambda m: m["files"].update({"mp_rank_00_model_states.pt": {"bytes": 3}}), "no sha256 and size for mp_rank_00"),
+    (lambda m: m.update(step="2"), "no integer 'step'"),
+    (lambda m: m.update(run=[]), "'run' is not a table"),
+])  # fmt: skip
+def test_a_damaged_checkpoint_json_is_rejected_with_a_reason(tmp_path, damage, reason):
+    ckpt = Checkpointer(tmp_path, keep=3)
+    first, second = ckpt.save(_FakeEngine(), 1, {}), ckpt.save(_FakeEngine(), 2, {})
+    manifest = json.loads((second / "checkpoint.json").read_text())
+    damage(manifest)
+    (second / "checkpoint.json").write_text(json.dumps(manifest))
+    path, _, rejected = ckpt.newest_verified()
+    assert path == first and [p for p, _ in rejected] == [second]
+    assert rejected[0][1].startswith(f"its checkpoint.json is damaged ({reason}")
+
+
 def test_a_full_disk_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     ckpt = Checkpointer(tmp_path, keep=2)
     first = ckpt.save(_FakeEngine(), 1, {})

@@ -211,3 +211,34 @@ def test_a_refused_resume_leaves_config_json_as_it_was(tmp_path, prepared, four_
     assert out.returncode == 2
     _one_line(out.stderr, "cannot resume from", "model.objective 'sonar' -> 'mse'")
     assert (run / "config.json").read_bytes() == before
+
+
+def test_an_interrupted_last_line_of_metrics_jsonl_does_not_block_resuming(tmp_path, prepared, four_steps):
+    run = _copy(four_steps, tmp_path)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # killed (or out of space) while writing a record
+    out = train(run, prepared, "--loop.max_steps", "5")
+    assert "train.py: warning: dropped the incomplete last line of" in out.stderr and "(step 4)" in out.stdout
+    assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())][-1] == 5
+
+
+def _damaged_copy(prepared, tmp_path, name, size):
+    data = shutil.copytree(prepared, tmp_path / "data")
+    with open(data / name, "r+b") as f:
+        f.truncate(size)
+    return data
+
+
+def test_a_truncated_prepared_manifest_ends_in_one_line(tmp_path, prepared):
+    data = _damaged_copy(prepared, tmp_path, "manifest.json", 100)
+    out = train(tmp_path / "run", data, check=False)
+    assert out.returncode == 1
+    _one_line(out.stderr, f"{data / 'manifest.json'} is corrupted")
+
+
+def test_a_truncated_shard_unverified_ends_in_one_line_naming_it(tmp_path, prepared):
+    data = _damaged_copy(prepared, tmp_path, "train-00001.safetensors", 1000)
+    out = train(tmp_path / "run", data, "--data.verify_checksums", "false", check=False)
+    assert out.returncode == 1
+    _one_line(out.stderr, f"shard train-00001.safetensors of data.prepared_dir {data} cannot be read",
+              "data.verify_checksums true", "rebuild it with: ")  # fmt: skip
