@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: import this repository's packa
 
 import math
 import os
+import shlex
 import signal
 import socket
 import time
@@ -69,10 +70,33 @@ def _single_process_env() -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
+def _prepared_with(manifest: dict) -> dict:
+    """The data.* settings a prepared directory was made with: from its manifest's options, and
+    from the recorded command what the options record only as resolved (the SONAR as file
+    digests, the evaluation documents as capped to the corpus)."""
+    words = shlex.split(manifest.get("command") or "")
+    asked = {flag: words[i + 1] for i, flag in enumerate(words[:-1]) if flag in ("--sonar", "--eval-documents")}
+    options = manifest["options"]
+    settings = {"data.lang": options["lang"], "data.max_sentences": options["max_sentences"],
+                "data.eval_documents": int(asked.get("--eval-documents", options["eval_documents"]))}  # fmt: skip
+    if "--sonar" in asked:
+        settings["data.sonar"] = asked["--sonar"]
+    return settings
+
+
+def _same_setting(configured, prepared) -> bool:
+    """Equal, or (data.sonar) paths naming the same file."""
+    if configured == prepared:
+        return True
+    return isinstance(configured, str) and os.path.isfile(configured) and os.path.isfile(prepared) and \
+        os.path.samefile(configured, prepared)
+
+
 class Trainer:
     """One training run (every rank builds one)."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device):
+    def __init__(self, cfg: TrainConfig, device: torch.device, explicit: frozenset[str] = frozenset()):
+        """``explicit``: the configuration keys the config file or the command line set."""
         from sonarllm.config import SonarLLMConfig
         from sonarllm.loss import SonarTokenLoss
         from sonarllm.model import SonarLLM
@@ -86,7 +110,7 @@ class Trainer:
         from training.identity import run_identity
         from training.metrics import MetricsLog
 
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.explicit = cfg, device, explicit
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.run_dir = Path(cfg.run.output_dir)
@@ -155,7 +179,7 @@ class Trainer:
         existing = read_manifest(prepared) if (prepared / MANIFEST).is_file() else {}
         complete = existing.get("complete", False)
         if complete:
-            self._check_prepared_matches(existing["options"])
+            self._check_prepared_matches(existing)
         elif not self.cfg.data.source and os.path.normpath(prepared) != os.path.normpath(DataConfig.prepared_dir):
             # only the default directory is prepared from the embedded example: a mistyped path
             # must not silently train on it
@@ -209,15 +233,26 @@ class Trainer:
                 f"(data.verify_checksums true checks every shard); rebuild it with: {rebuild_command(manifest, prepared)}"
             ) from None
 
-    def _check_prepared_matches(self, options: dict) -> None:
-        """A complete preparation is used as it is (its manifest records its options), unless the
-        configuration names a different corpus."""
+    def _check_prepared_matches(self, manifest: dict) -> None:
+        """A complete preparation is used as it is: the data options the configuration sets must
+        be the ones it was prepared with (refused in one line naming the key), and the ones it
+        leaves unset take the prepared values, so config.json records what the run uses."""
+        options, prepared = manifest["options"], self.cfg.data.prepared_dir
         source = self.cfg.data.source
         if source and options.get("source") != str(Path(source).resolve()):
             raise ConfigError(
-                f"data.prepared_dir {self.cfg.data.prepared_dir} holds data prepared from {options.get('source')}, "
+                f"data.prepared_dir {prepared} holds data prepared from {options.get('source')}, "
                 f"not data.source {source}; choose another data.prepared_dir"
             )
+        for key, value in _prepared_with(manifest).items():
+            name = key.partition(".")[2]
+            configured = getattr(self.cfg.data, name)
+            if key in self.explicit and not _same_setting(configured, value):
+                raise ConfigError(
+                    f"{key} is {configured!r} but data.prepared_dir {prepared} was prepared with {value!r}; set "
+                    f"{key} {value}, or choose another data.prepared_dir to prepare the data with {configured!r}"
+                )
+            setattr(self.cfg.data, name, value)
 
     def _checkpoint_to_resume(self) -> Path | None:
         """The checkpoint run.resume asks for, verified and of this run (None: start fresh).
@@ -277,6 +312,8 @@ class Trainer:
 
         path = self.resume_from
         client = {"step": 0} if path is None else Checkpointer.load(self.engine, path)
+        if path is not None:
+            self._apply_optimizer_settings()
         warning = self.metrics.truncate_after(client["step"])  # from 0: an earlier attempt that never checkpointed
         if warning:
             print(f"train.py: warning: {warning}", file=sys.stderr, flush=True)
@@ -285,6 +322,25 @@ class Trainer:
         if self.rank == 0:
             print(f"resumed from {path} (step {client['step']})", flush=True)
         return client["step"]
+
+    def _apply_optimizer_settings(self) -> None:
+        """After loading a checkpoint (whose optimizer state restored its own hyperparameters):
+        the configured optim.lr, beta1, beta2, eps and weight_decay apply from here on, as
+        config.json says, each change noted in one line; the schedule continues from the
+        checkpoint's step with the configured base lr (and warmup, min_lr_ratio, max_steps)."""
+        optim, scheduler = self.cfg.optim, self.engine.lr_scheduler
+        groups = scheduler.optimizer.param_groups
+        had = {"lr": scheduler.base_lrs[0], "beta1": groups[0]["betas"][0], "beta2": groups[0]["betas"][1],
+               "eps": groups[0]["eps"], "weight_decay": groups[0]["weight_decay"]}  # fmt: skip
+        scheduler.base_lrs = [optim.lr] * len(groups)
+        for group, factor in zip(groups, scheduler.lr_lambdas, strict=True):
+            group.update(initial_lr=optim.lr, lr=optim.lr * factor(scheduler.last_epoch), betas=(optim.beta1, optim.beta2),
+                         eps=optim.eps, weight_decay=optim.weight_decay)  # fmt: skip
+        for name, was in had.items():
+            now = getattr(optim, name)
+            if now != was and self.rank == 0:
+                print(f"train.py: note: resuming with optim.{name} {now:g} (checkpoint had {was:g})",
+                      file=sys.stderr, flush=True)  # fmt: skip
 
     # --- one optimizer step -----------------------------------------------------------------------
 
@@ -512,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
 
         check_precision(cfg.system.precision)
         _lock_run(cfg, lock)
-        return Trainer(cfg, device).run()
+        return Trainer(cfg, device, explicit=_set_keys(path, overrides)).run()
     except ConfigError as exc:
         return _fail(exc, 2)
     except (ShardError, CheckpointError, RunLockedError, TrainingError, MetricsError) as exc:
@@ -523,6 +579,18 @@ def main(argv: list[str] | None = None) -> int:
         lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _set_keys(path: str | None, overrides: dict[str, str]) -> frozenset[str]:
+    """The configuration keys the config file (already read once by load_config) and the command
+    line set, as opposed to defaults."""
+    import tomllib
+
+    keys = set(overrides)
+    if path:
+        keys |= {f"{section}.{name}" for section, entries in tomllib.loads(Path(path).read_text()).items()
+                 for name in entries}  # fmt: skip
+    return frozenset(keys)
 
 
 def _fail(error, code: int) -> int:

@@ -4,6 +4,7 @@ run, another number of processes, a full disk, and start-up faults. Each ends in
 and loses nothing a user made."""
 
 import json
+import math
 import os
 import shlex
 import shutil
@@ -242,3 +243,37 @@ def test_a_truncated_shard_unverified_ends_in_one_line_naming_it(tmp_path, prepa
     assert out.returncode == 1
     _one_line(out.stderr, f"shard train-00001.safetensors of data.prepared_dir {data} cannot be read",
               "data.verify_checksums true", "rebuild it with: ")  # fmt: skip
+
+
+def test_changed_optimizer_settings_apply_on_resume_as_config_json_says(tmp_path, prepared, four_steps):
+    run = _copy(four_steps, tmp_path)
+    out = train(run, prepared, "--loop.max_steps", "5", "--optim.lr", "0.3", "--optim.beta1", "0.8",
+                "--optim.eps", "1e-6", "--optim.weight_decay", "0.05", *CKPT)  # fmt: skip
+    assert "(step 4)" in out.stdout
+    for note in ("optim.lr 0.3 (checkpoint had 0.003)", "optim.beta1 0.8 (checkpoint had 0.9)",
+                 "optim.eps 1e-06 (checkpoint had 1e-05)", "optim.weight_decay 0.05 (checkpoint had 0.01)"):  # fmt: skip
+        assert f"train.py: note: resuming with {note}" in out.stderr
+    # no warmup, cosine from 0.3 to 0.3 * 0.1 over the 5 steps; step 5 is the fifth (index 4)
+    expected = 0.3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))
+    logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["step"] == 5 and "lr" in r]
+    assert logged[0]["lr"] == pytest.approx(expected, rel=1e-6)
+    state = torch.load(run / "checkpoints" / "step-00000005" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                       weights_only=False)  # fmt: skip
+    group = state["optimizer_state_dict"]["base_optimizer_state"]["param_groups"][0]
+    assert (tuple(group["betas"]), group["eps"], group["weight_decay"]) == ((0.8, 0.999), 1e-6, 0.05)
+    recorded = json.loads((run / "config.json").read_text())["optim"]
+    assert (recorded["lr"], recorded["beta1"], recorded["eps"], recorded["weight_decay"]) == (0.3, 0.8, 1e-6, 0.05)
+
+
+def test_data_settings_other_than_the_prepared_ones_are_refused(tmp_path, prepared, four_steps):
+    """A complete preparation is used as it is: a data.* setting that differs from it is refused
+    (fresh or resumed); one left unset is recorded in config.json as the prepared value."""
+    assert json.loads((four_steps / "config.json").read_text())["data"]["eval_documents"] == 16  # prepared with 16
+    run = _copy(four_steps, tmp_path)
+    before = (run / "config.json").read_bytes()
+    for key, value, prepared_value in (("max_sentences", "4", "32"), ("eval_documents", "8", "16"),
+                                       ("lang", "fra_Latn", "'eng_Latn'"), ("sonar", "basic", "'toy'")):  # fmt: skip
+        out = train(run, prepared, "--loop.max_steps", "5", f"--data.{key}", value, check=False)
+        assert out.returncode == 2
+        _one_line(out.stderr, f"data.{key} is ", f"but data.prepared_dir {prepared} was prepared with {prepared_value}")
+    assert (run / "config.json").read_bytes() == before
