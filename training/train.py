@@ -281,6 +281,11 @@ class Trainer:
                 )
         else:
             path, rejected = Path(choice), []
+            if not any(path.glob("*mp_rank_*_model_states.pt")):
+                raise ConfigError(
+                    f"run.resume {path} is not a checkpoint (it holds no DeepSpeed *mp_rank_*_model_states.pt); "
+                    f"name one of the step-* folders in {self.ckpt.root}, or use run.resume auto"
+                )
             manifest, why = self.ckpt.verify(path)
             if why == NO_MANIFEST and path.is_dir():  # named by the user: a checkpoint from before checksums
                 if self.rank == 0:

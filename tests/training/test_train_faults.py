@@ -277,3 +277,11 @@ def test_data_settings_other_than_the_prepared_ones_are_refused(tmp_path, prepar
         assert out.returncode == 2
         _one_line(out.stderr, f"data.{key} is ", f"but data.prepared_dir {prepared} was prepared with {prepared_value}")
     assert (run / "config.json").read_bytes() == before
+
+
+def test_run_resume_naming_a_folder_that_is_not_a_checkpoint_says_so(tmp_path, prepared, four_steps):
+    run = _copy(four_steps, tmp_path)
+    for folder in (run / "checkpoints", run):
+        out = train(run, prepared, "--loop.max_steps", "5", "--run.resume", str(folder), check=False)
+        assert out.returncode == 2 and "predates checksums" not in out.stderr
+        _one_line(out.stderr, f"run.resume {folder} is not a checkpoint", "name one of the step-* folders")
