@@ -186,8 +186,9 @@ class Checkpointer:
 
     def save(self, engine, step: int, client_state: dict, identity: dict | None = None) -> Path:
         """Write, hash and publish a checkpoint. A published checkpoint is never replaced: a second
-        save of the same step (after resuming from an older checkpoint) gets a new name. Raises CheckpointError (on every rank) if any rank cannot write; the staging
-        directory is then removed and the published checkpoints are untouched."""
+        save of the same step (after resuming from an older checkpoint) gets a new name. Raises
+        CheckpointError (on every rank) if any rank cannot write; the staging directory is then
+        removed and the published checkpoints are untouched."""
         tag, n = f"step-{step:08d}", 0
         while (self.root / tag).exists():
             n += 1

@@ -234,9 +234,9 @@ class Trainer:
             ) from None
 
     def _check_prepared_matches(self, manifest: dict) -> None:
-        """A complete preparation is used as it is: the data options the configuration sets must
-        be the ones it was prepared with (refused in one line naming the key), and the ones it
-        leaves unset take the prepared values, so config.json records what the run uses."""
+        """A complete preparation is used as it is: the data options the configuration sets (the
+        config file or the command line, not the defaults) must be the ones it was prepared with,
+        or the run is refused in one line naming the key."""
         options, prepared = manifest["options"], self.cfg.data.prepared_dir
         source = self.cfg.data.source
         if source and options.get("source") != str(Path(source).resolve()):
@@ -245,14 +245,12 @@ class Trainer:
                 f"not data.source {source}; choose another data.prepared_dir"
             )
         for key, value in _prepared_with(manifest).items():
-            name = key.partition(".")[2]
-            configured = getattr(self.cfg.data, name)
+            configured = getattr(self.cfg.data, key.partition(".")[2])
             if key in self.explicit and not _same_setting(configured, value):
                 raise ConfigError(
                     f"{key} is {configured!r} but data.prepared_dir {prepared} was prepared with {value!r}; set "
                     f"{key} {value}, or choose another data.prepared_dir to prepare the data with {configured!r}"
                 )
-            setattr(self.cfg.data, name, value)
 
     def _checkpoint_to_resume(self) -> Path | None:
         """The checkpoint run.resume asks for, verified and of this run (None: start fresh).
@@ -464,6 +462,7 @@ class Trainer:
         start = self.resume()
         if self.rank == 0:  # only now: a refused resume leaves the run's record of its settings as it was
             write_json_atomic(self.run_dir / "config.json", self.cfg.to_dict())
+
         def request_stop(signum, _frame):
             self.stop_requested = True  # stop with a checkpoint at the end of this step
             signal.signal(signum, signal.default_int_handler)  # a second signal interrupts at once
