@@ -3,12 +3,14 @@
 A checkpoint is written by every rank into ``checkpoints/.staging/<tag>/``; the ranks then hash
 its files (SHA-256, split between them) and global rank 0 writes ``checkpoint.json`` (step,
 each file's digest and size, and what defines the run, training/identity.py) into it before it
-is moved (the run directory must be on a filesystem all ranks share) to ``checkpoints/<tag>/``;
-the pointer ``checkpoints/latest`` is replaced atomically last. A run killed at any moment
-therefore leaves ``latest`` naming a complete checkpoint (the previous one while a save is in
-flight); leftovers in ``.staging`` are removed by the next save, and by a save that fails (a
-full disk: the error says so). Older checkpoints beyond ``keep`` are deleted after the pointer
-has moved, never the one it names.
+is moved (the run directory must be on a filesystem all ranks share) to ``checkpoints/<tag>/``.
+A run killed at any moment therefore leaves only complete checkpoints in ``checkpoints/``;
+leftovers in ``.staging`` are removed by the next save, and by a save that fails (a full disk:
+the error says so). Checkpoints are ordered by the step their ``checkpoint.json`` records (a
+second save of a step, ``step-N-rK``, after the earlier ones), never by file times, which a copy
+or a restore changes; the newest ``keep`` are kept. The pointer ``checkpoints/latest`` names the
+newest for people and tools and is written last, but nothing depends on it: a checkpoint renamed
+into place before the pointer moved (a kill, a full disk) is still the newest.
 
 Resuming verifies a checkpoint's files against its ``checkpoint.json`` first and falls back to
 the newest one that verifies; the ones that did not (corrupted, truncated or empty files) are
@@ -24,6 +26,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -34,6 +37,7 @@ import torch.distributed as dist
 from training.shards import sha256_file, write_json_atomic
 
 LATEST = "latest"
+CHECKPOINT_NAME = re.compile(r"step-(\d+)(?:-r(\d+))?")  # step-00000004, or its K-th re-save step-00000004-rK
 STAGING = ".staging"
 REJECTED = "rejected"
 MANIFEST = "checkpoint.json"
@@ -127,6 +131,21 @@ def file_digests(directory: Path, names: list[str], *, rank: int, world: int) ->
     return {name: entry for part in _gather(mine) for name, entry in part.items()}
 
 
+def _damage(manifest: dict) -> str | None:
+    """What is wrong with the structure of a checkpoint.json, or None."""
+    files = manifest.get("files")
+    if type(manifest.get("step")) is not int:
+        return "no integer 'step'"
+    if not isinstance(files, dict) or not files:
+        return "no 'files' table"
+    for name, entry in files.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and type(entry.get("bytes")) is int):
+            return f"no sha256 and size for {name}"
+    if not isinstance(manifest.get("run", {}), dict):
+        return "'run' is not a table"
+    return None
+
+
 class Checkpointer:
     """Saves, verifies and finds checkpoints under ``<run_dir>/checkpoints`` (a filesystem every
     rank shares: global rank 0 publishes what all ranks wrote). ``save``, ``verify``,
@@ -136,33 +155,40 @@ class Checkpointer:
         self.root = Path(run_dir) / "checkpoints"
         self.keep, self.rank, self.world = keep, rank, world
 
+    @staticmethod
+    def _order(path: Path) -> tuple[int, int]:
+        """(step, re-save number) of a published checkpoint: the step its checkpoint.json records
+        (the name's where that cannot be read), then K of a name ``step-N-rK``."""
+        match = CHECKPOINT_NAME.fullmatch(path.name)
+        step, resave = int(match[1]), int(match[2] or 0)
+        try:
+            recorded = json.loads((path / MANIFEST).read_text()).get("step")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        return (recorded if type(recorded) is int else step), resave
+
     def _saved(self) -> list[Path]:
-        """Published checkpoints, oldest first (by the time they were published)."""
-        return sorted((p for p in self.root.glob("step-*") if p.is_dir()), key=lambda p: p.stat().st_mtime_ns)
+        """Published checkpoints, oldest first (by step, then re-save number)."""
+        found = (p for p in self.root.glob("step-*") if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir())
+        return sorted(found, key=self._order)
 
     def latest(self) -> Path | None:
-        """The checkpoint ``latest`` names; if it is missing, the newest published one; else None."""
-        pointer = self.root / LATEST
-        if pointer.is_file():
-            path = self.root / pointer.read_text().strip()
-            if path.is_dir():
-                return path
+        """The newest published checkpoint (not necessarily the one the ``latest`` pointer names,
+        which a kill or a full disk can leave behind), or None."""
         saved = self._saved()
         return saved[-1] if saved else None
 
     def candidates(self) -> list[Path]:
-        """Published checkpoints to resume from, best first: the one ``latest`` names, then the
-        others newest first."""
-        first = self.latest()
-        return ([first] if first else []) + [p for p in reversed(self._saved()) if p != first]
+        """Published checkpoints to resume from, best (newest) first."""
+        return list(reversed(self._saved()))
 
     # --- writing -------------------------------------------------------------------------------
 
     def save(self, engine, step: int, client_state: dict, identity: dict | None = None) -> Path:
-        """Write, hash and publish a checkpoint. A directory ``latest`` names is never replaced or
-        deleted: a second save of the same step (after resuming from an older checkpoint) gets a
-        new name. Raises CheckpointError (on every rank) if any rank cannot write; the staging
-        directory is then removed and the published checkpoints are untouched."""
+        """Write, hash and publish a checkpoint. A published checkpoint is never replaced: a second
+        save of the same step (after resuming from an older checkpoint) gets a new name. Raises
+        CheckpointError (on every rank) if any rank cannot write; the staging directory is then
+        removed and the published checkpoints are untouched."""
         tag, n = f"step-{step:08d}", 0
         while (self.root / tag).exists():
             n += 1
@@ -201,7 +227,7 @@ class Checkpointer:
         except CheckpointError as exc:
             if self.rank == 0:
                 shutil.rmtree(staging, ignore_errors=True)  # give the space back
-            previous = self.latest()
+            previous = next((p for p in reversed(self._saved()) if p.name != tag), None)
             kept = f"; the previous checkpoint {previous.name} is intact" if previous else ""
             raise CheckpointError(f"{exc}{kept}") from None
         if self.rank == 0:
@@ -212,11 +238,12 @@ class Checkpointer:
         return self.root / tag
 
     def _publish(self, folder: Path, tag: str) -> None:
-        final = self.root / tag
-        os.replace(folder, final)
-        os.utime(final)  # publication time orders the rotation
+        os.replace(folder, self.root / tag)
         tmp = self.root / (LATEST + ".tmp")
-        tmp.write_text(tag + "\n")
+        with open(tmp, "w") as f:
+            f.write(tag + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.root / LATEST)
 
     # --- reading -------------------------------------------------------------------------------
@@ -232,6 +259,9 @@ class Checkpointer:
             return None, f"its {MANIFEST} is unreadable ({exc})"
         if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
             return None, f"its {MANIFEST} has an unknown format"
+        damage = _damage(manifest)
+        if damage:
+            return None, f"its {MANIFEST} is damaged ({damage})"
         for name, entry in sorted(manifest["files"].items()):
             file = path / name
             if not file.is_file():
@@ -269,7 +299,10 @@ class Checkpointer:
 
     def reject(self, path: Path) -> Path:
         """Collective: move a checkpoint that failed verification to ``checkpoints/rejected/``
-        (kept for inspection, out of the rotation); returns where it went."""
+        (kept for inspection, out of the rotation); returns where it went. Moves nothing but a
+        published checkpoint (a ``step-*`` folder directly in ``checkpoints/``)."""
+        if path.parent != self.root or not CHECKPOINT_NAME.fullmatch(path.name) or not path.is_dir():
+            raise CheckpointError(f"will not move {path} aside: it is not a checkpoint folder (step-*) of {self.root}")
         target = self.root / REJECTED / path.name
         n = 0
         while target.exists():

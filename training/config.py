@@ -46,8 +46,8 @@ class RunConfig:
 class DataConfig:
     prepared_dir: str = "data/example"
     """Prepared shards (training/prepare_data.py). Prepared from ``source`` first when incomplete;
-    a complete preparation is used as it is (the data options below then only have to agree
-    with its manifest on the corpus)."""
+    a complete preparation is used as it is: the data options below that the config file or the
+    command line set must agree with its manifest (defaults are not compared, nor used)."""
     source: str = ""
     """The corpus; empty means the embedded example stories."""
     sonar: str = "toy"

@@ -27,9 +27,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import this repository's packages, not training/'s files
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import json
 import math
 import os
+import shlex
 import signal
 import socket
 import time
@@ -48,8 +48,9 @@ from training.config import (
     load_config,
     parse_cli,
 )
+from training.metrics import MetricsError
 from training.runlock import RunLockedError
-from training.shards import ShardError
+from training.shards import ShardError, write_json_atomic
 
 
 class TrainingError(RuntimeError):
@@ -69,10 +70,33 @@ def _single_process_env() -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
+def _prepared_with(manifest: dict) -> dict:
+    """The data.* settings a prepared directory was made with: from its manifest's options, and
+    from the recorded command what the options record only as resolved (the SONAR as file
+    digests, the evaluation documents as capped to the corpus)."""
+    words = shlex.split(manifest.get("command") or "")
+    asked = {flag: words[i + 1] for i, flag in enumerate(words[:-1]) if flag in ("--sonar", "--eval-documents")}
+    options = manifest["options"]
+    settings = {"data.lang": options["lang"], "data.max_sentences": options["max_sentences"],
+                "data.eval_documents": int(asked.get("--eval-documents", options["eval_documents"]))}  # fmt: skip
+    if "--sonar" in asked:
+        settings["data.sonar"] = asked["--sonar"]
+    return settings
+
+
+def _same_setting(configured, prepared) -> bool:
+    """Equal, or (data.sonar) paths naming the same file."""
+    if configured == prepared:
+        return True
+    return isinstance(configured, str) and os.path.isfile(configured) and os.path.isfile(prepared) and \
+        os.path.samefile(configured, prepared)
+
+
 class Trainer:
     """One training run (every rank builds one)."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device):
+    def __init__(self, cfg: TrainConfig, device: torch.device, explicit: frozenset[str] = frozenset()):
+        """``explicit``: the configuration keys the config file or the command line set."""
         from sonarllm.config import SonarLLMConfig
         from sonarllm.loss import SonarTokenLoss
         from sonarllm.model import SonarLLM
@@ -85,17 +109,16 @@ class Trainer:
         from training.engine import build_engine
         from training.identity import run_identity
         from training.metrics import MetricsLog
-        from training.shards import ShardedDocuments
 
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.explicit = cfg, device, explicit
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.run_dir = Path(cfg.run.output_dir)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.system.precision]
         prepared = self._ensure_prepared()
         self.spec = SonarSpec.load(prepared / "sonar.json")
-        self.train_docs = ShardedDocuments(prepared, "train", verify=False)  # verified in _ensure_prepared
-        self.eval_docs = ShardedDocuments(prepared, "eval", verify=False)
+        self.train_docs = self._open_split(prepared, "train")
+        self.eval_docs = self._open_split(prepared, "eval")
 
         pipe = SonarPipeline.from_spec(self.spec, encoder=False, device=device, kernel_impl=cfg.model.kernel_impl)
         self.eos_idx = pipe.tokenizer.eos_idx
@@ -149,15 +172,14 @@ class Trainer:
         from sonarllm.sonar.download import ASSETS, fetch
         from sonarllm.sonar.pipeline import SonarSpec
         from training import prepare_data
-        from training.shards import MANIFEST, rebuild_command, verify_shards
+        from training.shards import MANIFEST, read_manifest, rebuild_command, verify_shards
 
         wait = dist.new_group(backend="gloo", timeout=timedelta(days=7))
         prepared = Path(self.cfg.data.prepared_dir)
-        manifest = prepared / MANIFEST
-        existing = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        existing = read_manifest(prepared) if (prepared / MANIFEST).is_file() else {}
         complete = existing.get("complete", False)
         if complete:
-            self._check_prepared_matches(existing["options"])
+            self._check_prepared_matches(existing)
         elif not self.cfg.data.source and os.path.normpath(prepared) != os.path.normpath(DataConfig.prepared_dir):
             # only the default directory is prepared from the embedded example: a mistyped path
             # must not silently train on it
@@ -189,15 +211,46 @@ class Trainer:
         dist.barrier(group=wait)
         return prepared
 
-    def _check_prepared_matches(self, options: dict) -> None:
-        """A complete preparation is used as it is (its manifest records its options), unless the
-        configuration names a different corpus."""
+    def _open_split(self, prepared: Path, split: str):
+        """The documents of one split (verified in _ensure_prepared unless data.verify_checksums is
+        false); a shard safetensors cannot open (truncated, overwritten) is named in one line."""
+        from safetensors import SafetensorError, safe_open
+
+        from training.shards import ShardedDocuments, read_manifest, rebuild_command
+
+        try:
+            return ShardedDocuments(prepared, split, verify=False)
+        except SafetensorError as exc:
+            manifest, bad, why = read_manifest(prepared), f"a {split} shard", exc
+            for entry in (e for e in manifest["shards"] if e["split"] == split):
+                try:
+                    safe_open(str(prepared / entry["name"]), framework="pt")
+                except SafetensorError as error:
+                    bad, why = f"shard {entry['name']}", error
+                    break
+            raise ShardError(
+                f"{bad} of data.prepared_dir {prepared} cannot be read ({why}); it is truncated or corrupted "
+                f"(data.verify_checksums true checks every shard); rebuild it with: {rebuild_command(manifest, prepared)}"
+            ) from None
+
+    def _check_prepared_matches(self, manifest: dict) -> None:
+        """A complete preparation is used as it is: the data options the configuration sets (the
+        config file or the command line, not the defaults) must be the ones it was prepared with,
+        or the run is refused in one line naming the key."""
+        options, prepared = manifest["options"], self.cfg.data.prepared_dir
         source = self.cfg.data.source
         if source and options.get("source") != str(Path(source).resolve()):
             raise ConfigError(
-                f"data.prepared_dir {self.cfg.data.prepared_dir} holds data prepared from {options.get('source')}, "
+                f"data.prepared_dir {prepared} holds data prepared from {options.get('source')}, "
                 f"not data.source {source}; choose another data.prepared_dir"
             )
+        for key, value in _prepared_with(manifest).items():
+            configured = getattr(self.cfg.data, key.partition(".")[2])
+            if key in self.explicit and not _same_setting(configured, value):
+                raise ConfigError(
+                    f"{key} is {configured!r} but data.prepared_dir {prepared} was prepared with {value!r}; set "
+                    f"{key} {value}, or choose another data.prepared_dir to prepare the data with {configured!r}"
+                )
 
     def _checkpoint_to_resume(self) -> Path | None:
         """The checkpoint run.resume asks for, verified and of this run (None: start fresh).
@@ -226,6 +279,11 @@ class Trainer:
                 )
         else:
             path, rejected = Path(choice), []
+            if not any(path.glob("*mp_rank_*_model_states.pt")):
+                raise ConfigError(
+                    f"run.resume {path} is not a checkpoint (it holds no DeepSpeed *mp_rank_*_model_states.pt); "
+                    f"name one of the step-* folders in {self.ckpt.root}, or use run.resume auto"
+                )
             manifest, why = self.ckpt.verify(path)
             if why == NO_MANIFEST and path.is_dir():  # named by the user: a checkpoint from before checksums
                 if self.rank == 0:
@@ -256,14 +314,36 @@ class Trainer:
         from training.checkpoint import Checkpointer
 
         path = self.resume_from
+        client = {"step": 0} if path is None else Checkpointer.load(self.engine, path)
+        if path is not None:
+            self._apply_optimizer_settings()
+        warning = self.metrics.truncate_after(client["step"])  # from 0: an earlier attempt that never checkpointed
+        if warning:
+            print(f"train.py: warning: {warning}", file=sys.stderr, flush=True)
         if path is None:
-            self.metrics.truncate_after(0)  # records of an earlier attempt that never checkpointed
             return 0
-        client = Checkpointer.load(self.engine, path)
-        self.metrics.truncate_after(client["step"])
         if self.rank == 0:
             print(f"resumed from {path} (step {client['step']})", flush=True)
         return client["step"]
+
+    def _apply_optimizer_settings(self) -> None:
+        """After loading a checkpoint (whose optimizer state restored its own hyperparameters):
+        the configured optim.lr, beta1, beta2, eps and weight_decay apply from here on, as
+        config.json says, each change noted in one line; the schedule continues from the
+        checkpoint's step with the configured base lr (and warmup, min_lr_ratio, max_steps)."""
+        optim, scheduler = self.cfg.optim, self.engine.lr_scheduler
+        groups = scheduler.optimizer.param_groups
+        had = {"lr": scheduler.base_lrs[0], "beta1": groups[0]["betas"][0], "beta2": groups[0]["betas"][1],
+               "eps": groups[0]["eps"], "weight_decay": groups[0]["weight_decay"]}  # fmt: skip
+        scheduler.base_lrs = [optim.lr] * len(groups)
+        for group, factor in zip(groups, scheduler.lr_lambdas, strict=True):
+            group.update(initial_lr=optim.lr, lr=optim.lr * factor(scheduler.last_epoch), betas=(optim.beta1, optim.beta2),
+                         eps=optim.eps, weight_decay=optim.weight_decay)  # fmt: skip
+        for name, was in had.items():
+            now = getattr(optim, name)
+            if now != was and self.rank == 0:
+                print(f"train.py: note: resuming with optim.{name} {now:g} (checkpoint had {was:g})",
+                      file=sys.stderr, flush=True)  # fmt: skip
 
     # --- one optimizer step -----------------------------------------------------------------------
 
@@ -380,6 +460,9 @@ class Trainer:
 
         loop = self.cfg.loop
         start = self.resume()
+        if self.rank == 0:  # only now: a refused resume leaves the run's record of its settings as it was
+            write_json_atomic(self.run_dir / "config.json", self.cfg.to_dict())
+
         def request_stop(signum, _frame):
             self.stop_requested = True  # stop with a checkpoint at the end of this step
             signal.signal(signum, signal.default_int_handler)  # a second signal interrupts at once
@@ -489,14 +572,10 @@ def main(argv: list[str] | None = None) -> int:
 
         check_precision(cfg.system.precision)
         _lock_run(cfg, lock)
-        if dist.get_rank() == 0:
-            tmp = Path(cfg.run.output_dir) / "config.json.tmp"
-            tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-            os.replace(tmp, Path(cfg.run.output_dir) / "config.json")
-        return Trainer(cfg, device).run()
+        return Trainer(cfg, device, explicit=_set_keys(path, overrides)).run()
     except ConfigError as exc:
         return _fail(exc, 2)
-    except (ShardError, CheckpointError, RunLockedError, TrainingError) as exc:
+    except (ShardError, CheckpointError, RunLockedError, TrainingError, MetricsError) as exc:
         return _fail(exc, 1)
     except OSError as exc:
         return _fail(describe_io_error(exc, Path(cfg.run.output_dir)), 1)
@@ -504,6 +583,18 @@ def main(argv: list[str] | None = None) -> int:
         lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _set_keys(path: str | None, overrides: dict[str, str]) -> frozenset[str]:
+    """The configuration keys the config file (already read once by load_config) and the command
+    line set, as opposed to defaults."""
+    import tomllib
+
+    keys = set(overrides)
+    if path:
+        keys |= {f"{section}.{name}" for section, entries in tomllib.loads(Path(path).read_text()).items()
+                 for name in entries}  # fmt: skip
+    return frozenset(keys)
 
 
 def _fail(error, code: int) -> int:

@@ -93,18 +93,51 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint(tmp_path):
     assert list((tmp_path / "checkpoints" / ".staging").iterdir()) == []
 
 
-def test_resaving_a_step_keeps_the_published_checkpoint_and_rotation_follows_time(tmp_path):
-    """After resuming from an older checkpoint, a save of an existing step gets a new name (the
-    directory `latest` names is never replaced) and rotation keeps the newest published ones."""
+def test_resaving_a_step_keeps_the_published_checkpoint_and_rotation_follows_steps(tmp_path):
+    """After resuming from an older checkpoint, a save of an existing step gets a new name (a
+    published checkpoint is never replaced) and counts as newer than the first save of that step."""
     ckpt = Checkpointer(tmp_path, keep=2)
     ckpt.save(_FakeEngine(), 5, {})
-    ckpt.save(_FakeEngine(), 9, {})
+    nine = ckpt.save(_FakeEngine(), 9, {})
     again = ckpt.save(_FakeEngine(), 5, {})  # resumed from step 5 and saved it again
-    assert again.name == "step-00000005-r1" and ckpt.latest() == again
+    assert again.name == "step-00000005-r1" and ckpt.latest() == nine
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
     assert names == ["step-00000005-r1", "step-00000009"]
     (tmp_path / "checkpoints" / "latest").write_text("step-00000099\n")  # dangling pointer
-    assert ckpt.latest() == again  # the newest published checkpoint
+    assert ckpt.latest() == nine and ckpt.candidates() == [nine, again]
+
+
+def test_checkpoints_are_ordered_by_step_not_by_file_times_or_the_pointer(tmp_path):
+    """A copy or a restore changes directory times, and a kill or a full disk between publishing a
+    checkpoint and moving `latest` leaves the pointer behind: neither decides which checkpoint is
+    resumed, and rotation never deletes an intact newer one."""
+    ckpt = Checkpointer(tmp_path, keep=3)
+    saved = [ckpt.save(_FakeEngine(), step, {}) for step in (1, 2, 3, 4)]
+    os.utime(saved[2], (0, 0))  # step 3 now looks the oldest
+    (saved[3] / "mp_rank_00_model_states.pt").write_text("x")  # step 4 corrupted
+    path, _, rejected = ckpt.newest_verified()
+    assert path == saved[2] and [p for p, _ in rejected] == [saved[3]]
+    ckpt.reject(saved[3])
+    ckpt.save(_FakeEngine(), 4, {})
+    five = ckpt.save(_FakeEngine(), 5, {})
+    assert sorted(p.name for p in ckpt.root.glob("step-*")) == ["step-00000003", "step-00000004", "step-00000005"]
+    (ckpt.root / "latest").write_text("step-00000004\n")  # step 5 published, the pointer not yet moved
+    assert ckpt.latest() == five and ckpt.newest_verified()[0] == five
+
+
+@pytest.mark.parametrize("pointer", ["", "\n", ".", "..", "rejected", "/tmp"])
+def test_an_empty_or_garbled_latest_pointer_does_not_block_resuming(tmp_path, pointer):
+    ckpt = Checkpointer(tmp_path, keep=2)
+    ckpt.save(_FakeEngine(), 1, {})
+    newest = ckpt.save(_FakeEngine(), 2, {})
+    (ckpt.root / "rejected").mkdir()
+    (ckpt.root / "latest").write_text(pointer)
+    path, manifest, rejected = ckpt.newest_verified()
+    assert path == newest and manifest["step"] == 2 and rejected == []
+    for folder in (ckpt.root, ckpt.root / "rejected", tmp_path):  # never moved aside, whatever is asked
+        with pytest.raises(CheckpointError, match="it is not a checkpoint folder"):
+            ckpt.reject(folder)
+        assert folder.is_dir()
 
 
 def test_resume_takes_the_newest_checkpoint_that_verifies_and_names_the_others(tmp_path):
@@ -134,6 +167,24 @@ def test_resume_takes_the_newest_checkpoint_that_verifies_and_names_the_others(t
     for p in saved[1:4]:
         ckpt.reject(p)
     assert ckpt.newest_verified() == (saved[0], manifest, [])
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda m: m.pop("files"), "no 'files' table"),
+    (lambda m: m.update(files=[]), "no 'files' table"),
+    (lambda m: m["files"].update({"mp_rank_00_model_states.pt": {"bytes": 3}}), "no sha256 and size for mp_rank_00"),
+    (lambda m: m.update(step="2"), "no integer 'step'"),
+    (lambda m: m.update(run=[]), "'run' is not a table"),
+])  # fmt: skip
+def test_a_damaged_checkpoint_json_is_rejected_with_a_reason(tmp_path, damage, reason):
+    ckpt = Checkpointer(tmp_path, keep=3)
+    first, second = ckpt.save(_FakeEngine(), 1, {}), ckpt.save(_FakeEngine(), 2, {})
+    manifest = json.loads((second / "checkpoint.json").read_text())
+    damage(manifest)
+    (second / "checkpoint.json").write_text(json.dumps(manifest))
+    path, _, rejected = ckpt.newest_verified()
+    assert path == first and [p for p, _ in rejected] == [second]
+    assert rejected[0][1].startswith(f"its checkpoint.json is damaged ({reason}")
 
 
 def test_a_full_disk_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ run, another number of processes, a full disk, and start-up faults. Each ends in
 and loses nothing a user made."""
 
 import json
+import math
 import os
 import shlex
 import shutil
@@ -202,3 +203,84 @@ def test_a_read_only_output_dir_ends_in_one_line(tmp_path, prepared):
     out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 1
     _one_line(out.stderr, f"cannot use run.output_dir {readonly / 'run'}: ")
+
+
+def test_a_refused_resume_leaves_config_json_as_it_was(tmp_path, prepared, four_steps):
+    run = _copy(four_steps, tmp_path)
+    before = (run / "config.json").read_bytes()
+    out = train(run, prepared, "--loop.max_steps", "5", "--model.objective", "mse", check=False)
+    assert out.returncode == 2
+    _one_line(out.stderr, "cannot resume from", "model.objective 'sonar' -> 'mse'")
+    assert (run / "config.json").read_bytes() == before
+
+
+def test_an_interrupted_last_line_of_metrics_jsonl_does_not_block_resuming(tmp_path, prepared, four_steps):
+    run = _copy(four_steps, tmp_path)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # killed (or out of space) while writing a record
+    out = train(run, prepared, "--loop.max_steps", "5")
+    assert "train.py: warning: dropped the incomplete last line of" in out.stderr and "(step 4)" in out.stdout
+    assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())][-1] == 5
+
+
+def _damaged_copy(prepared, tmp_path, name, size):
+    data = shutil.copytree(prepared, tmp_path / "data")
+    with open(data / name, "r+b") as f:
+        f.truncate(size)
+    return data
+
+
+def test_a_truncated_prepared_manifest_ends_in_one_line(tmp_path, prepared):
+    data = _damaged_copy(prepared, tmp_path, "manifest.json", 100)
+    out = train(tmp_path / "run", data, check=False)
+    assert out.returncode == 1
+    _one_line(out.stderr, f"{data / 'manifest.json'} is corrupted")
+
+
+def test_a_truncated_shard_unverified_ends_in_one_line_naming_it(tmp_path, prepared):
+    data = _damaged_copy(prepared, tmp_path, "train-00001.safetensors", 1000)
+    out = train(tmp_path / "run", data, "--data.verify_checksums", "false", check=False)
+    assert out.returncode == 1
+    _one_line(out.stderr, f"shard train-00001.safetensors of data.prepared_dir {data} cannot be read",
+              "data.verify_checksums true", "rebuild it with: ")  # fmt: skip
+
+
+def test_changed_optimizer_settings_apply_on_resume_as_config_json_says(tmp_path, prepared, four_steps):
+    run = _copy(four_steps, tmp_path)
+    out = train(run, prepared, "--loop.max_steps", "5", "--optim.lr", "0.3", "--optim.beta1", "0.8",
+                "--optim.eps", "1e-6", "--optim.weight_decay", "0.05", *CKPT)  # fmt: skip
+    assert "(step 4)" in out.stdout
+    for note in ("optim.lr 0.3 (checkpoint had 0.003)", "optim.beta1 0.8 (checkpoint had 0.9)",
+                 "optim.eps 1e-06 (checkpoint had 1e-05)", "optim.weight_decay 0.05 (checkpoint had 0.01)"):  # fmt: skip
+        assert f"train.py: note: resuming with {note}" in out.stderr
+    # no warmup, cosine from 0.3 to 0.3 * 0.1 over the 5 steps; step 5 is the fifth (index 4)
+    expected = 0.3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))
+    logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["step"] == 5 and "lr" in r]
+    assert logged[0]["lr"] == pytest.approx(expected, rel=1e-6)
+    state = torch.load(run / "checkpoints" / "step-00000005" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                       weights_only=False)  # fmt: skip
+    group = state["optimizer_state_dict"]["base_optimizer_state"]["param_groups"][0]
+    assert (tuple(group["betas"]), group["eps"], group["weight_decay"]) == ((0.8, 0.999), 1e-6, 0.05)
+    recorded = json.loads((run / "config.json").read_text())["optim"]
+    assert (recorded["lr"], recorded["beta1"], recorded["eps"], recorded["weight_decay"]) == (0.3, 0.8, 1e-6, 0.05)
+
+
+def test_data_settings_other_than_the_prepared_ones_are_refused(tmp_path, prepared, four_steps):
+    """A complete preparation is used as it is: a data.* setting that differs from it is refused
+    (the fixture's data was prepared with 16 evaluation documents; the runs leave the default 100)."""
+    run = _copy(four_steps, tmp_path)
+    before = (run / "config.json").read_bytes()
+    for key, value, prepared_value in (("max_sentences", "4", "32"), ("eval_documents", "8", "16"),
+                                       ("lang", "fra_Latn", "'eng_Latn'"), ("sonar", "basic", "'toy'")):  # fmt: skip
+        out = train(run, prepared, "--loop.max_steps", "5", f"--data.{key}", value, check=False)
+        assert out.returncode == 2
+        _one_line(out.stderr, f"data.{key} is ", f"but data.prepared_dir {prepared} was prepared with {prepared_value}")
+    assert (run / "config.json").read_bytes() == before
+
+
+def test_run_resume_naming_a_folder_that_is_not_a_checkpoint_says_so(tmp_path, prepared, four_steps):
+    run = _copy(four_steps, tmp_path)
+    for folder in (run / "checkpoints", run):
+        out = train(run, prepared, "--loop.max_steps", "5", "--run.resume", str(folder), check=False)
+        assert out.returncode == 2 and "predates checksums" not in out.stderr
+        _one_line(out.stderr, f"run.resume {folder} is not a checkpoint", "name one of the step-* folders")
