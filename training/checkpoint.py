@@ -40,6 +40,7 @@ LATEST = "latest"
 CHECKPOINT_NAME = re.compile(r"step-(\d+)(?:-r(\d+))?")  # step-00000004, or its K-th re-save step-00000004-rK
 STAGING = ".staging"
 REJECTED = "rejected"
+SUPERSEDED = "superseded"  # checkpoints of a later step than the one a run was explicitly resumed from
 MANIFEST = "checkpoint.json"
 # Why a checkpoint of an older sonarllm (before checksums) does not verify; train.py resumes one
 # only when run.resume names it.
@@ -178,6 +179,10 @@ class Checkpointer:
         saved = self._saved()
         return saved[-1] if saved else None
 
+    def newer_than(self, step: int) -> list[Path]:
+        """Published checkpoints of a later step than ``step``, oldest first."""
+        return [p for p in self._saved() if self._order(p)[0] > step]
+
     def candidates(self) -> list[Path]:
         """Published checkpoints to resume from, best (newest) first."""
         return list(reversed(self._saved()))
@@ -297,17 +302,18 @@ class Checkpointer:
             rejected.append((path, reason))
         return None, None, rejected
 
-    def reject(self, path: Path) -> Path:
+    def reject(self, path: Path, into: str = REJECTED) -> Path:
         """Collective: move a checkpoint that failed verification to ``checkpoints/rejected/``
-        (kept for inspection, out of the rotation); returns where it went. Moves nothing but a
-        published checkpoint (a ``step-*`` folder directly in ``checkpoints/``)."""
+        (or another folder ``into``), kept for inspection, out of the rotation; returns where it
+        went. Moves nothing but a published checkpoint (a ``step-*`` folder directly in
+        ``checkpoints/``)."""
         if path.parent != self.root or not CHECKPOINT_NAME.fullmatch(path.name) or not path.is_dir():
             raise CheckpointError(f"will not move {path} aside: it is not a checkpoint folder (step-*) of {self.root}")
-        target = self.root / REJECTED / path.name
+        target = self.root / into / path.name
         n = 0
         while target.exists():
             n += 1
-            target = self.root / REJECTED / f"{path.name}-{n}"
+            target = self.root / into / f"{path.name}-{n}"
         target = broadcast_object(target)
         if self.rank == 0:
             target.parent.mkdir(exist_ok=True)

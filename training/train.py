@@ -38,7 +38,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from training.checkpoint import NO_MANIFEST, CheckpointError
+from training.checkpoint import CHECKPOINT_NAME, NO_MANIFEST, SUPERSEDED, CheckpointError, broadcast_object
 from training.compile import check_compile
 from training.config import (
     EXAMPLE_CORPUS,
@@ -289,6 +289,9 @@ class Trainer:
                 if self.rank == 0:
                     print(f"train.py: warning: {path} predates checksums and run records: resuming it unverified",
                           file=sys.stderr, flush=True)  # fmt: skip
+                named = CHECKPOINT_NAME.fullmatch(path.name)
+                if named:
+                    self._set_aside_newer(int(named[1]))
                 return path
             elif why is not None:
                 raise CheckpointError(f"run.resume {path} cannot be used: {why}")
@@ -307,7 +310,20 @@ class Trainer:
             if self.rank == 0:
                 print(f"train.py: warning: checkpoint {bad.name} is unusable ({why}); moved it to {moved}",
                       file=sys.stderr, flush=True)  # fmt: skip
+        if choice != "auto":
+            self._set_aside_newer(manifest["step"])
         return path
+
+    def _set_aside_newer(self, step: int) -> None:
+        """Resuming explicitly from ``step`` starts a new line of this run: its checkpoints of later
+        steps (the abandoned line) move to checkpoints/superseded/, kept, so that an automatic
+        resume after a kill continues the new line and rotation never deletes its checkpoints in
+        favour of the old ones."""
+        for newer in broadcast_object(self.ckpt.newer_than(step) if self.rank == 0 else None):
+            moved = self.ckpt.reject(newer, into=SUPERSEDED)
+            if self.rank == 0:
+                print(f"train.py: note: resuming from step {step}: the later checkpoint {newer.name} is moved "
+                      f"to {moved}", file=sys.stderr, flush=True)  # fmt: skip
 
     def resume(self) -> int:
         """The step to start from (0, or the step after the checkpoint loaded)."""

@@ -284,3 +284,16 @@ def test_run_resume_naming_a_folder_that_is_not_a_checkpoint_says_so(tmp_path, p
         out = train(run, prepared, "--loop.max_steps", "5", "--run.resume", str(folder), check=False)
         assert out.returncode == 2 and "predates checksums" not in out.stderr
         _one_line(out.stderr, f"run.resume {folder} is not a checkpoint", "name one of the step-* folders")
+
+
+def test_resuming_explicitly_from_an_older_step_sets_the_later_checkpoints_aside(tmp_path, prepared, four_steps):
+    """run.resume step-2 starts a new line of the run: the old steps 3 and 4 move to
+    checkpoints/superseded/ (kept), so the new line's checkpoints are the ones resumed and rotated."""
+    run = _copy(four_steps, tmp_path)
+    ckpts = run / "checkpoints"
+    out = train(run, prepared, "--loop.max_steps", "4", *CKPT, "--run.resume", str(ckpts / "step-00000002"))
+    for step in (3, 4):
+        assert f"the later checkpoint step-0000000{step} is moved to {ckpts / 'superseded'}" in out.stderr
+        assert (ckpts / "superseded" / f"step-0000000{step}" / "checkpoint.json").is_file()
+    assert _checkpoints(run) == (["step-00000001", "step-00000002", "step-00000003", "step-00000004"], "step-00000004")
+    torch.testing.assert_close(torch.tensor(read_losses(run)), torch.tensor(read_losses(four_steps)), rtol=2e-7, atol=0)
