@@ -569,6 +569,12 @@ def main(argv: list[str] | None = None) -> int:
     _single_process_env()
     import deepspeed
 
+    from training.engine import check_precision
+
+    try:
+        check_precision(cfg.system.precision)  # before the distributed start-up: a refusal comes at once
+    except ConfigError as exc:
+        return _fail(exc, 2)
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
@@ -584,9 +590,6 @@ def main(argv: list[str] | None = None) -> int:
 
     lock = RunLock(cfg.run.output_dir)
     try:
-        from training.engine import check_precision
-
-        check_precision(cfg.system.precision)
         _lock_run(cfg, lock)
         return Trainer(cfg, device, explicit=_set_keys(path, overrides)).run()
     except ConfigError as exc:
