@@ -105,10 +105,13 @@ def compiled(fn, *, fullgraph: bool = True, backend="inductor", fallback: bool =
 def compile_for_training(model: torch.nn.Module, token_loss: torch.nn.Module, zero_stage: int,
                          fallback: bool = True) -> str:  # fmt: skip
     """Compile ``token_loss.forward`` and, below ZeRO-3, ``model.forward`` (the engine's module),
-    in place (``fallback``: see ``compiled``); returns what was compiled, in words."""
-    token_loss.forward = compiled(token_loss.forward, fallback=fallback)
+    in place (``fallback``: see ``compiled``); returns what was compiled, in words. The backend is
+    inductor, or ``SONARLLM_COMPILE_BACKEND`` (e.g. "aot_eager": the same graphs without
+    inductor's code generation, to tell a tracing problem from a code-generation one)."""
+    backend = os.environ.get("SONARLLM_COMPILE_BACKEND", "inductor")
+    token_loss.forward = compiled(token_loss.forward, backend=backend, fallback=fallback)
     if zero_stage >= 3:
         return ("the SONAR token loss (the concept transformer runs eagerly under ZeRO-3: DeepSpeed's "
                 "parameter-gathering hooks cannot be compiled)")  # fmt: skip
-    model.forward = compiled(model.forward, fallback=fallback)
+    model.forward = compiled(model.forward, backend=backend, fallback=fallback)
     return "the concept transformer and the SONAR token loss"

@@ -128,9 +128,13 @@ def _records(run_dir):
 
 
 @pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
-def test_compiled_run_reproduces_the_eager_run(tmp_path, prepared, stage):
-    """Two steps and an evaluation; stages 0 and 1 compile exactly what stage 2 does."""
+def test_compiled_run_reproduces_the_eager_run(tmp_path, prepared, stage, monkeypatch):
+    """Two steps and an evaluation; stages 0 and 1 compile exactly what stage 2 does. The
+    aot_eager backend traces and differentiates the same graphs in seconds; inductor's code for
+    them is checked in tests/sonarllm/test_compiled_step.py."""
     from tests.training.test_train import train
+
+    monkeypatch.setenv("SONARLLM_COMPILE_BACKEND", "aot_eager")
 
     args = ("--loop.max_steps", "2", "--loop.eval_every", "2", "--system.zero_stage", str(stage))
     eager = train(tmp_path / "eager", prepared, *args, "--system.compile", "false")
