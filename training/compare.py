@@ -30,7 +30,9 @@ value`` goes to every run (the embedded example by default).
 4. Output in ``--out``: ``results.md`` and ``results.json`` (mean ± sample std over seeds, the
    sweep, the chosen rates), ``per_seed.json`` (every run's numbers), ``compare.png``
    (validation token cross-entropy vs step, per objective), ``test.jsonl`` (the test documents
-   used) and ``runs/<objective>-lr<lr>-seed<seed>/`` (the trainer's run directories).
+   used) and ``runs/<objective>-lr<lr>-seed<seed>/`` (the trainer's run directories). A non-empty
+   ``--out`` that no earlier comparison made (marked by the ``.compare`` file written first) is
+   refused, and so is a ``--test-data`` that is one of these files.
 
 Resumable: a finished run (its ``final/`` model exported) is reused, a half-finished one resumes
 from its own checkpoints (the trainer's ``run.resume auto``), and a test evaluation of the same
@@ -59,7 +61,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from training.config import EXAMPLE_CORPUS, ConfigError, load_config, parse_cli
-from training.held_out import held_out_documents
+from training.held_out import EXAMPLE_TEST_SEED, held_out_documents
 
 OBJECTIVES = ("sonar", "mse")
 DEFAULT_LR_GRID = (5e-4, 1e-3, 2e-3)
@@ -75,6 +77,9 @@ MANAGED_KEYS = {  # set by compare for every run, not accepted as pass-through o
     "loop.eval_every": "use --eval-every",
 }
 IGNORED_KEYS = ("run.output_dir", "run.resume", "run.stop_after", "system.progress")  # do not change what a run trains
+STAMP = ".compare"  # written first into --out: marks a directory compare may write into (resume)
+OUTPUTS = ("results.md", "results.json", "per_seed.json", "compare.png", "test.jsonl",
+           f"make_stories-seed{EXAMPLE_TEST_SEED}.jsonl.gz")  # the files compare (over)writes in --out  # fmt: skip
 
 
 class CompareError(Exception):
@@ -223,6 +228,7 @@ def make_plan(argv: list[str]) -> Plan:
     test_data = Path(args.test_data) if args.test_data else None
     if test_data is not None and not test_data.exists():
         raise CompareError(f"--test-data {test_data} not found", 2)
+    check_out(Path(args.out), test_data)
     plan = Plan(args.objectives, args.seeds, args.steps, grids, eval_every, Path(args.out), config, overrides,
                 test_data, args.test_docs, args.text_field, args.eval_max_tokens, args.nproc, args.device)  # fmt: skip
     cfg = run_config(plan, plan.objectives[0], grids[plan.objectives[0]][0], 0)  # validates the configuration
@@ -230,6 +236,26 @@ def make_plan(argv: list[str]) -> Plan:
         raise CompareError(f"--test-data is needed: the data ({cfg.data.source or cfg.data.prepared_dir}) is not "
                            "the embedded example, whose test stories compare can write", 2)  # fmt: skip
     return plan
+
+
+def check_out(out: Path, test_data: Path | None) -> None:
+    """Refuse an --out that compare would overwrite a user's files in: a --test-data that is one of
+    the files compare writes there, or a non-empty directory that no earlier comparison made
+    (no STAMP, nor the ``results.json`` of a comparison made before STAMP existed)."""
+    if test_data is not None and test_data.resolve() in {(out / name).resolve() for name in OUTPUTS}:
+        raise CompareError(f"--test-data {test_data} is a file compare writes in --out {out}; copy it elsewhere "
+                           "or choose another --out", 2)  # fmt: skip
+    if out.exists() and not out.is_dir():
+        raise CompareError(f"--out {out} is not a directory", 2)
+    if not out.is_dir() or (out / STAMP).is_file() or not any(out.iterdir()):
+        return
+    try:
+        earlier = "command" in json.loads((out / "results.json").read_text())
+    except (OSError, ValueError, TypeError):
+        earlier = False
+    if not earlier:
+        raise CompareError(f"--out {out} is not empty and holds no earlier comparison (no {STAMP} file); "
+                           "choose a new or empty directory", 2)  # fmt: skip
 
 
 def _is_example(cfg) -> bool:
@@ -424,6 +450,7 @@ def compare(plan: Plan, command: str) -> dict:
 
     t0 = time.perf_counter()
     plan.out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(plan.out / STAMP, f"{command}\n")  # before anything else: this --out is compare's
     total = sum(len(plan.grids[o]) + plan.seeds - 1 for o in plan.objectives)
     grids = "; ".join(f"{o}: lr {_rates(plan.grids[o])}" for o in plan.objectives)
     print(f"compare: {total} runs of {plan.steps} steps ({grids}; {plan.seeds} seeds) in {plan.out}", flush=True)

@@ -178,14 +178,15 @@ def test_sweep_chooses_each_objectives_rate_on_validation_and_reports(tmp_path, 
     monkeypatch.setattr(compare, "train", fake_train)
     monkeypatch.setattr(compare, "evaluate_run", fake_evaluate)
     monkeypatch.setattr(compare, "held_out_documents", lambda *args, **kwargs: (["A story."], info))
+    out = tmp_path / "out"
     argv = ["--objectives", "sonar,mse", "--seeds", "3", "--steps", "2", "--lr", "1e-3,2e-3",
-            "--out", str(tmp_path), "--test-data", str(test_corpus)]  # fmt: skip
+            "--out", str(out), "--test-data", str(test_corpus)]  # fmt: skip
     assert compare.main(argv) == 0
     assert trained == [("sonar", 1e-3, 0), ("sonar", 2e-3, 0), ("sonar", 2e-3, 1), ("sonar", 2e-3, 2),
                        ("mse", 1e-3, 0), ("mse", 2e-3, 0), ("mse", 1e-3, 1), ("mse", 1e-3, 2)]  # NaN loses
     assert evaluated == [("sonar", 2e-3, 0), ("sonar", 2e-3, 1), ("sonar", 2e-3, 2),
                          ("mse", 1e-3, 0), ("mse", 1e-3, 1), ("mse", 1e-3, 2)]  # the test split: chosen rates only
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())
     assert results["chosen_lr"] == {"sonar": 2e-3, "mse": 1e-3}
     assert results["sweep"]["sonar"] == {"0.001": 2.0, "0.002": 1.5}
     for objective in ("sonar", "mse"):
@@ -193,9 +194,9 @@ def test_sweep_chooses_each_objectives_rate_on_validation_and_reports(tmp_path, 
         assert (m["cross_entropy"]["mean"], m["cross_entropy"]["std"]) == pytest.approx((2.0, 1.0))  # 1, 2, 3
         assert (m["rouge_l_long"]["mean"], m["rouge_l_long"]["std"]) == pytest.approx((20.0, 10.0))
         assert results["summary"][objective]["seeds"] == [0, 1, 2]
-    roles = {(r["objective"], r["lr"], r["seed"]): r["role"] for r in json.loads((tmp_path / "per_seed.json").read_text())}
+    roles = {(r["objective"], r["lr"], r["seed"]): r["role"] for r in json.loads((out / "per_seed.json").read_text())}
     assert roles[("sonar", 1e-3, 0)] == "sweep" and roles[("sonar", 2e-3, 0)] == "seed"
-    table = (tmp_path / "results.md").read_text()
+    table = (out / "results.md").read_text()
     assert "| sonar | 0.002 | 0,1,2 | 2.0000 ± 1.0000 | 0.1000 ± 0.1000 | 20.00 ± 10.00 |" in table
     assert "| objective | lr 0.001 | lr 0.002 |" in table
     assert "| sonar | 2.0000 | **1.5000** |" in table and "| mse | **1.8000** | nan |" in table
@@ -226,6 +227,30 @@ def test_bad_command_lines_exit_2_in_one_line(tmp_path, capsys, extra, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_out_holding_other_files_is_refused_untouched(tmp_path, test_corpus, capsys, monkeypatch):
+    monkeypatch.setattr(compare, "train", lambda *a, **k: pytest.fail("trained into a foreign --out"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.md").write_text("my notes\n")
+    assert compare.main(["--out", str(out), "--test-data", str(test_corpus)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"compare: error: --out {out} is not empty") and err.count("\n") == 1
+    assert [p.name for p in out.iterdir()] == ["results.md"] and (out / "results.md").read_text() == "my notes\n"
+
+
+def test_test_data_that_compare_would_write_is_refused_untouched(tmp_path, test_corpus, capsys, monkeypatch):
+    monkeypatch.setattr(compare, "train", lambda *a, **k: pytest.fail("trained over --test-data"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / compare.STAMP).write_text("an earlier comparison\n")  # resumable: not refused for being non-empty
+    mine = out / "test.jsonl"
+    mine.write_bytes(test_corpus.read_bytes())
+    assert compare.main(["--out", str(out), "--test-data", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert f"--test-data {mine} is a file compare writes in --out {out}" in err and err.count("\n") == 1
+    assert mine.read_bytes() == test_corpus.read_bytes()
+
+
 def test_other_data_needs_test_documents(tmp_path, capsys):
     corpus = tmp_path / "mine.txt"
     corpus.write_text("A first sentence. A second one.\n")
@@ -242,6 +267,7 @@ def test_a_run_trained_otherwise_is_refused_not_overwritten(tmp_path, prepared, 
     run_dir = tmp_path / "out" / "runs" / "sonar-lr0.001-seed0"
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps(recorded))
+    (tmp_path / "out" / compare.STAMP).write_text("an earlier comparison\n")
     assert compare.main(argv) == 2
     err = capsys.readouterr().err
     assert "was trained with a different configuration (loop.max_steps 5 != 2)" in err and err.count("\n") == 1
