@@ -15,7 +15,8 @@ value`` goes to every run (the embedded example by default).
    not fair to both (the paper tuned each: 1e-3 for SONAR-LLM, 5e-4 for MSE-LCM). Each objective
    trains seed 0 at every rate of its grid (``--lr LIST`` for all objectives, ``--lr OBJ=LIST``
    for one); the rate with the lowest validation token cross-entropy at the last step wins (ties:
-   the first listed). A single rate skips the sweep.
+   the first listed). A single rate skips the sweep. A rate whose training loss diverges (NaN or
+   infinite) loses the sweep; compare fails only when every rate of an objective diverges.
 2. Seeds 0 .. N-1 train at the chosen rate (seed 0 is the sweep's run).
 3. Metrics. The validation split is the trainer's held-out split (the last ``data.eval_documents``
    documents of the prepared data): every ``--eval-every`` steps the trainer logs their token
@@ -77,6 +78,8 @@ MANAGED_KEYS = {  # set by compare for every run, not accepted as pass-through o
     "loop.eval_every": "use --eval-every",
 }
 IGNORED_KEYS = ("run.output_dir", "run.resume", "run.stop_after", "system.progress")  # do not change what a run trains
+DIVERGED = "diverged"  # in a sweep run's directory: its training loss diverged (the trainer's error)
+DIVERGED_MESSAGE = "the training loss became"  # how training/train.py reports a non-finite loss
 STAMP = ".compare"  # written first into --out: marks a directory compare may write into (resume)
 OUTPUTS = ("results.md", "results.json", "per_seed.json", "compare.png", "test.jsonl",
            f"make_stories-seed{EXAMPLE_TEST_SEED}.jsonl.gz")  # the files compare (over)writes in --out  # fmt: skip
@@ -364,12 +367,16 @@ def _last_error(log_path: Path) -> str:
 
 
 def train(plan: Plan, objective: str, lr: float, seed: int, role: str, label: str) -> dict:
-    """Train one run to the end (or reuse it); its record with the validation curve."""
+    """Train one run to the end (or reuse it); its record with the validation curve. A sweep run
+    whose training loss diverged is recorded as such (validation token CE +inf, and a
+    ``diverged`` file in its run directory, so a re-run does not train it again)."""
     cfg = run_config(plan, objective, lr, seed)
     run_dir = Path(cfg.run.output_dir)
     check_run_dir(run_dir, cfg.to_dict())
     name = run_name(objective, lr, seed)
     record = {"objective": objective, "lr": lr, "seed": seed, "role": role, "run_dir": str(run_dir)}
+    if role == "sweep" and (run_dir / DIVERGED).is_file():
+        return _diverged(record, run_dir, None, (run_dir / DIVERGED).read_text().strip(), label)
     if (run_dir / "final" / "sonar.json").is_file():
         record["status"], seconds = "reused", None
     else:
@@ -381,6 +388,12 @@ def train(plan: Plan, objective: str, lr: float, seed: int, role: str, label: st
         seconds = time.perf_counter() - t0
         if interrupted:
             raise CompareError(f"interrupted during {name}; run the same command again to resume", 130)
+        if status == 1 and role == "sweep" and DIVERGED_MESSAGE in _last_error(run_dir / "train.log"):
+            error = _last_error(run_dir / "train.log")
+            from training.compare_report import write_text_atomic
+
+            write_text_atomic(run_dir / DIVERGED, error + "\n")
+            return _diverged(record, run_dir, seconds, error, label)
         if status != 0:
             raise CompareError(f"training {name} failed (exit status {status}): {_last_error(run_dir / 'train.log')}",
                                2 if status == 2 else 1)  # fmt: skip
@@ -393,6 +406,14 @@ def train(plan: Plan, objective: str, lr: float, seed: int, role: str, label: st
                "validation_curve": curve}  # fmt: skip
     print(f"{label} {name}: {record['status']}{f' in {seconds:.0f} s' if seconds else ''}, "
           f"validation token CE {final:.4f}", flush=True)  # fmt: skip
+    return record
+
+
+def _diverged(record: dict, run_dir: Path, seconds: float | None, error: str, label: str) -> dict:
+    """The record of a sweep run whose training loss diverged: it loses the sweep."""
+    record |= {"status": "diverged", "train_seconds": None if seconds is None else round(seconds, 1),
+               "validation_token_ce": math.inf, "validation_curve": validation_curve(run_dir), "error": error}  # fmt: skip
+    print(f"{label} {run_dir.name}: diverged, left out of the sweep ({error})", flush=True)
     return record
 
 
@@ -463,6 +484,9 @@ def compare(plan: Plan, command: str) -> dict:
             first[lr] = train(plan, objective, lr, 0, "sweep", f"[{n}/{total}]")
         sweeps[objective] = {lr: r["validation_token_ce"] for lr, r in first.items()}
         chosen = choose_lr(sweeps[objective])
+        if all(r["status"] == "diverged" for r in first.values()):
+            raise CompareError(f"{objective}: training diverged at every learning rate of --lr ({_rates(grid)}); "
+                               "try smaller rates")  # fmt: skip
         if len(grid) > 1:
             print(f"compare: {objective}: lr {chosen:g} chosen by validation token CE", flush=True)
         first[chosen]["role"] = "seed"

@@ -153,6 +153,36 @@ def test_tiny_comparison_resumes_reports_and_reuses(tmp_path, prepared, test_cor
     assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_a_diverging_sweep_rate_loses_and_is_not_trained_again(tmp_path, prepared, test_corpus, monkeypatch):
+    out = tmp_path / "out"
+    argv = _argv(prepared, out, test_corpus, "--objectives", "sonar", "--seeds", "1", "--steps", "2",
+                 "--eval-every", "1", "--lr", "sonar=1e-3,1e30")  # fmt: skip
+    assert compare.main(argv) == 0
+    runs = {r["lr"]: r for r in json.loads((out / "per_seed.json").read_text())}
+    assert runs[1e30]["status"] == "diverged" and runs[1e30]["validation_token_ce"] == float("inf")
+    assert "the training loss became nan" in runs[1e30]["error"]
+    assert runs[1e-3]["role"] == "seed" and json.loads((out / "results.json").read_text())["chosen_lr"] == {"sonar": 1e-3}
+    assert "| sonar | **" in (out / "results.md").read_text() and " | diverged |" in (out / "results.md").read_text()
+
+    monkeypatch.setattr(compare.subprocess, "Popen", lambda *a, **k: pytest.fail("a diverged run was trained again"))
+    assert compare.main(argv) == 0
+    assert {r["lr"]: r["status"] for r in json.loads((out / "per_seed.json").read_text())} == {1e-3: "reused", 1e30: "diverged"}
+
+
+def test_every_rate_diverging_fails(tmp_path, prepared, test_corpus, capsys, monkeypatch):
+    def diverge(cmd, log_path):
+        log_path.write_text("train.py: error: the training loss became inf at step 2; stopped\n")
+        return 1, False
+
+    monkeypatch.setattr(compare, "_child", diverge)
+    argv = _argv(prepared, tmp_path / "out", test_corpus, "--objectives", "sonar", "--seeds", "1", "--steps", "2",
+                 "--lr", "sonar=1e20,1e30")  # fmt: skip
+    assert compare.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "sonar: training diverged at every learning rate of --lr (1e+20,1e+30)" in err and err.count("\n") == 1
+
+
 def _fake_results(seed: int) -> dict:
     """A sonarllm.evaluate result whose numbers are functions of the seed."""
     proto = {"rouge_l": 10.0 * (seed + 1), "bleu": 2.0 * seed, "cosine": 0.5}
