@@ -27,7 +27,8 @@ value`` goes to every run (the embedded example by default).
    exactly like a document of the prepared data (either split) are dropped and counted. Every
    final model of step 2 is evaluated on the first ``--test-docs`` remaining documents by
    ``sonarllm.evaluate`` (the paper's protocol with its default options; sweep runs that were
-   not chosen never see the test split).
+   not chosen never see the test split). The test documents are read before any training, and
+   checked against the prepared data as soon as it exists.
 4. Output in ``--out``: ``results.md`` and ``results.json`` (mean ± sample std over seeds, the
    sweep, the chosen rates), ``per_seed.json`` (every run's numbers), ``compare.png``
    (validation token cross-entropy vs step, per objective), ``test.jsonl`` (the test documents
@@ -62,7 +63,8 @@ import time
 from dataclasses import asdict, dataclass
 
 from training.config import EXAMPLE_CORPUS, ConfigError, load_config, parse_cli
-from training.held_out import EXAMPLE_TEST_SEED, held_out_documents
+from training.held_out import EXAMPLE_TEST_SEED, NoTestDocuments, held_out_documents
+from training.shards import MANIFEST
 
 OBJECTIVES = ("sonar", "mse")
 DEFAULT_LR_GRID = (5e-4, 1e-3, 2e-3)
@@ -232,6 +234,8 @@ def make_plan(argv: list[str]) -> Plan:
     if test_data is not None and not test_data.exists():
         raise CompareError(f"--test-data {test_data} not found", 2)
     check_out(Path(args.out), test_data)
+    if test_data is not None:
+        check_test_data(test_data, args.text_field)
     plan = Plan(args.objectives, args.seeds, args.steps, grids, eval_every, Path(args.out), config, overrides,
                 test_data, args.test_docs, args.text_field, args.eval_max_tokens, args.nproc, args.device)  # fmt: skip
     cfg = run_config(plan, plan.objectives[0], grids[plan.objectives[0]][0], 0)  # validates the configuration
@@ -259,6 +263,20 @@ def check_out(out: Path, test_data: Path | None) -> None:
     if not earlier:
         raise CompareError(f"--out {out} is not empty and holds no earlier comparison (no {STAMP} file); "
                            "choose a new or empty directory", 2)  # fmt: skip
+
+
+def check_test_data(path: Path, text_field: str) -> None:
+    """Read the test documents now, not after hours of training: CompareError (status 2) naming
+    --text-field or --test-data when they cannot be read or there are none."""
+    from sonarllm.corpus import read_documents
+
+    try:
+        count = sum(1 for _ in read_documents(path, text_field=text_field))
+    except (ValueError, OSError) as exc:
+        option = f"--text-field {text_field}" if f"field {text_field!r}" in str(exc) else f"--test-data {path}"
+        raise CompareError(f"{option}: {' '.join(str(exc).split())}", 2) from None
+    if count == 0:
+        raise CompareError(f"--test-data {path} holds no documents", 2)
 
 
 def _is_example(cfg) -> bool:
@@ -434,6 +452,15 @@ def choose_lr(grid: dict[float, float | None]) -> float:
 # Test evaluation
 
 
+def test_documents(plan: Plan, prepared: Path) -> tuple[list[str], dict]:
+    """held_out_documents of the plan; none left (all in the prepared data) is a bad --test-data."""
+    try:
+        return held_out_documents(plan.test_data, plan.out, plan.test_docs, prepared, text_field=plan.text_field)
+    except NoTestDocuments as exc:
+        raise CompareError(f"--test-data {plan.test_data or '(the example test stories)'}: {exc}", 2) from None
+
+
+
 def evaluate_run(plan: Plan, record: dict, docs: list[str], test_info: dict, cfg) -> dict:
     """sonarllm.evaluate of a run's final model on the test documents (reused when the same model,
     documents and options were evaluated before); stored in the run's ``test_eval.json``."""
@@ -475,6 +502,10 @@ def compare(plan: Plan, command: str) -> dict:
     total = sum(len(plan.grids[o]) + plan.seeds - 1 for o in plan.objectives)
     grids = "; ".join(f"{o}: lr {_rates(plan.grids[o])}" for o in plan.objectives)
     print(f"compare: {total} runs of {plan.steps} steps ({grids}; {plan.seeds} seeds) in {plan.out}", flush=True)
+    cfg = run_config(plan, plan.objectives[0], plan.grids[plan.objectives[0]][0], 0)
+    prepared = Path(cfg.data.prepared_dir)
+    # the test documents as soon as the prepared data exists (the first run prepares it)
+    test = test_documents(plan, prepared) if (prepared / MANIFEST).is_file() else None
     runs, sweeps, n = [], {}, 0
     for objective in plan.objectives:
         grid = plan.grids[objective]
@@ -482,6 +513,7 @@ def compare(plan: Plan, command: str) -> dict:
         for lr in grid:
             n += 1
             first[lr] = train(plan, objective, lr, 0, "sweep", f"[{n}/{total}]")
+            test = test or test_documents(plan, prepared)
         sweeps[objective] = {lr: r["validation_token_ce"] for lr, r in first.items()}
         chosen = choose_lr(sweeps[objective])
         if all(r["status"] == "diverged" for r in first.values()):
@@ -495,13 +527,11 @@ def compare(plan: Plan, command: str) -> dict:
             n += 1
             runs.append(train(plan, objective, chosen, seed, "seed", f"[{n}/{total}]"))
 
-    cfg = run_config(plan, plan.objectives[0], plan.grids[plan.objectives[0]][0], 0)
     shared = cfg.to_dict()  # what every run has in common
     for key in MANAGED_KEYS:
         section, name = key.split(".")
         del shared[section][name]
-    docs, test_info = held_out_documents(plan.test_data, plan.out, plan.test_docs, Path(cfg.data.prepared_dir),
-                                         text_field=plan.text_field)  # fmt: skip
+    docs, test_info = test
     print(f"compare: evaluating on {len(docs)} test documents ({test_info['source']}; "
           f"{test_info['dropped_in_prepared_data']} dropped as present in the prepared data)", flush=True)  # fmt: skip
     for run in runs:

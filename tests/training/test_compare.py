@@ -281,6 +281,47 @@ def test_test_data_that_compare_would_write_is_refused_untouched(tmp_path, test_
     assert mine.read_bytes() == test_corpus.read_bytes()
 
 
+@pytest.mark.parametrize("content, field, message", [
+    ('{"text": "A story."}\n', "nope", "--text-field nope: "),
+    ("not json\n", "text", "not valid JSON"),
+    ("", "text", "holds no documents"),
+], ids=["wrong-field", "not-json", "empty"])  # fmt: skip
+def test_bad_test_documents_fail_before_training(tmp_path, prepared, capsys, monkeypatch, content, field, message):
+    monkeypatch.setattr(compare, "train", lambda *a, **k: pytest.fail("trained before checking the test documents"))
+    corpus = tmp_path / "mine.jsonl"
+    corpus.write_text(content)
+    assert compare.main(_argv(prepared, tmp_path / "out", corpus, "--text-field", field)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("compare: error: --te") and message in err and err.count("\n") == 1
+    if field == "text":
+        assert err.startswith(f"compare: error: --test-data {corpus}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("ready", [True, False], ids=["prepared", "prepared-by-the-first-run"])
+def test_no_test_document_left_fails_before_the_long_training(tmp_path, prepared, stories, capsys, monkeypatch, ready):
+    import shutil
+
+    corpus = tmp_path / "seen.jsonl"
+    corpus.write_text("".join(json.dumps({"text": stories[i]}) + "\n" for i in (3, 60)))  # both in the prepared data
+    data = tmp_path / "prepared"
+    if ready:
+        shutil.copytree(prepared, data)
+    trained = []
+
+    def fake_train(plan, objective, lr, seed, role, label):
+        trained.append(lr)
+        shutil.copytree(prepared, data, dirs_exist_ok=True)  # what the trainer's data preparation leaves
+        return {"objective": objective, "lr": lr, "seed": seed, "role": role, "status": "trained", "validation_token_ce": 1.0}
+
+    monkeypatch.setattr(compare, "train", fake_train)
+    argv = _argv(data, tmp_path / "out", corpus, "--data.source", str(corpus), "--lr", "1e-3,2e-3")
+    assert compare.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--test-data {corpus}: no test document left: all 2 documents" in err and err.count("\n") == 1
+    assert trained == ([] if ready else [1e-3])
+
+
 def test_other_data_needs_test_documents(tmp_path, capsys):
     corpus = tmp_path / "mine.txt"
     corpus.write_text("A first sentence. A second one.\n")
