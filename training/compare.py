@@ -300,7 +300,7 @@ def run_overrides(plan: Plan, objective: str, lr: float, seed: int) -> dict[str,
     """The trainer's ``--section.key value`` pairs of one run."""
     return {"system.progress": "false"} | plan.overrides | {
         "run.output_dir": str(plan.out / "runs" / run_name(objective, lr, seed)), "run.seed": str(seed),
-        "run.resume": "auto", "model.objective": objective, "optim.lr": repr(lr),
+        "run.resume": "auto", "run.stop_after": "0", "model.objective": objective, "optim.lr": repr(lr),
         "loop.max_steps": str(plan.steps), "loop.eval_every": str(plan.eval_every),
     }  # fmt: skip
 
@@ -415,6 +415,9 @@ def train(plan: Plan, objective: str, lr: float, seed: int, role: str, label: st
         if status != 0:
             raise CompareError(f"training {name} failed (exit status {status}): {_last_error(run_dir / 'train.log')}",
                                2 if status == 2 else 1)  # fmt: skip
+        if not (run_dir / "final" / "sonar.json").is_file():
+            raise CompareError(f"training {name} stopped early without exporting final/ (log {run_dir / 'train.log'}); "
+                               "run the same command again to resume it")  # fmt: skip
     curve = validation_curve(run_dir)
     final = dict(map(tuple, curve)).get(plan.steps)
     if final is None:

@@ -346,6 +346,22 @@ def test_a_run_trained_otherwise_is_refused_not_overwritten(tmp_path, prepared, 
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
 
 
+def test_stop_after_from_a_config_file_is_overridden(tmp_path, prepared, test_corpus):
+    config = tmp_path / "stop.toml"
+    config.write_text("[run]\nstop_after = 1\n")
+    plan = compare.make_plan(["--config", str(config), *_argv(prepared, tmp_path / "out", test_corpus)])
+    assert compare.run_config(plan, "sonar", 1e-3, 0).run.stop_after == 0
+
+
+def test_a_run_that_stops_early_says_so(tmp_path, prepared, test_corpus, capsys, monkeypatch):
+    monkeypatch.setattr(compare, "_child", lambda cmd, log_path: (log_path.write_text("stopped\n"), (0, False))[1])
+    argv = _argv(prepared, tmp_path / "out", test_corpus, "--objectives", "sonar", "--seeds", "1", "--steps", "2", "--lr", "1e-3")
+    assert compare.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "training sonar-lr0.001-seed0 stopped early without exporting final/" in err and err.count("\n") == 1
+    assert "run the same command again to resume it" in err
+
+
 def test_several_processes_train_through_torchrun(tmp_path, test_corpus):
     plan = compare.make_plan(["--nproc", "2", "--test-data", str(test_corpus), "--config", "training/configs/example.toml"])
     cmd = compare.train_command(plan, compare.run_overrides(plan, "mse", 2e-3, 1))
