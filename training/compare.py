@@ -221,6 +221,11 @@ def make_plan(argv: list[str]) -> Plan:
             raise CompareError(f"--lr {objective}=...: {objective!r} is not in --objectives {','.join(args.objectives)}", 2)
         for obj in [objective] if objective else args.objectives:
             grids[obj] = grid
+    for obj, grid in grids.items():  # run directories and report columns are named by f"{lr:g}"
+        same = [(a, b) for i, a in enumerate(grid) for b in grid[i + 1 :] if f"{a:g}" == f"{b:g}"]
+        if same:
+            raise CompareError(f"--lr {obj}=...: {same[0][0]!r} and {same[0][1]!r} are the same to 6 significant digits "
+                               f"({same[0][0]:g}), which names runs; list distinct rates", 2)  # fmt: skip
     eval_every = args.eval_every or max(1, args.steps // 10)
     if eval_every > args.steps:
         raise CompareError(f"--eval-every {eval_every} exceeds --steps {args.steps}", 2)
