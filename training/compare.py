@@ -234,7 +234,8 @@ def make_plan(argv: list[str]) -> Plan:
     try:
         resolve_device(args.device)
     except (RuntimeError, ValueError) as exc:
-        raise CompareError(f"--device {args.device}: {exc}", 2) from None
+        message = str(exc)  # resolve_device names --device; torch.device does not
+        raise CompareError(message if message.startswith("--device ") else f"--device {args.device}: {message}", 2) from None
     test_data = Path(args.test_data) if args.test_data else None
     if test_data is not None and not test_data.exists():
         raise CompareError(f"--test-data {test_data} not found", 2)

@@ -323,6 +323,15 @@ def test_no_test_document_left_fails_before_the_long_training(tmp_path, prepared
     assert trained == ([] if ready else [1e-3])
 
 
+def test_out_that_is_a_file_and_cuda_without_cuda_exit_2_in_one_line(tmp_path, test_corpus, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("mine\n")
+    assert compare.main(["--out", str(tmp_path / "afile"), "--test-data", str(test_corpus)]) == 2
+    assert capsys.readouterr().err == f"compare: error: --out {tmp_path / 'afile'} is not a directory\n"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert compare.main(["--out", str(tmp_path / "out"), "--device", "cuda", "--test-data", str(test_corpus)]) == 2
+    assert capsys.readouterr().err == "compare: error: --device cuda: CUDA is not available on this machine\n"
+
+
 def test_other_data_needs_test_documents(tmp_path, capsys):
     corpus = tmp_path / "mine.txt"
     corpus.write_text("A first sentence. A second one.\n")
