@@ -64,7 +64,7 @@ from dataclasses import asdict, dataclass
 
 from training.config import EXAMPLE_CORPUS, ConfigError, load_config, parse_cli
 from training.held_out import EXAMPLE_TEST_SEED, NoTestDocuments, held_out_documents
-from training.shards import MANIFEST
+from training.shards import ShardError, read_manifest
 
 OBJECTIVES = ("sonar", "mse")
 DEFAULT_LR_GRID = (5e-4, 1e-3, 2e-3)
@@ -285,6 +285,14 @@ def check_test_data(path: Path, text_field: str) -> None:
         raise CompareError(f"--test-data {path} holds no documents", 2)
 
 
+def _prepared(prepared: Path) -> bool:
+    """Whether ``prepared`` holds a complete preparation (else the first run prepares it)."""
+    try:
+        return read_manifest(prepared).get("complete", False)
+    except (ShardError, OSError, ValueError):
+        return False
+
+
 def _is_example(cfg) -> bool:
     """Whether the runs train on the embedded example stories."""
     manifest = Path(cfg.data.prepared_dir) / "manifest.json"
@@ -461,13 +469,12 @@ def choose_lr(grid: dict[float, float | None]) -> float:
 # Test evaluation
 
 
-def test_documents(plan: Plan, prepared: Path) -> tuple[list[str], dict]:
+def held_out(plan: Plan, prepared: Path) -> tuple[list[str], dict]:
     """held_out_documents of the plan; none left (all in the prepared data) is a bad --test-data."""
     try:
         return held_out_documents(plan.test_data, plan.out, plan.test_docs, prepared, text_field=plan.text_field)
     except NoTestDocuments as exc:
         raise CompareError(f"--test-data {plan.test_data or '(the example test stories)'}: {exc}", 2) from None
-
 
 
 def evaluate_run(plan: Plan, record: dict, docs: list[str], test_info: dict, cfg) -> dict:
@@ -514,7 +521,7 @@ def compare(plan: Plan, command: str) -> dict:
     cfg = run_config(plan, plan.objectives[0], plan.grids[plan.objectives[0]][0], 0)
     prepared = Path(cfg.data.prepared_dir)
     # the test documents as soon as the prepared data exists (the first run prepares it)
-    test = test_documents(plan, prepared) if (prepared / MANIFEST).is_file() else None
+    test = held_out(plan, prepared) if _prepared(prepared) else None
     runs, sweeps, n = [], {}, 0
     for objective in plan.objectives:
         grid = plan.grids[objective]
@@ -522,7 +529,7 @@ def compare(plan: Plan, command: str) -> dict:
         for lr in grid:
             n += 1
             first[lr] = train(plan, objective, lr, 0, "sweep", f"[{n}/{total}]")
-            test = test or test_documents(plan, prepared)
+            test = test or held_out(plan, prepared)
         sweeps[objective] = {lr: r["validation_token_ce"] for lr, r in first.items()}
         chosen = choose_lr(sweeps[objective])
         if all(r["status"] == "diverged" for r in first.values()):
