@@ -89,6 +89,8 @@ def test_tiny_comparison_resumes_reports_and_reuses(tmp_path, prepared, test_cor
                  "--eval-every", "1", "--lr", "sonar=3e-3", "--lr", "mse=1e-3")  # fmt: skip
     # A half-finished run, as an interrupted comparison leaves it: one of two steps, a checkpoint.
     plan = compare.make_plan(argv)
+    out.mkdir()
+    (out / compare.STAMP).write_text("an interrupted comparison\n")
     half = out / "runs" / "mse-lr0.001-seed1"
     cmd = compare.train_command(plan, compare.run_overrides(plan, "mse", 1e-3, 1) | {"run.stop_after": "1"})
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
