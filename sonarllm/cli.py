@@ -85,7 +85,10 @@ def _cosine(text: str) -> float:
 
 
 def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
+    try:
+        value = _non_negative_float(text)
+    except argparse.ArgumentTypeError:  # its message says >= 0
+        value = 0.0
     if value == 0:
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
@@ -217,19 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--repeat-threshold",
         type=_cosine,
-        default=0.95,
+        default=None,  # GenerationOptions' default; given without --no-repeat-sentences: refused
         help="cosine at which a sentence repeats an earlier one (default: 0.95)",
     )
     gen.add_argument(
         "--repeat-retries",
         type=_non_negative_int,
-        default=2,
+        default=None,  # GenerationOptions' default; given without --no-repeat-sentences: refused
         help="noisy redraws of a repeat before generation ends (default: 2)",
     )
     gen.add_argument(
         "--repeat-noise",
         type=_positive_float,
-        default=0.2,
+        default=None,  # GenerationOptions' default; given without --no-repeat-sentences: refused
         help="noise of a redraw, like --temperature (default: 0.2)",
     )
     gen.add_argument(
@@ -346,6 +349,11 @@ def _load(args):
 def cmd_generate(args) -> int:
     from sonarllm.generate import GenerationOptions, generate, stream
 
+    repeat = {k: v for k in ("repeat_threshold", "repeat_retries", "repeat_noise") if (v := getattr(args, k)) is not None}
+    if repeat and args.no_repeat_sentences == 0:
+        given = ", ".join("--" + k.replace("_", "-") for k in repeat)
+        raise UsageError(f"{given}: {'apply' if len(repeat) > 1 else 'applies'} only with --no-repeat-sentences K > 0 "
+                         "(the repetition control is off)")  # fmt: skip
     prompts = _read_prompts(args)
     _check_prompts(prompts)
     options = GenerationOptions(
@@ -358,9 +366,7 @@ def cmd_generate(args) -> int:
         lang=args.lang,
         batch_size=args.batch_size,
         no_repeat_sentences=args.no_repeat_sentences,
-        repeat_threshold=args.repeat_threshold,
-        repeat_retries=args.repeat_retries,
-        repeat_noise=args.repeat_noise,
+        **repeat,
     )
     bundle = _load(args)
     if args.stream:

@@ -15,7 +15,8 @@ value`` goes to every run (the embedded example by default).
    not fair to both (the paper tuned each: 1e-3 for SONAR-LLM, 5e-4 for MSE-LCM). Each objective
    trains seed 0 at every rate of its grid (``--lr LIST`` for all objectives, ``--lr OBJ=LIST``
    for one); the rate with the lowest validation token cross-entropy at the last step wins (ties:
-   the first listed). A single rate skips the sweep.
+   the first listed). A single rate skips the sweep. A rate whose training loss diverges (NaN or
+   infinite) loses the sweep; compare fails only when every rate of an objective diverges.
 2. Seeds 0 .. N-1 train at the chosen rate (seed 0 is the sweep's run).
 3. Metrics. The validation split is the trainer's held-out split (the last ``data.eval_documents``
    documents of the prepared data): every ``--eval-every`` steps the trainer logs their token
@@ -26,11 +27,14 @@ value`` goes to every run (the embedded example by default).
    exactly like a document of the prepared data (either split) are dropped and counted. Every
    final model of step 2 is evaluated on the first ``--test-docs`` remaining documents by
    ``sonarllm.evaluate`` (the paper's protocol with its default options; sweep runs that were
-   not chosen never see the test split).
+   not chosen never see the test split). The test documents are read before any training, and
+   checked against the prepared data as soon as it exists.
 4. Output in ``--out``: ``results.md`` and ``results.json`` (mean ± sample std over seeds, the
    sweep, the chosen rates), ``per_seed.json`` (every run's numbers), ``compare.png``
    (validation token cross-entropy vs step, per objective), ``test.jsonl`` (the test documents
-   used) and ``runs/<objective>-lr<lr>-seed<seed>/`` (the trainer's run directories).
+   used) and ``runs/<objective>-lr<lr>-seed<seed>/`` (the trainer's run directories). A non-empty
+   ``--out`` that no earlier comparison made (marked by the ``.compare`` file written first) is
+   refused, and so is a ``--test-data`` that is one of these files.
 
 Resumable: a finished run (its ``final/`` model exported) is reused, a half-finished one resumes
 from its own checkpoints (the trainer's ``run.resume auto``), and a test evaluation of the same
@@ -59,7 +63,8 @@ import time
 from dataclasses import asdict, dataclass
 
 from training.config import EXAMPLE_CORPUS, ConfigError, load_config, parse_cli
-from training.held_out import held_out_documents
+from training.held_out import EXAMPLE_TEST_SEED, NoTestDocuments, held_out_documents
+from training.shards import ShardError, read_manifest
 
 OBJECTIVES = ("sonar", "mse")
 DEFAULT_LR_GRID = (5e-4, 1e-3, 2e-3)
@@ -75,6 +80,11 @@ MANAGED_KEYS = {  # set by compare for every run, not accepted as pass-through o
     "loop.eval_every": "use --eval-every",
 }
 IGNORED_KEYS = ("run.output_dir", "run.resume", "run.stop_after", "system.progress")  # do not change what a run trains
+DIVERGED = "diverged"  # in a sweep run's directory: its training loss diverged (the trainer's error)
+DIVERGED_MESSAGE = "the training loss became"  # how training/train.py reports a non-finite loss
+STAMP = ".compare"  # written first into --out: marks a directory compare may write into (resume)
+OUTPUTS = ("results.md", "results.json", "per_seed.json", "compare.png", "test.jsonl",
+           f"make_stories-seed{EXAMPLE_TEST_SEED}.jsonl.gz")  # the files compare (over)writes in --out  # fmt: skip
 
 
 class CompareError(Exception):
@@ -211,6 +221,11 @@ def make_plan(argv: list[str]) -> Plan:
             raise CompareError(f"--lr {objective}=...: {objective!r} is not in --objectives {','.join(args.objectives)}", 2)
         for obj in [objective] if objective else args.objectives:
             grids[obj] = grid
+    for obj, grid in grids.items():  # run directories and report columns are named by f"{lr:g}"
+        same = [(a, b) for i, a in enumerate(grid) for b in grid[i + 1 :] if f"{a:g}" == f"{b:g}"]
+        if same:
+            raise CompareError(f"--lr {obj}=...: {same[0][0]!r} and {same[0][1]!r} are the same to 6 significant digits "
+                               f"({same[0][0]:g}), which names runs; list distinct rates", 2)  # fmt: skip
     eval_every = args.eval_every or max(1, args.steps // 10)
     if eval_every > args.steps:
         raise CompareError(f"--eval-every {eval_every} exceeds --steps {args.steps}", 2)
@@ -219,10 +234,14 @@ def make_plan(argv: list[str]) -> Plan:
     try:
         resolve_device(args.device)
     except (RuntimeError, ValueError) as exc:
-        raise CompareError(f"--device {args.device}: {exc}", 2) from None
+        message = str(exc)  # resolve_device names --device; torch.device does not
+        raise CompareError(message if message.startswith("--device ") else f"--device {args.device}: {message}", 2) from None
     test_data = Path(args.test_data) if args.test_data else None
     if test_data is not None and not test_data.exists():
         raise CompareError(f"--test-data {test_data} not found", 2)
+    check_out(Path(args.out), test_data)
+    if test_data is not None:
+        check_test_data(test_data, args.text_field)
     plan = Plan(args.objectives, args.seeds, args.steps, grids, eval_every, Path(args.out), config, overrides,
                 test_data, args.test_docs, args.text_field, args.eval_max_tokens, args.nproc, args.device)  # fmt: skip
     cfg = run_config(plan, plan.objectives[0], grids[plan.objectives[0]][0], 0)  # validates the configuration
@@ -230,6 +249,48 @@ def make_plan(argv: list[str]) -> Plan:
         raise CompareError(f"--test-data is needed: the data ({cfg.data.source or cfg.data.prepared_dir}) is not "
                            "the embedded example, whose test stories compare can write", 2)  # fmt: skip
     return plan
+
+
+def check_out(out: Path, test_data: Path | None) -> None:
+    """Refuse an --out that compare would overwrite a user's files in: a --test-data that is one of
+    the files compare writes there, or a non-empty directory that no earlier comparison made
+    (no STAMP, nor the ``results.json`` of a comparison made before STAMP existed)."""
+    if test_data is not None and test_data.resolve() in {(out / name).resolve() for name in OUTPUTS}:
+        raise CompareError(f"--test-data {test_data} is a file compare writes in --out {out}; copy it elsewhere "
+                           "or choose another --out", 2)  # fmt: skip
+    if out.exists() and not out.is_dir():
+        raise CompareError(f"--out {out} is not a directory", 2)
+    if not out.is_dir() or (out / STAMP).is_file() or not any(out.iterdir()):
+        return
+    try:
+        earlier = "command" in json.loads((out / "results.json").read_text())
+    except (OSError, ValueError, TypeError):
+        earlier = False
+    if not earlier:
+        raise CompareError(f"--out {out} is not empty and holds no earlier comparison (no {STAMP} file); "
+                           "choose a new or empty directory", 2)  # fmt: skip
+
+
+def check_test_data(path: Path, text_field: str) -> None:
+    """Read the test documents now, not after hours of training: CompareError (status 2) naming
+    --text-field or --test-data when they cannot be read or there are none."""
+    from sonarllm.corpus import read_documents
+
+    try:
+        count = sum(1 for _ in read_documents(path, text_field=text_field))
+    except (ValueError, OSError) as exc:
+        option = f"--text-field {text_field}" if f"field {text_field!r}" in str(exc) else f"--test-data {path}"
+        raise CompareError(f"{option}: {' '.join(str(exc).split())}", 2) from None
+    if count == 0:
+        raise CompareError(f"--test-data {path} holds no documents", 2)
+
+
+def _prepared(prepared: Path) -> bool:
+    """Whether ``prepared`` holds a complete preparation (else the first run prepares it)."""
+    try:
+        return read_manifest(prepared).get("complete", False)
+    except (ShardError, OSError, ValueError):
+        return False
 
 
 def _is_example(cfg) -> bool:
@@ -253,7 +314,7 @@ def run_overrides(plan: Plan, objective: str, lr: float, seed: int) -> dict[str,
     """The trainer's ``--section.key value`` pairs of one run."""
     return {"system.progress": "false"} | plan.overrides | {
         "run.output_dir": str(plan.out / "runs" / run_name(objective, lr, seed)), "run.seed": str(seed),
-        "run.resume": "auto", "model.objective": objective, "optim.lr": repr(lr),
+        "run.resume": "auto", "run.stop_after": "0", "model.objective": objective, "optim.lr": repr(lr),
         "loop.max_steps": str(plan.steps), "loop.eval_every": str(plan.eval_every),
     }  # fmt: skip
 
@@ -338,12 +399,16 @@ def _last_error(log_path: Path) -> str:
 
 
 def train(plan: Plan, objective: str, lr: float, seed: int, role: str, label: str) -> dict:
-    """Train one run to the end (or reuse it); its record with the validation curve."""
+    """Train one run to the end (or reuse it); its record with the validation curve. A sweep run
+    whose training loss diverged is recorded as such (validation token CE +inf, and a
+    ``diverged`` file in its run directory, so a re-run does not train it again)."""
     cfg = run_config(plan, objective, lr, seed)
     run_dir = Path(cfg.run.output_dir)
     check_run_dir(run_dir, cfg.to_dict())
     name = run_name(objective, lr, seed)
     record = {"objective": objective, "lr": lr, "seed": seed, "role": role, "run_dir": str(run_dir)}
+    if role == "sweep" and (run_dir / DIVERGED).is_file():
+        return _diverged(record, run_dir, None, (run_dir / DIVERGED).read_text().strip(), label)
     if (run_dir / "final" / "sonar.json").is_file():
         record["status"], seconds = "reused", None
     else:
@@ -355,9 +420,18 @@ def train(plan: Plan, objective: str, lr: float, seed: int, role: str, label: st
         seconds = time.perf_counter() - t0
         if interrupted:
             raise CompareError(f"interrupted during {name}; run the same command again to resume", 130)
+        if status == 1 and role == "sweep" and DIVERGED_MESSAGE in _last_error(run_dir / "train.log"):
+            error = _last_error(run_dir / "train.log")
+            from training.compare_report import write_text_atomic
+
+            write_text_atomic(run_dir / DIVERGED, error + "\n")
+            return _diverged(record, run_dir, seconds, error, label)
         if status != 0:
             raise CompareError(f"training {name} failed (exit status {status}): {_last_error(run_dir / 'train.log')}",
                                2 if status == 2 else 1)  # fmt: skip
+        if not (run_dir / "final" / "sonar.json").is_file():
+            raise CompareError(f"training {name} stopped early without exporting final/ (log {run_dir / 'train.log'}); "
+                               "run the same command again to resume it")  # fmt: skip
     curve = validation_curve(run_dir)
     final = dict(map(tuple, curve)).get(plan.steps)
     if final is None:
@@ -367,6 +441,14 @@ def train(plan: Plan, objective: str, lr: float, seed: int, role: str, label: st
                "validation_curve": curve}  # fmt: skip
     print(f"{label} {name}: {record['status']}{f' in {seconds:.0f} s' if seconds else ''}, "
           f"validation token CE {final:.4f}", flush=True)  # fmt: skip
+    return record
+
+
+def _diverged(record: dict, run_dir: Path, seconds: float | None, error: str, label: str) -> dict:
+    """The record of a sweep run whose training loss diverged: it loses the sweep."""
+    record |= {"status": "diverged", "train_seconds": None if seconds is None else round(seconds, 1),
+               "validation_token_ce": math.inf, "validation_curve": validation_curve(run_dir), "error": error}  # fmt: skip
+    print(f"{label} {run_dir.name}: diverged, left out of the sweep ({error})", flush=True)
     return record
 
 
@@ -385,6 +467,14 @@ def choose_lr(grid: dict[float, float | None]) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # Test evaluation
+
+
+def held_out(plan: Plan, prepared: Path) -> tuple[list[str], dict]:
+    """held_out_documents of the plan; none left (all in the prepared data) is a bad --test-data."""
+    try:
+        return held_out_documents(plan.test_data, plan.out, plan.test_docs, prepared, text_field=plan.text_field)
+    except NoTestDocuments as exc:
+        raise CompareError(f"--test-data {plan.test_data or '(the example test stories)'}: {exc}", 2) from None
 
 
 def evaluate_run(plan: Plan, record: dict, docs: list[str], test_info: dict, cfg) -> dict:
@@ -424,9 +514,14 @@ def compare(plan: Plan, command: str) -> dict:
 
     t0 = time.perf_counter()
     plan.out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(plan.out / STAMP, f"{command}\n")  # before anything else: this --out is compare's
     total = sum(len(plan.grids[o]) + plan.seeds - 1 for o in plan.objectives)
     grids = "; ".join(f"{o}: lr {_rates(plan.grids[o])}" for o in plan.objectives)
     print(f"compare: {total} runs of {plan.steps} steps ({grids}; {plan.seeds} seeds) in {plan.out}", flush=True)
+    cfg = run_config(plan, plan.objectives[0], plan.grids[plan.objectives[0]][0], 0)
+    prepared = Path(cfg.data.prepared_dir)
+    # the test documents as soon as the prepared data exists (the first run prepares it)
+    test = held_out(plan, prepared) if _prepared(prepared) else None
     runs, sweeps, n = [], {}, 0
     for objective in plan.objectives:
         grid = plan.grids[objective]
@@ -434,8 +529,12 @@ def compare(plan: Plan, command: str) -> dict:
         for lr in grid:
             n += 1
             first[lr] = train(plan, objective, lr, 0, "sweep", f"[{n}/{total}]")
+            test = test or held_out(plan, prepared)
         sweeps[objective] = {lr: r["validation_token_ce"] for lr, r in first.items()}
         chosen = choose_lr(sweeps[objective])
+        if all(r["status"] == "diverged" for r in first.values()):
+            raise CompareError(f"{objective}: training diverged at every learning rate of --lr ({_rates(grid)}); "
+                               "try smaller rates")  # fmt: skip
         if len(grid) > 1:
             print(f"compare: {objective}: lr {chosen:g} chosen by validation token CE", flush=True)
         first[chosen]["role"] = "seed"
@@ -444,13 +543,11 @@ def compare(plan: Plan, command: str) -> dict:
             n += 1
             runs.append(train(plan, objective, chosen, seed, "seed", f"[{n}/{total}]"))
 
-    cfg = run_config(plan, plan.objectives[0], plan.grids[plan.objectives[0]][0], 0)
     shared = cfg.to_dict()  # what every run has in common
     for key in MANAGED_KEYS:
         section, name = key.split(".")
         del shared[section][name]
-    docs, test_info = held_out_documents(plan.test_data, plan.out, plan.test_docs, Path(cfg.data.prepared_dir),
-                                         text_field=plan.text_field)  # fmt: skip
+    docs, test_info = test
     print(f"compare: evaluating on {len(docs)} test documents ({test_info['source']}; "
           f"{test_info['dropped_in_prepared_data']} dropped as present in the prepared data)", flush=True)  # fmt: skip
     for run in runs:

@@ -92,9 +92,15 @@ def markdown(summary: dict, sweeps: dict, *, command: str, test_info: dict) -> s
                   "| objective | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |", "|---|" + "---|" * len(rates)]  # fmt: skip
         for obj, grid in swept.items():
             chosen = summary.get(obj, {}).get("lr")
-            cells = ["" if lr not in grid else f"**{grid[lr]:.4f}**" if lr == chosen else f"{grid[lr]:.4f}" for lr in rates]
+            cells = ["" if lr not in grid else f"**{_sweep_cell(grid[lr])}**" if lr == chosen else _sweep_cell(grid[lr])
+                     for lr in rates]  # fmt: skip
             lines.append(f"| {obj} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _sweep_cell(ce: float) -> str:
+    """A sweep run's validation token CE; +inf marks a run whose training diverged."""
+    return "diverged" if ce == math.inf else f"{ce:.4f}"
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -25,6 +25,10 @@ MAKE_STORIES = Path(__file__).resolve().parent / "example" / "make_stories.py"
 EXAMPLE_TEST_SEED = 4242
 
 
+class NoTestDocuments(ValueError):
+    """Every test document is also in the prepared data."""
+
+
 def write_example_stories(path: Path, count: int) -> None:
     """``training/example/make_stories.py --count COUNT --seed 4242 --out PATH`` (quietly)."""
     spec = importlib.util.spec_from_file_location("_make_stories", MAKE_STORIES)
@@ -76,7 +80,7 @@ def held_out_documents(source: Path | None, out: Path, limit: int, prepared: Pat
     texts = list(read_documents(source, text_field=text_field))
     kept, dropped = unseen_documents(texts, prepared, limit)
     if not kept:
-        raise ValueError(f"no test document left: all {len(texts)} documents of {source} are in the prepared data {prepared}")
+        raise NoTestDocuments(f"no test document left: all {len(texts)} documents of {source} are in the prepared data {prepared}")
     path = out / "test.jsonl"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in kept))

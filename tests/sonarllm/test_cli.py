@@ -72,6 +72,7 @@ def test_no_command_is_a_usage_error(capsys):
         (["--beam-size", "0"], "--beam-size"),
         (["--eos-threshold", "2"], "--eos-threshold"),
         (["--temperature", "-1"], "--temperature"),
+        (["--repeat-noise", "-1"], "argument --repeat-noise: expected a finite number > 0, got '-1'"),
         (["--device", "gpu0"], "--device"),
         (["--max-sentences", "x"], "--max-sentences"),
         (["--bogus"], "unrecognized"),
@@ -82,6 +83,14 @@ def test_bad_option_value_exits_2(capsys, toy_bundle_dir, args, fragment):
         capsys, "generate", "--model", str(toy_bundle_dir), "--prompt", "A cat.", *args
     )
     assert code == 2 and fragment in err
+
+
+@pytest.mark.parametrize("args", [["--repeat-threshold", "0.9"], ["--repeat-retries", "1", "--repeat-noise", "0.5"]])
+def test_repeat_options_without_the_repetition_control_exit_2(capsys, toy_bundle_dir, args):
+    code, out, err = run(capsys, "generate", "--model", str(toy_bundle_dir), "--prompt", "A cat.", *args)
+    assert code == 2 and out == ""
+    assert_one_line_error(err, f"{', '.join(a for a in args if a.startswith('--'))}: appl")
+    assert "only with --no-repeat-sentences K > 0" in err
 
 
 def test_missing_required_option_exits_2(capsys):

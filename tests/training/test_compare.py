@@ -89,6 +89,8 @@ def test_tiny_comparison_resumes_reports_and_reuses(tmp_path, prepared, test_cor
                  "--eval-every", "1", "--lr", "sonar=3e-3", "--lr", "mse=1e-3")  # fmt: skip
     # A half-finished run, as an interrupted comparison leaves it: one of two steps, a checkpoint.
     plan = compare.make_plan(argv)
+    out.mkdir()
+    (out / compare.STAMP).write_text("an interrupted comparison\n")
     half = out / "runs" / "mse-lr0.001-seed1"
     cmd = compare.train_command(plan, compare.run_overrides(plan, "mse", 1e-3, 1) | {"run.stop_after": "1"})
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
@@ -153,6 +155,36 @@ def test_tiny_comparison_resumes_reports_and_reuses(tmp_path, prepared, test_cor
     assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_a_diverging_sweep_rate_loses_and_is_not_trained_again(tmp_path, prepared, test_corpus, monkeypatch):
+    out = tmp_path / "out"
+    argv = _argv(prepared, out, test_corpus, "--objectives", "sonar", "--seeds", "1", "--steps", "2",
+                 "--eval-every", "1", "--lr", "sonar=1e-3,1e30")  # fmt: skip
+    assert compare.main(argv) == 0
+    runs = {r["lr"]: r for r in json.loads((out / "per_seed.json").read_text())}
+    assert runs[1e30]["status"] == "diverged" and runs[1e30]["validation_token_ce"] == float("inf")
+    assert "the training loss became nan" in runs[1e30]["error"]
+    assert runs[1e-3]["role"] == "seed" and json.loads((out / "results.json").read_text())["chosen_lr"] == {"sonar": 1e-3}
+    assert "| sonar | **" in (out / "results.md").read_text() and " | diverged |" in (out / "results.md").read_text()
+
+    monkeypatch.setattr(compare.subprocess, "Popen", lambda *a, **k: pytest.fail("a diverged run was trained again"))
+    assert compare.main(argv) == 0
+    assert {r["lr"]: r["status"] for r in json.loads((out / "per_seed.json").read_text())} == {1e-3: "reused", 1e30: "diverged"}
+
+
+def test_every_rate_diverging_fails(tmp_path, prepared, test_corpus, capsys, monkeypatch):
+    def diverge(cmd, log_path):
+        log_path.write_text("train.py: error: the training loss became inf at step 2; stopped\n")
+        return 1, False
+
+    monkeypatch.setattr(compare, "_child", diverge)
+    argv = _argv(prepared, tmp_path / "out", test_corpus, "--objectives", "sonar", "--seeds", "1", "--steps", "2",
+                 "--lr", "sonar=1e20,1e30")  # fmt: skip
+    assert compare.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "sonar: training diverged at every learning rate of --lr (1e+20,1e+30)" in err and err.count("\n") == 1
+
+
 def _fake_results(seed: int) -> dict:
     """A sonarllm.evaluate result whose numbers are functions of the seed."""
     proto = {"rouge_l": 10.0 * (seed + 1), "bleu": 2.0 * seed, "cosine": 0.5}
@@ -178,14 +210,15 @@ def test_sweep_chooses_each_objectives_rate_on_validation_and_reports(tmp_path, 
     monkeypatch.setattr(compare, "train", fake_train)
     monkeypatch.setattr(compare, "evaluate_run", fake_evaluate)
     monkeypatch.setattr(compare, "held_out_documents", lambda *args, **kwargs: (["A story."], info))
+    out = tmp_path / "out"
     argv = ["--objectives", "sonar,mse", "--seeds", "3", "--steps", "2", "--lr", "1e-3,2e-3",
-            "--out", str(tmp_path), "--test-data", str(test_corpus)]  # fmt: skip
+            "--out", str(out), "--test-data", str(test_corpus)]  # fmt: skip
     assert compare.main(argv) == 0
     assert trained == [("sonar", 1e-3, 0), ("sonar", 2e-3, 0), ("sonar", 2e-3, 1), ("sonar", 2e-3, 2),
                        ("mse", 1e-3, 0), ("mse", 2e-3, 0), ("mse", 1e-3, 1), ("mse", 1e-3, 2)]  # NaN loses
     assert evaluated == [("sonar", 2e-3, 0), ("sonar", 2e-3, 1), ("sonar", 2e-3, 2),
                          ("mse", 1e-3, 0), ("mse", 1e-3, 1), ("mse", 1e-3, 2)]  # the test split: chosen rates only
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())
     assert results["chosen_lr"] == {"sonar": 2e-3, "mse": 1e-3}
     assert results["sweep"]["sonar"] == {"0.001": 2.0, "0.002": 1.5}
     for objective in ("sonar", "mse"):
@@ -193,9 +226,9 @@ def test_sweep_chooses_each_objectives_rate_on_validation_and_reports(tmp_path, 
         assert (m["cross_entropy"]["mean"], m["cross_entropy"]["std"]) == pytest.approx((2.0, 1.0))  # 1, 2, 3
         assert (m["rouge_l_long"]["mean"], m["rouge_l_long"]["std"]) == pytest.approx((20.0, 10.0))
         assert results["summary"][objective]["seeds"] == [0, 1, 2]
-    roles = {(r["objective"], r["lr"], r["seed"]): r["role"] for r in json.loads((tmp_path / "per_seed.json").read_text())}
+    roles = {(r["objective"], r["lr"], r["seed"]): r["role"] for r in json.loads((out / "per_seed.json").read_text())}
     assert roles[("sonar", 1e-3, 0)] == "sweep" and roles[("sonar", 2e-3, 0)] == "seed"
-    table = (tmp_path / "results.md").read_text()
+    table = (out / "results.md").read_text()
     assert "| sonar | 0.002 | 0,1,2 | 2.0000 ± 1.0000 | 0.1000 ± 0.1000 | 20.00 ± 10.00 |" in table
     assert "| objective | lr 0.001 | lr 0.002 |" in table
     assert "| sonar | 2.0000 | **1.5000** |" in table and "| mse | **1.8000** | nan |" in table
@@ -208,6 +241,7 @@ def test_sweep_chooses_each_objectives_rate_on_validation_and_reports(tmp_path, 
     (["--steps", "-3"], "argument --steps: expected an integer >= 1"),
     (["--lr", "1e-3,-1"], "argument --lr: expected learning rates > 0"),
     (["--lr", "mse=1e-3,1e-3"], "a learning rate is listed twice"),
+    (["--lr", "1e-3,1.0000001e-3"], "--lr sonar=...: 0.001 and 0.0010000001 are the same to 6 significant digits"),
     (["--lr", "lcm=1e-3"], "OBJECTIVE one of sonar, mse"),
     (["--objectives", "sonar", "--lr", "mse=1e-3"], "'mse' is not in --objectives sonar"),
     (["--steps", "4", "--eval-every", "5"], "--eval-every 5 exceeds --steps 4"),
@@ -226,6 +260,80 @@ def test_bad_command_lines_exit_2_in_one_line(tmp_path, capsys, extra, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_out_holding_other_files_is_refused_untouched(tmp_path, test_corpus, capsys, monkeypatch):
+    monkeypatch.setattr(compare, "train", lambda *a, **k: pytest.fail("trained into a foreign --out"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.md").write_text("my notes\n")
+    assert compare.main(["--out", str(out), "--test-data", str(test_corpus)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"compare: error: --out {out} is not empty") and err.count("\n") == 1
+    assert [p.name for p in out.iterdir()] == ["results.md"] and (out / "results.md").read_text() == "my notes\n"
+
+
+def test_test_data_that_compare_would_write_is_refused_untouched(tmp_path, test_corpus, capsys, monkeypatch):
+    monkeypatch.setattr(compare, "train", lambda *a, **k: pytest.fail("trained over --test-data"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / compare.STAMP).write_text("an earlier comparison\n")  # resumable: not refused for being non-empty
+    mine = out / "test.jsonl"
+    mine.write_bytes(test_corpus.read_bytes())
+    assert compare.main(["--out", str(out), "--test-data", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert f"--test-data {mine} is a file compare writes in --out {out}" in err and err.count("\n") == 1
+    assert mine.read_bytes() == test_corpus.read_bytes()
+
+
+@pytest.mark.parametrize("content, field, message", [
+    ('{"text": "A story."}\n', "nope", "--text-field nope: "),
+    ("not json\n", "text", "not valid JSON"),
+    ("", "text", "holds no documents"),
+], ids=["wrong-field", "not-json", "empty"])  # fmt: skip
+def test_bad_test_documents_fail_before_training(tmp_path, prepared, capsys, monkeypatch, content, field, message):
+    monkeypatch.setattr(compare, "train", lambda *a, **k: pytest.fail("trained before checking the test documents"))
+    corpus = tmp_path / "mine.jsonl"
+    corpus.write_text(content)
+    assert compare.main(_argv(prepared, tmp_path / "out", corpus, "--text-field", field)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("compare: error: --te") and message in err and err.count("\n") == 1
+    if field == "text":
+        assert err.startswith(f"compare: error: --test-data {corpus}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("ready", [True, False], ids=["prepared", "prepared-by-the-first-run"])
+def test_no_test_document_left_fails_before_the_long_training(tmp_path, prepared, stories, capsys, monkeypatch, ready):
+    import shutil
+
+    corpus = tmp_path / "seen.jsonl"
+    corpus.write_text("".join(json.dumps({"text": stories[i]}) + "\n" for i in (3, 60)))  # both in the prepared data
+    data = tmp_path / "prepared"
+    if ready:
+        shutil.copytree(prepared, data)
+    trained = []
+
+    def fake_train(plan, objective, lr, seed, role, label):
+        trained.append(lr)
+        shutil.copytree(prepared, data, dirs_exist_ok=True)  # what the trainer's data preparation leaves
+        return {"objective": objective, "lr": lr, "seed": seed, "role": role, "status": "trained", "validation_token_ce": 1.0}
+
+    monkeypatch.setattr(compare, "train", fake_train)
+    argv = _argv(data, tmp_path / "out", corpus, "--data.source", str(corpus), "--lr", "1e-3,2e-3")
+    assert compare.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--test-data {corpus}: no test document left: all 2 documents" in err and err.count("\n") == 1
+    assert trained == ([] if ready else [1e-3])
+
+
+def test_out_that_is_a_file_and_cuda_without_cuda_exit_2_in_one_line(tmp_path, test_corpus, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("mine\n")
+    assert compare.main(["--out", str(tmp_path / "afile"), "--test-data", str(test_corpus)]) == 2
+    assert capsys.readouterr().err == f"compare: error: --out {tmp_path / 'afile'} is not a directory\n"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert compare.main(["--out", str(tmp_path / "out"), "--device", "cuda", "--test-data", str(test_corpus)]) == 2
+    assert capsys.readouterr().err == "compare: error: --device cuda: CUDA is not available on this machine\n"
+
+
 def test_other_data_needs_test_documents(tmp_path, capsys):
     corpus = tmp_path / "mine.txt"
     corpus.write_text("A first sentence. A second one.\n")
@@ -242,11 +350,28 @@ def test_a_run_trained_otherwise_is_refused_not_overwritten(tmp_path, prepared, 
     run_dir = tmp_path / "out" / "runs" / "sonar-lr0.001-seed0"
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps(recorded))
+    (tmp_path / "out" / compare.STAMP).write_text("an earlier comparison\n")
     assert compare.main(argv) == 2
     err = capsys.readouterr().err
     assert "was trained with a different configuration (loop.max_steps 5 != 2)" in err and err.count("\n") == 1
     assert json.loads((run_dir / "config.json").read_text()) == recorded
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
+
+
+def test_stop_after_from_a_config_file_is_overridden(tmp_path, prepared, test_corpus):
+    config = tmp_path / "stop.toml"
+    config.write_text("[run]\nstop_after = 1\n")
+    plan = compare.make_plan(["--config", str(config), *_argv(prepared, tmp_path / "out", test_corpus)])
+    assert compare.run_config(plan, "sonar", 1e-3, 0).run.stop_after == 0
+
+
+def test_a_run_that_stops_early_says_so(tmp_path, prepared, test_corpus, capsys, monkeypatch):
+    monkeypatch.setattr(compare, "_child", lambda cmd, log_path: (log_path.write_text("stopped\n"), (0, False))[1])
+    argv = _argv(prepared, tmp_path / "out", test_corpus, "--objectives", "sonar", "--seeds", "1", "--steps", "2", "--lr", "1e-3")
+    assert compare.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "training sonar-lr0.001-seed0 stopped early without exporting final/" in err and err.count("\n") == 1
+    assert "run the same command again to resume it" in err
 
 
 def test_several_processes_train_through_torchrun(tmp_path, test_corpus):
