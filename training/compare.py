@@ -509,7 +509,7 @@ def evaluate_run(plan: Plan, record: dict, docs: list[str], test_info: dict, cfg
 
 def compare(plan: Plan, command: str) -> dict:
     """Train, select, evaluate and report (see the module docstring); returns results.json."""
-    from training.compare_report import markdown, plot, summarize, table_metrics, write_text_atomic
+    from training.compare_report import grid_edge_note, markdown, plot, summarize, table_metrics, write_text_atomic
     from training.shards import write_json_atomic
 
     t0 = time.perf_counter()
@@ -537,6 +537,9 @@ def compare(plan: Plan, command: str) -> dict:
                                "try smaller rates")  # fmt: skip
         if len(grid) > 1:
             print(f"compare: {objective}: lr {chosen:g} chosen by validation token CE", flush=True)
+            note = grid_edge_note(objective, sweeps[objective], chosen)
+            if note:
+                print(f"compare: warning: {note}", flush=True)
         first[chosen]["role"] = "seed"
         runs += list(first.values())
         for seed in range(1, plan.seeds):

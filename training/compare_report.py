@@ -95,7 +95,19 @@ def markdown(summary: dict, sweeps: dict, *, command: str, test_info: dict) -> s
             cells = ["" if lr not in grid else f"**{_sweep_cell(grid[lr])}**" if lr == chosen else _sweep_cell(grid[lr])
                      for lr in rates]  # fmt: skip
             lines.append(f"| {obj} | " + " | ".join(cells) + " |")
+        lines += [f"\n{note}" for note in (grid_edge_note(obj, grid, summary.get(obj, {}).get("lr"))
+                                            for obj, grid in swept.items()) if note]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def grid_edge_note(objective: str, grid: dict, chosen: float | None) -> str | None:
+    """A warning when the chosen rate is the smallest or largest of a swept grid: the optimum may
+    lie beyond it, and the comparison is then not fair to that objective."""
+    if chosen is None or len(grid) < 2 or chosen not in (min(grid), max(grid)):
+        return None
+    side, beyond = ("largest", "larger") if chosen == max(grid) else ("smallest", "smaller")
+    return (f"Note: {objective}'s chosen lr {chosen:g} is the {side} of its grid; the best rate may be "
+            f"{beyond}: extend --lr to bracket it.")
 
 
 def _sweep_cell(ce: float) -> str:

@@ -232,6 +232,16 @@ def test_sweep_chooses_each_objectives_rate_on_validation_and_reports(tmp_path, 
     assert "| sonar | 0.002 | 0,1,2 | 2.0000 ± 1.0000 | 0.1000 ± 0.1000 | 20.00 ± 10.00 |" in table
     assert "| objective | lr 0.001 | lr 0.002 |" in table
     assert "| sonar | 2.0000 | **1.5000** |" in table and "| mse | **1.8000** | nan |" in table
+    assert "Note: sonar's chosen lr 0.002 is the largest of its grid; the best rate may be larger" in table
+    assert "Note: mse's chosen lr 0.001 is the smallest of its grid; the best rate may be smaller" in table
+
+
+def test_a_rate_inside_the_grid_gets_no_edge_note():
+    from training.compare_report import grid_edge_note
+
+    grid = {1e-3: 2.0, 2e-3: 1.5, 4e-3: 1.7}
+    assert grid_edge_note("sonar", grid, 2e-3) is None and grid_edge_note("sonar", {1e-3: 2.0}, 1e-3) is None
+    assert "is the largest of its grid" in grid_edge_note("sonar", grid, 4e-3)
 
 
 @pytest.mark.parametrize("extra, message", [
