@@ -62,6 +62,7 @@ STOP_MAX_SENTENCES = "max_sentences"
 STOP_REPETITION = "repetition"
 _SEED_STRIDE = 1_000_003  # prompt i of seed s draws from a generator seeded s * stride + i
 _REPEAT_SEED_OFFSET = 2**62  # its repetition redraws from one seeded 2**62 + s * stride + i
+MAX_SEED = (2**64 - _REPEAT_SEED_OFFSET) // _SEED_STRIDE - 1  # generator seeds must fit 64 bits
 
 
 def _is_int(value) -> bool:
@@ -135,8 +136,8 @@ class GenerationOptions:
                 "GenerationOptions.temperature must be a finite number >= 0, "
                 f"got {self.temperature!r}"
             )
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"GenerationOptions.seed must be an int >= 0, got {self.seed!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"GenerationOptions.seed must be an int in [0, {MAX_SEED}], got {self.seed!r}")
         if not isinstance(self.eos_sentence, str) or not self.eos_sentence.strip():
             raise ValueError(
                 f"GenerationOptions.eos_sentence must be a non-empty str, got {self.eos_sentence!r}"

@@ -65,6 +65,7 @@ def batch_result(toy):
         ("eos_threshold", float("nan")),
         ("temperature", -0.1),
         ("seed", -1),
+        ("seed", 2**62),
         ("eos_sentence", " "),
         ("recompute", 1),
         ("max_sentences", True),
@@ -80,6 +81,16 @@ def batch_result(toy):
 def test_options_reject_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"GenerationOptions.{field}"):
         GenerationOptions(**{field: value})
+
+
+def test_the_largest_seed_still_seeds_every_generator():
+    """Generator seeds must fit 64 bits, also the repetition redraws' (offset 2**62)."""
+    from sonarllm.generate import MAX_SEED, _REPEAT_SEED_OFFSET, noise_generators
+
+    assert GenerationOptions(seed=MAX_SEED).seed == MAX_SEED
+    assert len(noise_generators(MAX_SEED, [0, 999_999], offset=_REPEAT_SEED_OFFSET)) == 2
+    with pytest.raises(ValueError, match=f"seed must be an int in \\[0, {MAX_SEED}\\], got {MAX_SEED + 1}"):
+        GenerationOptions(seed=MAX_SEED + 1)
 
 
 def test_max_tokens_maps_onto_beam_search_options(toy):
