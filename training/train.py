@@ -469,6 +469,17 @@ class Trainer:
         if self.rank == 0:
             print(f"first step done {record['first_step_s']:.1f} s after start", flush=True)
 
+    def _log_window(self, step: int, window: list, t0: float) -> None:
+        """One metrics record for the steps in ``window`` ((step output, seconds) pairs) ending at
+        ``step``: mean loss, the last lr, throughput."""
+        secs = sum(w[1] for w in window)
+        self.metrics.write({
+            "step": step, "loss": sum(w[0]["loss"] for w in window) / len(window),
+            "lr": window[-1][0]["lr"], "tokens_per_s": sum(w[0]["tokens"] for w in window) / secs,
+            "sentences_per_s": sum(w[0]["sentences"] for w in window) / secs,
+            "elapsed_s": time.perf_counter() - t0,
+        })  # fmt: skip
+
     def run(self) -> int:
         from tqdm.auto import tqdm
 
@@ -496,6 +507,8 @@ class Trainer:
             out = self.train_step(step) | {"lr": lr}
             step += 1
             if not math.isfinite(out["loss"]):
+                if window:  # the trend up to the failure: the unlogged finite steps
+                    self._log_window(step - 1, window, t0)
                 raise TrainingError(
                     f"the training loss became {out['loss']} at step {step}; stopped without writing a checkpoint "
                     f"from this state, {self._kept()}"
@@ -507,13 +520,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss']:.4f}", tok_s=f"{out['tokens'] / dt:.0f}")
             if step % loop.log_every == 0 or step == loop.max_steps:
-                secs = sum(w[1] for w in window)
-                self.metrics.write({
-                    "step": step, "loss": sum(w[0]["loss"] for w in window) / len(window),
-                    "lr": out["lr"], "tokens_per_s": sum(w[0]["tokens"] for w in window) / secs,
-                    "sentences_per_s": sum(w[0]["sentences"] for w in window) / secs,
-                    "elapsed_s": time.perf_counter() - t0,
-                })  # fmt: skip
+                self._log_window(step, window, t0)
                 window = []
             if step % loop.eval_every == 0 or step == loop.max_steps:
                 evals = self.evaluate()

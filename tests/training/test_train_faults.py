@@ -297,3 +297,13 @@ def test_resuming_explicitly_from_an_older_step_sets_the_later_checkpoints_aside
         assert (ckpts / "superseded" / f"step-0000000{step}" / "checkpoint.json").is_file()
     assert _checkpoints(run) == (["step-00000001", "step-00000002", "step-00000003", "step-00000004"], "step-00000004")
     torch.testing.assert_close(torch.tensor(read_losses(run)), torch.tensor(read_losses(four_steps)), rtol=2e-7, atol=0)
+
+
+def test_a_diverging_run_logs_the_steps_before_the_failure(tmp_path, prepared):
+    """log_every 4, loss NaN at step 2 (lr 1e30): step 1's finite loss is in metrics.jsonl."""
+    run = tmp_path / "run"
+    out = train(run, prepared, "--loop.max_steps", "4", "--loop.log_every", "4", "--optim.lr", "1e30", check=False)
+    assert out.returncode == 1
+    _one_line(out.stderr, "the training loss became nan at step 2")
+    logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in logged] == [1] and math.isfinite(logged[0]["loss"])
