@@ -60,6 +60,13 @@ class RunLock:
                 f"run.output_dir {self.path.parent} is in use by another training run ({describe_holder(holder)}); "
                 "wait for it to end or choose another run.output_dir"
             ) from None
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP, ...: a filesystem without file locks
+            os.close(fd)
+            raise RunLockedError(
+                f"run.output_dir {self.path.parent} cannot be locked ({os.strerror(exc.errno) if exc.errno else exc}): "
+                "its filesystem does not support flock (e.g. Lustre mounted noflock); put run.output_dir on a "
+                "local or NFS filesystem"
+            ) from None
         stale = _read_holder(fd)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         try:

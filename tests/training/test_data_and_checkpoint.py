@@ -252,3 +252,16 @@ def test_one_run_per_directory_and_a_stale_lock_is_taken_over(tmp_path):
     again._fd = None
     stale = RunLock(tmp_path).acquire()
     assert stale is not None and stale["pid"] == os.getpid()
+
+
+def test_a_filesystem_without_file_locks_is_named_in_one_line(tmp_path, monkeypatch):
+    import errno
+
+    import training.runlock as runlock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(runlock.fcntl, "flock", no_locks)
+    with pytest.raises(RunLockedError, match="cannot be locked .*does not support flock"):
+        RunLock(tmp_path).acquire()
