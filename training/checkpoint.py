@@ -216,6 +216,9 @@ class Checkpointer:
             except (OSError, RuntimeError) as exc:
                 error = f"{failed}: {describe_io_error(exc, staging)}"
             _raise_if_any(error)
+            if self.rank == 0:  # DeepSpeed's recovery scripts (zero_to_fp32.py) land beside the tag: keep them in it
+                for script in staging.glob("*.py"):
+                    os.replace(script, folder / script.name)
             names = broadcast_object(sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
                                if self.rank == 0 else None)  # fmt: skip
             files = file_digests(folder, names, rank=self.rank, world=self.world)

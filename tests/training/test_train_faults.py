@@ -307,3 +307,12 @@ def test_a_diverging_run_logs_the_steps_before_the_failure(tmp_path, prepared):
     _one_line(out.stderr, "the training loss became nan at step 2")
     logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["step"] for r in logged] == [1] and math.isfinite(logged[0]["loss"])
+
+
+def test_checkpoints_carry_deepspeeds_recovery_script(four_steps):
+    """zero_to_fp32.py (DeepSpeed writes it beside the checkpoint folder) is part of each
+    published checkpoint, hashed with it, and nothing is left in the staging directory."""
+    step = four_steps / "checkpoints" / "step-00000004"
+    assert (step / "zero_to_fp32.py").is_file()
+    assert "zero_to_fp32.py" in json.loads((step / "checkpoint.json").read_text())["files"]
+    assert not list((four_steps / "checkpoints" / ".staging").glob("*"))
