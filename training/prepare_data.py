@@ -40,9 +40,7 @@ import logging
 import os
 import shlex
 import shutil
-import socket
 import tempfile
-import time
 
 import torch
 
@@ -62,7 +60,7 @@ from training.shards import (
     write_json_atomic,
     write_shard,
 )
-from training.runlock import _read_holder, describe_holder
+from training.runlock import describe_holder, read_holder, write_holder
 
 log = logging.getLogger("sonarllm.prepare")
 DEFAULT_SOURCE = Path(__file__).resolve().parent / "example" / "stories.jsonl.gz"
@@ -246,11 +244,9 @@ def _locked(out: Path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.warning("waiting for another preparation of %s to finish (%s)", out, describe_holder(_read_holder(fd)))
+            log.warning("waiting for another preparation of %s to finish (%s)", out, describe_holder(read_holder(fd)))
             fcntl.flock(fd, fcntl.LOCK_EX)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        write_holder(fd)
         yield
         os.ftruncate(fd, 0)  # no holder any more
     finally:

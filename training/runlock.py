@@ -31,12 +31,20 @@ def describe_holder(holder: dict | None) -> str:
     return f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
 
 
-def _read_holder(fd: int) -> dict | None:
+def read_holder(fd: int) -> dict | None:
+    """The record a lock file holds (host, pid, start time of its holder), or None."""
     try:
         record = json.loads(os.pread(fd, 4096, 0) or b"null")
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
+
+
+def write_holder(fd: int) -> None:
+    """Record this process (host, pid, start time) as the holder of the locked file ``fd``."""
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
 
 
 class RunLock:
@@ -54,7 +62,7 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _read_holder(fd)
+            holder = read_holder(fd)
             os.close(fd)
             raise RunLockedError(
                 f"run.output_dir {self.path.parent} is in use by another training run ({describe_holder(holder)}); "
@@ -67,11 +75,9 @@ class RunLock:
                 "its filesystem does not support flock (e.g. Lustre mounted noflock); put run.output_dir on a "
                 "local or NFS filesystem"
             ) from None
-        stale = _read_holder(fd)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        stale = read_holder(fd)
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+            write_holder(fd)
         except OSError:
             os.close(fd)
             raise
