@@ -1,4 +1,4 @@
-"""Session-wide test set-up, loaded before any test or benchmark module imports `kernels`.
+"""Session-wide test set-up, loaded before any test or benchmark module imports `sonarllm_kernels`.
 
 On a machine without CUDA, Triton kernels can only run through the interpreter, which reads
 TRITON_INTERPRET when a kernel is decorated: it is set here, before anything imports the

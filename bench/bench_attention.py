@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from bench._harness import machine_info, peak_memory_mb, sync
-from kernels.attention import attention, cu_seqlens_from_lengths, flash_attn_available
+from sonarllm_kernels.attention import attention, cu_seqlens_from_lengths, flash_attn_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HEADS, HEAD_DIM = 16, 64

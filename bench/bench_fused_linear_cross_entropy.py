@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from bench._harness import machine_info, peak_memory_mb, sync
-from kernels import fused_linear_cross_entropy
+from sonarllm_kernels import fused_linear_cross_entropy
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (N tokens, D, V, dtype) per device and --bench-size. "full" on CPU is the CPU target

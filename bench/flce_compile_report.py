@@ -1,7 +1,7 @@
 """Hopper compile evidence for the fused linear cross-entropy's Triton kernels, without a GPU.
 
 Runs one forward+gradient chunk of the "triton" path on CPU tensors standing in for CUDA ones
-and records its Triton launches with their full specialisation (``kernels.warmup``: strides
+and records its Triton launches with their full specialisation (``sonarllm_kernels.warmup``: strides
 equal to 1 become constants, integers and pointers divisible by 16 are marked so, which decides
 vector widths and whether a loop can be software-pipelined); compiles each for sm_90a and reads
 the result: registers and spills (``ptxas -v``), shared memory (the compiled metadata), and from
@@ -13,7 +13,7 @@ pipelined: their latency is paid every iteration), 16-bit scalar global accesses
     python -m bench.flce_compile_report --schedule fused --dtype bf16 --check
 
 Needs Triton's NVIDIA backend (its bundled ptxas), not a GPU, and TRITON_INTERPRET unset.
-tests/kernels/test_fused_linear_cross_entropy.py runs ``--check``: it fails on any register
+tests/sonarllm_kernels/test_fused_linear_cross_entropy.py runs ``--check``: it fails on any register
 spill, shared memory over the limit or an unpipelined Triton GEMM loop.
 """
 
@@ -88,7 +88,7 @@ def compile_variant(variant) -> KernelReport:
     """Compile one recorded variant for sm_90a in this process and read its resources."""
     import importlib
 
-    from kernels.warmup import _offline, parse_target, ptxas_usage
+    from sonarllm_kernels.warmup import _offline, parse_target, ptxas_usage
 
     with _offline(parse_target(ARCH)):
         compiled = getattr(importlib.import_module(variant.module), variant.attr).preload(variant.specialization)
@@ -110,9 +110,9 @@ def chunk_variants(dtype: torch.dtype, config: dict, options: dict, C: int = 512
     """The Triton launches (recorded, not run) of one forward + hidden, weight and bias gradient
     chunk at (C, D, V) with ``config``. ``options``: bias, class_weight and FLCEParams fields.
     V = 1000, like SONAR's 256,206, is not a multiple of 16: the specialisation the real shape gets."""
-    import kernels.fused_linear_cross_entropy_triton as ft
-    from kernels.fused_linear_cross_entropy_function import FLCEParams
-    from kernels.warmup import record_variants
+    import sonarllm_kernels.fused_linear_cross_entropy_triton as ft
+    from sonarllm_kernels.fused_linear_cross_entropy_function import FLCEParams
+    from sonarllm_kernels.warmup import record_variants
 
     g = torch.Generator().manual_seed(0)
     h, w = torch.randn(C, D, generator=g).to(dtype), torch.randn(V, D, generator=g).to(dtype)
@@ -136,7 +136,7 @@ FLAG_SETS = {
 
 def table_configs(dtypes=("bf16", "fp32")) -> list[tuple[str, dict]]:
     """(dtype name, config) for every schedule the tile table keeps for sm_90."""
-    import kernels.fused_linear_cross_entropy_triton as ft
+    import sonarllm_kernels.fused_linear_cross_entropy_triton as ft
 
     out = []
     for dname in dtypes:

@@ -38,9 +38,9 @@ DEADLINE_S = 360  # the issue's target: the whole suite within 6 minutes
 EXAMPLE = ["--config", "training/configs/example.toml", "--system.precision", "bf16"]
 EXAMPLE_STAGES = ("train", "compile")  # the stages that run the example (they wait for its data)
 TEST_FILES = {
-    "flce": "tests/kernels/test_fused_linear_cross_entropy.py",
-    "attention": "tests/kernels/test_attention.py",
-    "projection": "tests/kernels/test_fused_embedding_projection.py",
+    "flce": "tests/sonarllm_kernels/test_fused_linear_cross_entropy.py",
+    "attention": "tests/sonarllm_kernels/test_attention.py",
+    "projection": "tests/sonarllm_kernels/test_fused_embedding_projection.py",
 }
 BENCH_FILES = {
     "flce": "bench/bench_fused_linear_cross_entropy.py",
@@ -69,7 +69,7 @@ def plan(only: set[str] | None, full: bool, work: Path) -> list[Stage]:
     stages = []
     if wanted("warmup"):
         stages.append(Stage("warmup", 25, "compile the 300M + basic training step's kernels in parallel", [
-            [PY, "-m", "kernels.warmup", "--preset", "300M", "--decoder", "basic", "--dtype", "bf16",
+            [PY, "-m", "sonarllm_kernels.warmup", "--preset", "300M", "--decoder", "basic", "--dtype", "bf16",
              "--documents", "64", "--sentences", "32", "--report", str(work / "warmup.json")]]))  # fmt: skip
     groups = list(TEST_FILES) if only is None or "tests" in only else [g for g in TEST_FILES if g in only]
     if groups:
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         print(f"gpu_suite: error: no CUDA device here (torch {torch.__version__} sees none); this suite measures the "
-              "CUDA side. On a CPU run `pytest bench --benchmark` and `pytest tests`; `python -m kernels.warmup "
+              "CUDA side. On a CPU run `pytest bench --benchmark` and `pytest tests`; `python -m sonarllm_kernels.warmup "
               "--target sm_90` compiles the GPU kernels without a GPU. Plan: python -m bench.gpu_suite --dry-run",
               file=sys.stderr)  # fmt: skip
         return 2

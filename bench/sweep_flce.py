@@ -43,8 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kernels.fused_linear_cross_entropy_triton as ft  # noqa: E402
-from kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_ref  # noqa: E402
+import sonarllm_kernels.fused_linear_cross_entropy_triton as ft  # noqa: E402
+from sonarllm_kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_ref  # noqa: E402
 
 D = 1024
 TUNE_SHAPE = (2048, D, 256_206)
@@ -366,7 +366,7 @@ def compiled_kernels() -> list[str]:
     """Registers and spills of every Triton kernel compiled in this process (on the GPU)."""
     from triton.runtime.jit import JITFunction
 
-    from kernels import fused_linear_cross_entropy_triton_kernels as K
+    from sonarllm_kernels import fused_linear_cross_entropy_triton_kernels as K
 
     lines = []
     for name, fn in sorted(vars(K).items()):

@@ -6,6 +6,10 @@
     sonarllm train ...     # delegated to training.train.main
     sonarllm compare ...   # delegated to training.compare.main
 
+The ``training`` package is not installed with the wheel (research code often has a
+``training`` package of its own): the delegated commands import it from the checkout this
+``sonarllm`` lives in (an editable install), whatever directory the command runs from.
+
 Conventions: ``--help`` on every command; exit status 0 on success, 2 for a bad command line
 (argparse's errors, an empty prompt), 1 for a runtime error (missing or incompatible model
 directory, missing SONAR file, corrupted checkpoint, missing optional dependency, ...), which is
@@ -429,15 +433,35 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _delegate(name: str, argv: list[str]) -> int:
-    module_name = DELEGATES[name][0]
+def _checkout_module(name: str, module_name: str):
+    """Import ``module_name`` (a ``training.*`` module) from the checkout holding this package.
+
+    The checkout's root goes first on ``sys.path`` of this (command) process, so that a
+    ``training`` package of someone else's installed or in the current directory is not taken
+    for ours; a module that still resolves elsewhere is refused."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "training" / "__init__.py").is_file():
+        raise ImportError(
+            f"'{PROG} {name}' runs the trainer from a checkout of the sonarllm repository "
+            f"(git clone, then pip install -e . there); the sonarllm at {root} has no training/ "
+            "beside it (a wheel install carries no trainer)"
+        )
+    if sys.path[:1] != [str(root)]:
+        sys.path.insert(0, str(root))
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ImportError(
-            f"'{PROG} {name}' needs {module_name} and the training extra "
-            f"(pip install 'sonarllm[train]'): {exc}"
+            f"'{PROG} {name}' needs the training extra (pip install -e '.[train]'): {exc}"
         ) from exc
+    where = Path(module.__file__).resolve()
+    if not where.is_relative_to(root):
+        raise ImportError(f"'{PROG} {name}': {module_name} resolves to {where}, not to {root / 'training'}")
+    return module
+
+
+def _delegate(name: str, argv: list[str]) -> int:
+    module = _checkout_module(name, DELEGATES[name][0])
     try:
         code = module.main(argv)
     except SystemExit as exc:  # argparse inside the delegate

@@ -37,7 +37,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from kernels._dispatch import check_impl_name
+from sonarllm_kernels._dispatch import check_impl_name
 
 OBJECTIVES = ("sonar", "mse")
 ROPE_SCALING_KEYS = (
@@ -112,7 +112,7 @@ class SonarLLMConfig:
     "mse" = the LCM baseline's next-embedding MSE (sonarllm/mse_loss.py)."""
     kernel_impl: str = "auto"
     """``impl`` passed to every kernel call (attention, projections): "auto", "triton", "torch"
-    or "reference" (see kernels/_dispatch.py)."""
+    or "reference" (see sonarllm_kernels/_dispatch.py)."""
 
     def __post_init__(self) -> None:
         for name in ("sonar_dim", "model_dim", "num_layers", "num_heads", "ffn_dim", "max_seq_len"):

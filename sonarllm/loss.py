@@ -2,7 +2,7 @@
 SONAR decoder from the predicted sentence embedding.
 
     predicted embeddings [N, E] --frozen decoder, teacher-forced, packed--> token states [T, D]
-        --kernels.fused_linear_cross_entropy with the tied output weight (frozen)--> loss
+        --sonarllm_kernels.fused_linear_cross_entropy with the tied output weight (frozen)--> loss
 
 The decoder's weights get no gradient; the gradient reaches the predicted embeddings only
 (through the decoder's activations). The loss is the mean over all label tokens of the batch
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels import fused_linear_cross_entropy
+from sonarllm_kernels import fused_linear_cross_entropy
 from sonarllm.sonar.decoder import SonarDecoder
 from sonarllm.sonar.packing import PackedBatch
 from sonarllm.sonar.tokenizer import SonarTokenizer

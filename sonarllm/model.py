@@ -12,8 +12,8 @@ attention without GQA or biases, RoPE over sentence positions with llama3 freque
 (computed as transformers' ``_compute_llama3_parameters`` does, in float32), SwiGLU without
 biases, a final RMSNorm, HF's initialisation (normal std ``init_std`` for linear weights,
 RMSNorm weights 1). There is no token embedding. The two projections are
-``kernels.FusedEmbeddingProjection`` (bias, PyTorch's nn.Linear initialisation) so that the
-optional SONAR normalizer (LCM) is fused into them; attention is ``kernels.attention``. Every
+``sonarllm_kernels.FusedEmbeddingProjection`` (bias, PyTorch's nn.Linear initialisation) so that the
+optional SONAR normalizer (LCM) is fused into them; attention is ``sonarllm_kernels.attention``. Every
 kernel call gets ``config.kernel_impl``.
 
 Layouts: ``forward`` takes a right-padded batch [B, S, E] (causal attention makes the padding
@@ -54,8 +54,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels.attention import attention
-from kernels.fused_embedding_projection import FusedEmbeddingProjection, check_normalizer_values
+from sonarllm_kernels.attention import attention
+from sonarllm_kernels.fused_embedding_projection import FusedEmbeddingProjection, check_normalizer_values
 from sonarllm.config import SonarLLMConfig
 from sonarllm.normalizer import SonarNormalizer
 

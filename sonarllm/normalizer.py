@@ -16,7 +16,7 @@ linearly between order statistics (numpy's default). Scales below ``min_scale`` 
 dimension) are raised to it, so normalization never divides by zero.
 
 Inside ``sonarllm.SonarLLM`` the normalizer is fused into the input and output projections
-(``kernels.fused_embedding_projection``); this module fits it, and applies it on its own (for
+(``sonarllm_kernels.fused_embedding_projection``); this module fits it, and applies it on its own (for
 targets, or offline).
 
 Shape legend: N = embeddings, E = SONAR dim.

@@ -5,7 +5,7 @@ fp32/bf16/fp16 (marked ``gpu``, skipped without CUDA)."""
 import pytest
 import torch
 
-from kernels._dispatch import is_interpreter, triton_available
+from sonarllm_kernels._dispatch import is_interpreter, triton_available
 
 HAS_CUDA = torch.cuda.is_available()
 TRITON_OK = triton_available() and (HAS_CUDA or is_interpreter())

@@ -74,12 +74,12 @@ def test_gpu_suite_plan_fits_the_six_minutes_and_selects_stages(tmp_path):
     assert set(names) == set(STAGE_NAMES) - {"zero", "sweep", "compile"}, "the opt-in stages run only when named"
     assert sum(s.limit for s in default) + 15 <= DEADLINE_S, "stage limits (and setup's 15 s) within 6 minutes"
     tests = next(s for s in default if s.name == "tests")
-    assert "--smoke" in tests.commands[0] and tests.commands[0].count("tests/kernels/test_attention.py") == 1
+    assert "--smoke" in tests.commands[0] and tests.commands[0].count("tests/sonarllm_kernels/test_attention.py") == 1
 
     one = plan({"attention"}, False, tmp_path)
     assert [s.name for s in one] == ["tests", "attention"]
     cmd = one[0].commands[0]
-    assert [a for a in cmd if a.startswith("tests/")] == ["tests/kernels/test_attention.py"]
+    assert [a for a in cmd if a.startswith("tests/")] == ["tests/sonarllm_kernels/test_attention.py"]
     assert [s.name for s in plan({"train", "zero"}, False, tmp_path)] == ["train", "zero"]
     assert [s.name for s in plan({"compile"}, False, tmp_path)] == ["compile"]
     (sweep,) = plan({"sweep"}, False, tmp_path)
@@ -148,9 +148,9 @@ def test_gpu_suite_report_has_every_section(tmp_path):
 
     w = tmp_path / "work"
     _write_jsonl(w / "tests.jsonl", [
-        {"nodeid": "tests/kernels/test_attention.py::test_parity_varlen[x-cuda-triton-bf16]", "outcome": "passed"},
-        {"nodeid": "tests/kernels/test_attention.py::test_parity_varlen[y-cuda-triton-bf16]", "outcome": "failed", "message": "AssertionError: boom"},
-        {"nodeid": "tests/kernels/test_fused_embedding_projection.py::test_parity[cuda-torch-fp16]", "outcome": "passed"},
+        {"nodeid": "tests/sonarllm_kernels/test_attention.py::test_parity_varlen[x-cuda-triton-bf16]", "outcome": "passed"},
+        {"nodeid": "tests/sonarllm_kernels/test_attention.py::test_parity_varlen[y-cuda-triton-bf16]", "outcome": "failed", "message": "AssertionError: boom"},
+        {"nodeid": "tests/sonarllm_kernels/test_fused_embedding_projection.py::test_parity[cuda-torch-fp16]", "outcome": "passed"},
     ])  # fmt: skip
     _write_jsonl(w / "train-run" / "metrics.jsonl", [
         {"step": 1, "first_step_s": 21.5, "peak_memory_gib": 1.25},
@@ -183,7 +183,7 @@ def test_gpu_suite_report_has_every_section(tmp_path):
     stages = [{"name": "tests", "status": "ok", "limit": 70, "seconds": 50.0, "compile_s": 30.5, "compiles": 40, "what": "parity"}]
     text = render(w, stages, {"gpu": "NVIDIA H200", "peak_bf16_tflops": 790.0})
     assert "| tests | ok | 50.0 | 70 | 30.5 (40) | parity |" in text
-    assert "1 failed, 2 passed" in text and "FAILED tests/kernels/test_attention.py" in text and "boom" in text
+    assert "1 failed, 2 passed" in text and "FAILED tests/sonarllm_kernels/test_attention.py" in text and "boom" in text
     assert "| attention | triton | bf16 | 1 | 1 |" in text and "| fused_embedding_projection | torch | fp16 | 1 | 0 |" in text
     assert "training loss 2.750 (first window) -> 1.500 (last)" in text and "1.600 (step 30)" in text
     assert "target tokens/s: 5,000" in text and "21.5 s after train.py started" in text and "1.25 GiB" in text

@@ -4,7 +4,7 @@ Each forward method is compiled in place (parameter names, checkpoints and the e
 are unchanged): the concept transformer's inside the DeepSpeed engine, whose own hooks (timers,
 ZeRO bookkeeping) stay eager around it, and the token loss's (the frozen SONAR decoder and the
 fused cross-entropy, outside the engine). Each is one graph (``fullgraph``: the kernels are
-custom ops, kernels/*_op.py) with dynamic shapes: micro-batches of other sizes, sentence counts
+custom ops, sonarllm_kernels/*_op.py) with dynamic shapes: micro-batches of other sizes, sentence counts
 and lengths reuse the compiled graphs instead of recompiling every step.
 
 ZeRO-3 gathers every layer's parameters in DeepSpeed module hooks that torch.compile cannot

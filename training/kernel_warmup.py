@@ -1,7 +1,7 @@
-"""The kernel launches of a SONAR-LLM training run, for ``python -m kernels.warmup``.
+"""The kernel launches of a SONAR-LLM training run, for ``python -m sonarllm_kernels.warmup``.
 
-:func:`training_workload` is what kernels.warmup records and compiles ahead of a run; it lives
-here because the ``kernels`` package never imports ``sonarllm``.
+:func:`training_workload` is what sonarllm_kernels.warmup records and compiles ahead of a run; it lives
+here because the ``sonarllm_kernels`` package never imports ``sonarllm``.
 """
 
 from __future__ import annotations
@@ -110,20 +110,20 @@ def _decoder_config(prepared_dir: str, sonar: str):
 def warm_up_run(model_cfg, decoder_cfg, dtype, device, *, documents: int, sentences: int, local_rank: int) -> dict | None:
     """Compile the Triton kernels a training run launches, in parallel processes, before its first
     step (CUDA only; one process per node does it, into the node's Triton cache, while the other
-    ranks wait). SONARLLM_WARMUP=0 turns it off. Returns kernels.warmup.warm_up's summary on the
+    ranks wait). SONARLLM_WARMUP=0 turns it off. Returns sonarllm_kernels.warmup.warm_up's summary on the
     process that compiled, else None."""
     import os
 
     import torch
     import torch.distributed as dist
 
-    from kernels._dispatch import is_interpreter, triton_available
+    from sonarllm_kernels._dispatch import is_interpreter, triton_available
 
     if device.type != "cuda" or os.environ.get("SONARLLM_WARMUP", "1") == "0" or not triton_available() or is_interpreter():
         return None
     summary = None
     if local_rank == 0:
-        from kernels.warmup import warm_up
+        from sonarllm_kernels.warmup import warm_up
 
         summary = warm_up(training_workload(model_cfg, decoder_cfg, dtype, device, documents=documents, sentences=sentences))
         torch.cuda.empty_cache()

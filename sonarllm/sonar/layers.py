@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import attention
+from sonarllm_kernels.attention import attention
 from sonarllm.sonar.config import SonarTextConfig
 
 

@@ -1,7 +1,7 @@
 """Packed token layout: the sentences of a batch concatenated into one sequence.
 
 Packing removes padding from every FLOP; ``cu_seqlens`` (int32 [N + 1], cumulative lengths
-starting at 0) is the varlen-attention convention of flash-attn and of ``kernels.attention``.
+starting at 0) is the varlen-attention convention of flash-attn and of ``sonarllm_kernels.attention``.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def train_toy_sonar(tokenizer: SonarTokenizer, encoder_path: str | os.PathLike, 
     ``sentences`` through their sentence embeddings; returns the loss of every step."""
     from tqdm.auto import tqdm
 
-    from kernels import fused_linear_cross_entropy
+    from sonarllm_kernels import fused_linear_cross_entropy
     from sonarllm.loss import SonarTargets
     from sonarllm.sonar.checkpoint import load_sonar_decoder, load_sonar_encoder
     from sonarllm.sonar.packing import PackedBatch

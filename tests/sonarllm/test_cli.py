@@ -349,7 +349,7 @@ def test_evaluate_missing_data_exits_1(capsys, toy_bundle_dir, tmp_path):
 )
 def test_prepare_and_train_delegate_their_arguments(monkeypatch, command, module):
     seen = []
-    fake = types.SimpleNamespace(main=lambda argv: seen.append(argv) or 3)
+    fake = types.SimpleNamespace(main=lambda argv: seen.append(argv) or 3, __file__=str(REPO / "training" / "x.py"))
     monkeypatch.setitem(sys.modules, module, fake)
     assert main([command, "--config", "x.toml", "--help"]) == 3
     assert seen == [["--config", "x.toml", "--help"]]

@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 
-from kernels._dispatch import is_interpreter, triton_available
+from sonarllm_kernels._dispatch import is_interpreter, triton_available
 from sonarllm.config import PAPER_TRAINABLE_PARAMS, SONARLLM_CONFIGS, SonarLLMConfig
 from sonarllm.model import CONFIG_NAME, WEIGHTS_NAME, KVCache, SonarLLM, rope_inv_freq, rope_tables
 from sonarllm.normalizer import SonarNormalizer
