@@ -69,7 +69,7 @@ def plan(only: set[str] | None, full: bool, work: Path) -> list[Stage]:
     stages = []
     if wanted("warmup"):
         stages.append(Stage("warmup", 25, "compile the 300M + basic training step's kernels in parallel", [
-            [PY, "-m", "sonarllm_kernels.warmup", "--preset", "300M", "--decoder", "basic", "--dtype", "bf16",
+            [PY, "-m", "training.warmup", "--preset", "300M", "--decoder", "basic", "--dtype", "bf16",
              "--documents", "64", "--sentences", "32", "--report", str(work / "warmup.json")]]))  # fmt: skip
     groups = list(TEST_FILES) if only is None or "tests" in only else [g for g in TEST_FILES if g in only]
     if groups:
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         print(f"gpu_suite: error: no CUDA device here (torch {torch.__version__} sees none); this suite measures the "
-              "CUDA side. On a CPU run `pytest bench --benchmark` and `pytest tests`; `python -m sonarllm_kernels.warmup "
+              "CUDA side. On a CPU run `pytest bench --benchmark` and `pytest tests`; `python -m training.warmup "
               "--target sm_90` compiles the GPU kernels without a GPU. Plan: python -m bench.gpu_suite --dry-run",
               file=sys.stderr)  # fmt: skip
         return 2

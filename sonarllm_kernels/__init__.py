@@ -3,7 +3,8 @@
 
 Every kernel has a Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``), a PyTorch path and
 a plain reference path, chosen by ``impl=`` (see ``sonarllm_kernels._dispatch``). This package never
-imports ``sonarllm`` (the ``python -m sonarllm_kernels.warmup`` command does, to build a training run).
+imports ``sonarllm`` or ``training`` (the ``python -m training.warmup`` command builds a training run's
+workload and hands it to ``sonarllm_kernels.warmup``).
 
 ``SONARLLM_COMPILE_LOG=FILE`` logs every Triton compilation of the process to FILE (sonarllm_kernels.warmup).
 """

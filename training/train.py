@@ -449,7 +449,7 @@ class Trainer:
 
     def _warm_up_kernels(self) -> None:
         """CUDA: compile the run's Triton kernel variants in parallel before the first step."""
-        from training.kernel_warmup import warm_up_run
+        from training.warmup import warm_up_run
 
         summary = warm_up_run(self.engine.module.config, self.token_loss.decoder.config, self.dtype, self.device,
                               documents=self.cfg.loop.micro_batch_documents, sentences=self.cfg.data.max_sentences,

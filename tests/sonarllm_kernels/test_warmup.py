@@ -133,13 +133,13 @@ def test_compiled_variants_are_cache_hits_for_the_launch(tmp_path):
 
 
 def test_cli_without_a_gpu_or_under_the_interpreter_explains(tmp_path):
-    out = _run("", tmp_path, "-m", "sonarllm_kernels.warmup", "--preset", "toy", "--decoder", "toy")
+    out = _run("", tmp_path, "-m", "training.warmup", "--preset", "toy", "--decoder", "toy")
     if out.returncode != 2:  # a CUDA machine: nothing to check here
         pytest.skip("a CUDA device is present")
     assert "no CUDA device" in out.stderr and "--target sm_90" in out.stderr
-    out = _run("", tmp_path, "-m", "sonarllm_kernels.warmup", "--target", "sm_90", TRITON_INTERPRET="1")
+    out = _run("", tmp_path, "-m", "training.warmup", "--target", "sm_90", TRITON_INTERPRET="1")
     assert out.returncode == 1 and "unset TRITON_INTERPRET" in out.stderr
-    out = _run("", tmp_path, "-m", "sonarllm_kernels.warmup", "--target", "gfx90", "--preset", "toy", "--decoder", "toy")
+    out = _run("", tmp_path, "-m", "training.warmup", "--target", "gfx90", "--preset", "toy", "--decoder", "toy")
     assert out.returncode == 2 and "sm_90" in out.stderr
 
 
@@ -149,7 +149,7 @@ def test_cli_records_and_compiles_the_example_run_for_sm90(tmp_path):
     (attention fwd/bwd, the projection's three products, the fused cross-entropy) is recorded,
     and each variant compiles for sm_90 without spilling."""
     report = tmp_path / "r.json"
-    out = _run("", tmp_path, "-m", "sonarllm_kernels.warmup", "--config", "training/configs/example.toml",
+    out = _run("", tmp_path, "-m", "training.warmup", "--config", "training/configs/example.toml",
                "--system.precision", "bf16", "--data.prepared_dir", str(tmp_path / "none"),
                "--target", "sm_90", "--jobs", "2", "--usage", "--report", str(report))  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]

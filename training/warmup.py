@@ -1,13 +1,31 @@
-"""The kernel launches of a SONAR-LLM training run, for ``python -m sonarllm_kernels.warmup``.
+"""Compile, ahead of a run, the Triton kernels a SONAR-LLM training run launches.
 
-:func:`training_workload` is what sonarllm_kernels.warmup records and compiles ahead of a run; it lives
-here because the ``sonarllm_kernels`` package never imports ``sonarllm``.
+:func:`training_workload` is the workload that ``sonarllm_kernels.warmup`` (the recording and
+compiling machinery) records and compiles: a synthetic SONAR-LLM training step at a run's shapes
+(concept transformer forward + backward, frozen SONAR decoder, fused cross-entropy), a second step
+at a small odd-sized batch, and an evaluation forward, i.e. the launches of a whole run, since
+batch sizes and token counts are runtime ints of the kernels (not specialised). It lives in
+``training/`` because the kernels package never imports ``sonarllm``. The command:
+
+    python -m training.warmup --config training/configs/example.toml --system.precision bf16
+    python -m training.warmup --preset 300M --decoder basic --dtype bf16 [--jobs 16]
+    python -m training.warmup --preset 300M --decoder basic --target sm_90 --report r.json   # no GPU:
+        # count the variants and time their sm_90 compilation (with ptxas -v registers/spills)
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import sys
+import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import this repository's packages, not training/'s files
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 
 def training_workload(model_cfg, decoder_cfg, dtype, device, *, documents: int = 8, sentences: int = 32,
@@ -130,3 +148,77 @@ def warm_up_run(model_cfg, decoder_cfg, dtype, device, *, documents: int, senten
     if dist.is_initialized():
         dist.barrier()
     return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.warmup", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="a training TOML (then --section.key value overrides follow, as for train.py)")
+    p.add_argument("--preset", default="300M", help="concept-model preset (without --config)")
+    p.add_argument("--decoder", default="basic", help="SONAR decoder: 'basic' or 'toy' (without --config)")
+    p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--documents", type=int, default=8, help="documents per micro-batch")
+    p.add_argument("--sentences", type=int, default=32, help="sentences per document")
+    p.add_argument("--target", help="compile for this GPU without one, e.g. sm_90 (default: this machine's GPU)")
+    p.add_argument("--jobs", type=int, default=None, help="compiling processes (default: one per CPU core)")
+    p.add_argument("--usage", action="store_true", help="also report ptxas -v registers and spills per variant")
+    p.add_argument("--report", help="write the per-variant records as JSON here")
+    args, rest = p.parse_known_args(argv)
+    args.overrides = []
+    if rest:
+        if args.config is None:
+            p.error(f"unrecognised arguments: {' '.join(rest)} (--section.key overrides need --config)")
+        from training.config import ConfigError, parse_cli
+
+        try:
+            _, args.overrides = parse_cli(["--config", args.config, *rest])
+        except ConfigError as exc:
+            p.error(str(exc))
+    from sonarllm_kernels.warmup import _require_compiled_triton, compile_variants, parse_target, record_variants
+
+    try:
+        _require_compiled_triton()
+    except RuntimeError as exc:
+        print(f"warmup: error: {exc}", file=sys.stderr)
+        return 1
+    if args.target is not None:
+        try:
+            parse_target(args.target)
+        except ValueError as exc:
+            print(f"warmup: error: --target: {exc}", file=sys.stderr)
+            return 2
+    import torch
+
+    if args.target is None and not torch.cuda.is_available():
+        print("warmup: error: no CUDA device here; pass --target sm_90 to compile for one without it", file=sys.stderr)
+        return 2
+    device = "cpu" if args.target else "cuda"
+    try:
+        workload, mcfg, dcfg, dtype = workload_from_args(args, device)
+    except (ValueError, KeyError, OSError) as exc:
+        print(f"warmup: error: {exc}", file=sys.stderr)
+        return 2
+    tic = time.perf_counter()
+    variants = record_variants(workload, args.target)
+    recorded = time.perf_counter() - tic
+    records = compile_variants(variants, target=args.target, jobs=args.jobs, usage=args.usage)
+    wall = time.perf_counter() - tic
+    total = sum(r.get("seconds", 0.0) for r in records)
+    errors = [r for r in records if "error" in r]
+    print(f"warmup: {len(variants)} variants ({mcfg.model_dim}-d concept model, {dcfg.model_dim}-d x "
+          f"{dcfg.num_layers} decoder, V {dcfg.vocab_size}, {str(dtype).split('.')[-1]}): recorded in "
+          f"{recorded:.1f} s, compiled in {wall - recorded:.1f} s wall ({total:.1f} s in compile calls)"
+          + (f"; {len(errors)} failed" if errors else ""))  # fmt: skip
+    if args.report:
+        report = {"target": args.target, "jobs": args.jobs, "wall_seconds": round(wall, 2),
+                  "record_seconds": round(recorded, 2), "variants": records,
+                  "specializations": [asdict(v) for v in variants]}  # fmt: skip
+        tmp = Path(args.report + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
+        os.replace(tmp, args.report)
+    for r in errors:
+        print(f"  {r['label']}: {r['error']}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
