@@ -1,7 +1,9 @@
-"""Shared measurement helpers: synchronised timing, peak memory, machine and version info."""
+"""Shared measurement helpers: the one timing procedure every benchmark follows (:func:`measure`),
+peer discovery (:func:`optional_peer`), synchronised timing, peak memory, machine and version info."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 from collections.abc import Callable
@@ -57,3 +59,44 @@ def machine_info(device: torch.device | str) -> dict:
     else:
         info["device"] = f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
     return info
+
+
+def optional_peer(module: str, attr: str) -> Callable | None:
+    """``module.attr`` of a peer implementation (Liger-Kernel, cut-cross-entropy, ...), or None
+    where its package is not installed (the benchmark then skips, naming it)."""
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError:
+        return None
+
+
+FLCE_PEERS = {"liger": ("liger_kernel.transformers.functional", "liger_fused_linear_cross_entropy"),
+              "cce": ("cut_cross_entropy", "linear_cross_entropy")}  # fmt: skip
+
+
+def flce_peers() -> dict[str, Callable]:
+    """The fused linear cross-entropy peers installed here, each called as ``fn(hidden, weight, target)``."""
+    return {name: fn for name, where in FLCE_PEERS.items() if (fn := optional_peer(*where)) is not None}
+
+
+def measure(benchmark, step: Callable[[], object], *, device: torch.device | str, group: str, rounds: int,
+            setup: Callable[[], object] | None = None, warm_up: bool = True, **extra) -> float | None:
+    """Time ``step`` as every benchmark here does, and return its median in seconds.
+
+    Under ``--benchmark-disable`` (CI) ``step`` runs once as a smoke test and None is returned.
+    Otherwise: one warm-up call (compilation, allocator growth; skipped with ``warm_up=False`` for
+    a caller that timed the first call itself), one call measuring the peak memory, then ``rounds``
+    timed calls, each after ``setup``. ``extra_info`` gets the machine and versions, peak_mem_mb
+    and ``extra``; ``step`` must synchronise its device itself (:func:`sync`).
+    """
+    if not benchmark.enabled:
+        benchmark.pedantic(step, setup=setup, rounds=1, iterations=1)
+        return None
+    if warm_up:
+        step()
+    benchmark.group = group
+    benchmark.extra_info.update(machine_info(device))
+    benchmark.extra_info["peak_mem_mb"] = round(peak_memory_mb(step, device), 1)
+    benchmark.extra_info.update(extra)
+    benchmark.pedantic(step, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
+    return benchmark.stats.stats.median

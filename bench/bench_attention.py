@@ -28,7 +28,7 @@ import contextlib
 import pytest
 import torch
 
-from bench._harness import machine_info, peak_memory_mb, sync
+from bench._harness import measure, sync
 from sonarllm_kernels.attention import attention, cu_seqlens_from_lengths, flash_attn_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,24 +118,17 @@ def _measure(benchmark, size, provider, shape, mode, cached=0):
                 attention(q, k, v, causal=True, impl=impl, **kwargs).backward(grad_out)
         sync(DEVICE)
 
-    try:  # compile / warm up (under --benchmark-disable, CI: the one smoke-test call)
-        benchmark.pedantic(step, rounds=1, iterations=1) if not benchmark.enabled else step()
+    group = f"attention-{shape}-{mode}-{DEVICE}-{size}" + (f"-cached{cached}" if shape == "decode" else "")
+    flops *= 1 if mode == "fwd" else 3  # model FLOPs: bwd = 2 x fwd
+    rounds = 3 if provider == "reference" and size == "full" else (5 if DEVICE == "cpu" else 10)
+    try:
+        median = measure(benchmark, step, device=DEVICE, group=group, rounds=rounds, setup=clear, shape=desc, flops=flops)
     except RuntimeError as exc:  # an SDPA backend that refuses this call ("No available kernel")
         if provider in _SDPA:
             pytest.skip(f"{provider} cannot run this call: {str(exc).splitlines()[0][:200]}")
         raise
-    if not benchmark.enabled:
-        return
-    clear()
-    benchmark.group = f"attention-{shape}-{mode}-{DEVICE}-{size}" + (f"-cached{cached}" if shape == "decode" else "")
-    benchmark.extra_info.update(machine_info(DEVICE))
-    benchmark.extra_info["peak_mem_mb"] = round(peak_memory_mb(step, DEVICE), 1)  # gradients included
-    benchmark.extra_info["shape"] = desc
-    benchmark.extra_info["flops"] = flops * (1 if mode == "fwd" else 3)  # model FLOPs: bwd = 2 x fwd
-    rounds = 3 if provider == "reference" and size == "full" else (5 if DEVICE == "cpu" else 10)
-    benchmark.pedantic(step, setup=clear, rounds=rounds, iterations=1, warmup_rounds=0)
-    if benchmark.stats is not None:
-        benchmark.extra_info["tflop_per_s"] = round(benchmark.extra_info["flops"] / benchmark.stats.stats.median / 1e12, 3)
+    if median is not None:
+        benchmark.extra_info["tflop_per_s"] = round(flops / median / 1e12, 3)
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from bench._harness import machine_info, peak_memory_mb
+from bench._harness import measure
 from bench.bench_train_step import DEVICE, SIZES, build_step
 
 
@@ -28,13 +28,9 @@ def test_train_step_compiled(benchmark, bench_size, mode):
     tic = time.perf_counter()
     step()
     first_s = time.perf_counter() - tic
-    benchmark.group = f"compile-{DEVICE}-{bench_size}-{info['preset']}-decoder{info['decoder']}-V{info['vocab']}-{docs}docs"
-    benchmark.extra_info.update(machine_info(DEVICE))
-    benchmark.extra_info.update(info)
-    benchmark.extra_info["peak_mem_mb"] = round(peak_memory_mb(step, DEVICE), 1)
-    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=0)
-    median = benchmark.stats.stats.median
-    benchmark.extra_info["first_step_s"] = round(first_s, 2)
+    median = measure(benchmark, step, device=DEVICE,
+                     group=f"compile-{DEVICE}-{bench_size}-{info['preset']}-decoder{info['decoder']}-V{info['vocab']}-{docs}docs",
+                     rounds=5, warm_up=False, first_step_s=round(first_s, 2), **info)  # fmt: skip
     if mode == "compiled":
         benchmark.extra_info["compile_s"] = round(first_s - median, 1)
     benchmark.extra_info["target_tokens_per_s"] = round(info["target_tokens"] / median)

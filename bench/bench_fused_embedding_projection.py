@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench._harness import machine_info, peak_memory_mb, sync
+from bench._harness import measure, sync
 from sonarllm_kernels.fused_embedding_projection import fused_embedding_projection
 from sonarllm.config import SonarLLMConfig
 
@@ -96,16 +96,10 @@ def test_fused_embedding_projection(benchmark, bench_size, provider, preset, pro
             call().backward(dy)
         sync(DEVICE)
 
-    benchmark.group = f"fep-{proj}-{mode}-{DEVICE}-N{n}-E{e}-D{d}-{str(dtype).split('.')[-1]}"
-    benchmark.extra_info.update(machine_info(DEVICE))
-    if benchmark.enabled:  # --benchmark-disable: one plain call below, as a smoke test
-        step()  # compile / warm up
-        benchmark.extra_info["peak_mem_mb"] = round(peak_memory_mb(step, DEVICE), 1)
-    benchmark.extra_info["shape"] = {"N": n, "in": in_f, "out": out_f, "dtype": str(dtype), "preset": preset}
-    rounds = 3 if DEVICE == "cpu" else 20
-    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1 if DEVICE == "cuda" else 0)
-    if benchmark.stats is not None:  # None under --benchmark-disable
+    median = measure(benchmark, step, device=DEVICE, group=f"fep-{proj}-{mode}-{DEVICE}-N{n}-E{e}-D{d}-{str(dtype).split('.')[-1]}",
+                     rounds=3 if DEVICE == "cpu" else 20,
+                     shape={"N": n, "in": in_f, "out": out_f, "dtype": str(dtype), "preset": preset})  # fmt: skip
+    if median is not None:
         nbytes, flops = _traffic_and_flops(n, in_f, out_f, mode, x_grad, dtype.itemsize)
-        median = benchmark.stats.stats.median
         benchmark.extra_info["gb_per_s"] = round(nbytes / median / 1e9, 1)
         benchmark.extra_info["tflop_per_s"] = round(flops / median / 1e12, 3)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench._harness import machine_info, peak_memory_mb, sync
+from bench._harness import flce_peers, measure, sync
 from sonarllm_kernels import fused_linear_cross_entropy
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,30 +42,14 @@ def _torch_native(chunked: bool):
     return lambda h, w, y: F.linear_cross_entropy(h, w, y, ignore_index=-100, options=options)
 
 
-def _liger():
-    try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-    except ImportError:
-        return None
-    return lambda h, w, y: liger_fused_linear_cross_entropy(h, w, y)
-
-
-def _cce():
-    try:
-        from cut_cross_entropy import linear_cross_entropy
-    except ImportError:
-        return None
-    return lambda h, w, y: linear_cross_entropy(h, w, y)
-
-
 PROVIDERS = {
     "reference": lambda: _ours("reference"),
     "torch": lambda: _ours("torch"),
     "triton": lambda: _ours("triton") if DEVICE == "cuda" else None,
     "torch_native": lambda: _torch_native(chunked=False),
     "torch_native_chunked": lambda: _torch_native(chunked=True),
-    "liger": lambda: _liger() if DEVICE == "cuda" else None,
-    "cce": lambda: _cce() if DEVICE == "cuda" else None,
+    "liger": lambda: flce_peers().get("liger") if DEVICE == "cuda" else None,
+    "cce": lambda: flce_peers().get("cce") if DEVICE == "cuda" else None,
 }
 MATERIALISING = {"reference", "torch_native"}
 
@@ -96,12 +80,6 @@ def test_flce(benchmark, bench_size, provider, mode):
             fn(h, w, y).backward()
         sync(DEVICE)
 
-    if not benchmark.enabled:  # --benchmark-disable (CI): one call as a smoke test
-        return benchmark.pedantic(step, rounds=1, iterations=1)
-    step()  # compile / warm up
-    benchmark.group = f"flce-{mode}-{DEVICE}-N{n}-D{d}-V{v}-{str(dtype).split('.')[-1]}"
-    benchmark.extra_info.update(machine_info(DEVICE))
-    benchmark.extra_info["peak_mem_mb"] = round(peak_memory_mb(step, DEVICE), 1)
-    benchmark.extra_info["shape"] = {"N": n, "D": d, "V": v, "dtype": str(dtype)}
-    rounds = 3 if bench_size == "full" and DEVICE == "cpu" else 10
-    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
+    measure(benchmark, step, device=DEVICE, group=f"flce-{mode}-{DEVICE}-N{n}-D{d}-V{v}-{str(dtype).split('.')[-1]}",
+            rounds=3 if bench_size == "full" and DEVICE == "cpu" else 10,
+            shape={"N": n, "D": d, "V": v, "dtype": str(dtype)})  # fmt: skip

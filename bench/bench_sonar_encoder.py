@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench._harness import machine_info, peak_memory_mb, sync
+from bench._harness import measure, sync
 from bench.bench_sonar_loss import story_lengths
 from sonarllm.sonar import SonarEncoder, SonarTextConfig
 
@@ -44,13 +44,7 @@ def test_sonar_encoder(benchmark, bench_size, provider):
         enc.encode_tokens(seqs, max_tokens=max_tokens, progress=False)
         sync(DEVICE)
 
-    if not benchmark.enabled:  # --benchmark-disable (CI): one call as a smoke test
-        return benchmark.pedantic(step, rounds=1, iterations=1)
-    step()  # compile / warm up
-    benchmark.group = f"sonar-encoder-{DEVICE}-{bench_size}-d{cfg.model_dim}-L{cfg.num_layers}"
-    benchmark.extra_info.update(machine_info(DEVICE))
-    benchmark.extra_info.update(sentences=n, tokens=sum(map(len, seqs)), max_tokens=max_tokens, dtype=str(dtype))
-    benchmark.extra_info["peak_mem_mb"] = round(peak_memory_mb(step, DEVICE), 1)
-    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=0)
-    if benchmark.stats:
-        benchmark.extra_info["sentences_per_s"] = round(n / benchmark.stats.stats.median)
+    median = measure(benchmark, step, device=DEVICE, group=f"sonar-encoder-{DEVICE}-{bench_size}-d{cfg.model_dim}-L{cfg.num_layers}",
+                     rounds=3, sentences=n, tokens=sum(map(len, seqs)), max_tokens=max_tokens, dtype=str(dtype))  # fmt: skip
+    if median is not None:
+        benchmark.extra_info["sentences_per_s"] = round(n / median)

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench._harness import machine_info, peak_memory_mb, sync
+from bench._harness import measure, sync
 from sonarllm.loss import SonarTargets, SonarTokenLoss
 from sonarllm.sonar import SonarDecoder, SonarTextConfig
 
@@ -94,16 +94,9 @@ def test_sonar_loss_step(benchmark, bench_size, provider, tokens):
         loss.backward()
         sync(DEVICE)
 
-    if not benchmark.enabled:  # --benchmark-disable (CI): one call as a smoke test
-        return benchmark.pedantic(step, rounds=1, iterations=1)
-    step()
-    benchmark.group = f"sonar-loss-{DEVICE}-{bench_size}-d{cfg.model_dim}-L{cfg.num_layers}-V{cfg.vocab_size}-{tokens}tok"
-    benchmark.extra_info.update(machine_info(DEVICE))
-    benchmark.extra_info["peak_mem_mb"] = round(peak_memory_mb(step, DEVICE), 1)
-    benchmark.extra_info["target_tokens"] = targets.num_tokens
-    benchmark.extra_info["sentences"] = n
-    benchmark.extra_info["padded_tokens"] = n * max(lengths)
-    benchmark.extra_info["padded_logits_mb"] = round(need / 2**20)
-    benchmark.pedantic(step, rounds=3 if provider == "padded" else 5, iterations=1, warmup_rounds=0)
-    if benchmark.stats:
-        benchmark.extra_info["target_tokens_per_s"] = round(targets.num_tokens / benchmark.stats.stats.median)
+    median = measure(benchmark, step, device=DEVICE,
+                     group=f"sonar-loss-{DEVICE}-{bench_size}-d{cfg.model_dim}-L{cfg.num_layers}-V{cfg.vocab_size}-{tokens}tok",
+                     rounds=3 if provider == "padded" else 5, target_tokens=targets.num_tokens, sentences=n,
+                     padded_tokens=n * max(lengths), padded_logits_mb=round(need / 2**20))  # fmt: skip
+    if median is not None:
+        benchmark.extra_info["target_tokens_per_s"] = round(targets.num_tokens / median)

@@ -21,7 +21,7 @@ import os
 import pytest
 import torch
 
-from bench._harness import machine_info, peak_memory_mb, sync
+from bench._harness import measure, sync
 from bench.bench_sonar_loss import story_lengths
 from bench.flops import training_step_flops
 from sonarllm.config import SonarLLMConfig
@@ -98,17 +98,10 @@ def test_train_step(benchmark, bench_size, provider, docs):
         if need > 0.8 * torch.cuda.mem_get_info()[0]:
             pytest.skip(f"reference materialises ~{need / 2**30:.0f} GiB of logits at {docs} documents: does not fit")
     step, info = build_step(bench_size, provider, docs)
-    if not benchmark.enabled:  # --benchmark-disable (CI): one call as a smoke test
-        return benchmark.pedantic(step, rounds=1, iterations=1)
-    step()  # compile / warm up
-    benchmark.group = f"train-step-{DEVICE}-{bench_size}-{preset}-decoder{info['decoder']}-V{info['vocab']}-{docs}docs"
-    benchmark.extra_info.update(machine_info(DEVICE))
-    benchmark.extra_info.update(info)
-    benchmark.extra_info["peak_mem_mb"] = round(peak_memory_mb(step, DEVICE), 1)
-    rounds = 2 if provider == "reference" and DEVICE == "cuda" else 5
-    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
-    if benchmark.stats:
-        median = benchmark.stats.stats.median
+    median = measure(benchmark, step, device=DEVICE,
+                     group=f"train-step-{DEVICE}-{bench_size}-{preset}-decoder{info['decoder']}-V{info['vocab']}-{docs}docs",
+                     rounds=2 if provider == "reference" and DEVICE == "cuda" else 5, **info)  # fmt: skip
+    if median is not None:
         benchmark.extra_info["sentences_per_s"] = round(info["sentences"] / median, 1)
         benchmark.extra_info["target_tokens_per_s"] = round(info["target_tokens"] / median)
         if DEVICE == "cuda":

@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sonarllm_kernels.fused_linear_cross_entropy_triton as ft  # noqa: E402
+from bench._harness import flce_peers  # noqa: E402
 from sonarllm_kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_ref  # noqa: E402
 
 D = 1024
@@ -273,7 +274,7 @@ class Sweep:
         out = {f"ours {winner['schedule']}": ours(winner, dtype=self.dtype)}
         out |= {f"ours {s}": ours(c, dtype=self.dtype) for s, c in per_schedule.items() if s != winner["schedule"]}
         out["ours torch"] = ours(None, impl="torch")
-        out |= peers()
+        out |= flce_peers()
         return out
 
     def plan(self, names: list) -> list:
@@ -342,24 +343,6 @@ class Sweep:
             self.rows.append(Row(name, str(self.dtype).removeprefix("torch."), shape, "frozen",
                                  note=f"d hidden rel. error vs float64: {err:.2e}" if isinstance(err, float) else err))  # fmt: skip
         del h64, w64, gold
-
-
-def peers() -> dict:
-    """Liger-Kernel and cut-cross-entropy, when importable."""
-    out = {}
-    try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
-        out["liger"] = lambda h, w, y: liger_fused_linear_cross_entropy(h, w, y)
-    except ImportError:
-        pass
-    try:
-        from cut_cross_entropy import linear_cross_entropy
-
-        out["cce"] = lambda h, w, y: linear_cross_entropy(h, w, y)
-    except ImportError:
-        pass
-    return out
 
 
 def compiled_kernels() -> list[str]:
