@@ -3,7 +3,7 @@
 Providers: "reference" (plain ``F.linear`` plus the normalizer's elementwise steps, i.e.
 nn.Linear + elementwise: cuBLAS + elementwise kernels on CUDA), "torch" (normalizer folded into
 the addmm) and "triton" (normalizer inside the GEMM; CUDA only). The auto rule on CUDA
-(AUTO_CUDA_PATHS in sonarllm_kernels/fused_embedding_projection.py) wants Triton >= 1.1x the reference. Projections: "in" = normalize -> Linear(E -> D) on raw SONAR
+(AUTO_CUDA_PATHS in sonarllm_kernels/embedding_projection/__init__.py) wants Triton >= 1.1x the reference. Projections: "in" = normalize -> Linear(E -> D) on raw SONAR
 embeddings (data: no d x; weight and bias trainable), "out" = Linear(D -> E) -> denormalize
 (d x, weight and bias). Modes: "fwd" (no grad) and "fwd_bwd". Shapes come from the concept
 transformer presets (sonarllm.config): E = 1024, D = 512 / 1024 / 2048 for 100M / 300M / 1.3B,
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from bench._harness import measure, sync
-from sonarllm_kernels.fused_embedding_projection import fused_embedding_projection
+from sonarllm_kernels.embedding_projection import fused_embedding_projection
 from sonarllm.config import SonarLLMConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -110,8 +110,8 @@ def chunk_variants(dtype: torch.dtype, config: dict, options: dict, C: int = 512
     """The Triton launches (recorded, not run) of one forward + hidden, weight and bias gradient
     chunk at (C, D, V) with ``config``. ``options``: bias, class_weight and FLCEParams fields.
     V = 1000, like SONAR's 256,206, is not a multiple of 16: the specialisation the real shape gets."""
-    import sonarllm_kernels.fused_linear_cross_entropy_triton as ft
-    from sonarllm_kernels.fused_linear_cross_entropy_function import FLCEParams
+    from sonarllm_kernels.fused_linear_cross_entropy import triton_backend as ft
+    from sonarllm_kernels.fused_linear_cross_entropy.function import FLCEParams
     from sonarllm_kernels.warmup import record_variants
 
     g = torch.Generator().manual_seed(0)
@@ -136,7 +136,7 @@ FLAG_SETS = {
 
 def table_configs(dtypes=("bf16", "fp32")) -> list[tuple[str, dict]]:
     """(dtype name, config) for every schedule the tile table keeps for sm_90."""
-    import sonarllm_kernels.fused_linear_cross_entropy_triton as ft
+    from sonarllm_kernels.fused_linear_cross_entropy import triton_backend as ft
 
     out = []
     for dname in dtypes:

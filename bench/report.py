@@ -73,7 +73,7 @@ def load(paths: list[str]) -> tuple[dict, list[dict], list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# What the measurements imply for the auto rules (sonarllm_kernels/attention.py, fused_embedding_projection.py)
+# What the measurements imply for the auto rules (sonarllm_kernels/attention/__init__.py, embedding_projection/__init__.py)
 
 _ATTENTION_KIND = {"concept": "dense", "packed": "varlen", "decode": "decode"}
 PROJECTION_GOAL = 1.1  # Triton must beat nn.Linear + elementwise by this much to be picked
@@ -91,7 +91,7 @@ def _by_group(benchmarks: list[dict], prefix: str) -> dict[str, dict[str, float]
 def dispatch_proposals(benchmarks: list[dict]) -> list[str]:
     """One line per rule entry: the current rule, what the CUDA measurements pick, and why."""
     from sonarllm_kernels.attention import AUTO_CUDA_PATHS as ATTENTION_RULE
-    from sonarllm_kernels.fused_embedding_projection import AUTO_CUDA_PATHS as PROJECTION_RULE
+    from sonarllm_kernels.embedding_projection import AUTO_CUDA_PATHS as PROJECTION_RULE
 
     lines = []
     totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))

@@ -1,6 +1,6 @@
 """Retune the fused linear cross-entropy's "triton" path on a GPU in one short run, and compare.
 
-    python bench/sweep_flce.py --time-limit 170 --table-out "$OUT/fused_linear_cross_entropy_tiles.json" \\
+    python bench/sweep_flce.py --time-limit 170 --table-out "$OUT/tiles.json" \\
         --json "$OUT/sweep_flce.json"
     python bench/sweep_flce.py --quick          # fewer candidates, the goal shape only
 
@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import sonarllm_kernels.fused_linear_cross_entropy_triton as ft  # noqa: E402
+from sonarllm_kernels.fused_linear_cross_entropy import triton_backend as ft  # noqa: E402
 from bench._harness import flce_peers  # noqa: E402
 from sonarllm_kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_ref  # noqa: E402
 
@@ -349,7 +349,7 @@ def compiled_kernels() -> list[str]:
     """Registers and spills of every Triton kernel compiled in this process (on the GPU)."""
     from triton.runtime.jit import JITFunction
 
-    from sonarllm_kernels import fused_linear_cross_entropy_triton_kernels as K
+    from sonarllm_kernels.fused_linear_cross_entropy import triton_kernels as K
 
     lines = []
     for name, fn in sorted(vars(K).items()):

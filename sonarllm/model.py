@@ -55,7 +55,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sonarllm_kernels.attention import attention
-from sonarllm_kernels.fused_embedding_projection import FusedEmbeddingProjection, check_normalizer_values
+from sonarllm_kernels.embedding_projection import FusedEmbeddingProjection, check_normalizer_values
 from sonarllm.config import SonarLLMConfig
 from sonarllm.normalizer import SonarNormalizer
 

@@ -13,12 +13,12 @@ import os as _os
 
 from sonarllm_kernels._dispatch import KernelImpl
 from sonarllm_kernels.attention import attention, cu_seqlens_from_lengths
-from sonarllm_kernels.attention_ref import attention_ref
-from sonarllm_kernels.fused_embedding_projection import FusedEmbeddingProjection, fused_embedding_projection
-from sonarllm_kernels.fused_embedding_projection_ref import fused_embedding_projection_ref
+from sonarllm_kernels.attention.reference import attention_ref
+from sonarllm_kernels.embedding_projection import FusedEmbeddingProjection, fused_embedding_projection
+from sonarllm_kernels.embedding_projection.reference import fused_embedding_projection_ref
 from sonarllm_kernels.fused_linear_cross_entropy import FusedLinearCrossEntropy, fused_linear_cross_entropy
-from sonarllm_kernels.fused_linear_cross_entropy_compat import linear_cross_entropy
-from sonarllm_kernels.fused_linear_cross_entropy_ref import fused_linear_cross_entropy_ref
+from sonarllm_kernels.fused_linear_cross_entropy.torch_compat import linear_cross_entropy
+from sonarllm_kernels.fused_linear_cross_entropy.reference import fused_linear_cross_entropy_ref
 
 if _os.environ.get("SONARLLM_COMPILE_LOG"):
     from sonarllm_kernels.warmup import log_compilations

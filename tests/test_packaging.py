@@ -43,7 +43,7 @@ def _wheel_top_level(tmp_path, env) -> set[str]:
     (wheel,) = (tmp_path / "dist").glob("sonarllm-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
-    assert "sonarllm_kernels/fused_linear_cross_entropy_tiles.json" in names
+    assert "sonarllm_kernels/fused_linear_cross_entropy/tiles.json" in names
     return {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
 
 

@@ -2,7 +2,7 @@
 
 A triton case's path becomes "triton:<schedule>" (e.g. "triton:fused"); the test modules call
 the API through ``with_schedule(fn)``, which runs "triton:<schedule>" as impl="triton" with
-``sonarllm_kernels.fused_linear_cross_entropy_triton.SCHEDULE`` set for the call (the backend object
+``sonarllm_kernels.fused_linear_cross_entropy.triton_backend.SCHEDULE`` set for the call (the backend object
 reads it when the forward builds it, so the backward runs the same schedule).
 """
 
@@ -13,7 +13,7 @@ import functools
 import pytest
 
 try:
-    from sonarllm_kernels.fused_linear_cross_entropy_triton import SCHEDULES
+    from sonarllm_kernels.fused_linear_cross_entropy.triton_backend import SCHEDULES
 except ImportError:  # no Triton here: the triton cases skip anyway
     SCHEDULES = ("hybrid",)
 
@@ -43,7 +43,7 @@ def with_schedule(fn):
         name, _, schedule = impl.partition(":")
         if not schedule:
             return fn(*args, impl=impl, **kwargs)
-        import sonarllm_kernels.fused_linear_cross_entropy_triton as ft
+        from sonarllm_kernels.fused_linear_cross_entropy import triton_backend as ft
 
         saved, ft.SCHEDULE = ft.SCHEDULE, schedule
         try:

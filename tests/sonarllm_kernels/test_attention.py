@@ -3,7 +3,7 @@ input. On CPU the Triton kernels run under TRITON_INTERPRET=1 (set by the root c
 float32; the CUDA cases are marked ``gpu`` and skip without a GPU.
 
 Rule (flash-attn's tests): max|fast - gold| <= 2 x max|ref - gold| + tol for the output and 3 x for
-dq, dk, dv, where ``ref`` is sonarllm_kernels.attention_ref at the test dtype and ``gold`` the same
+dq, dk, dv, where ``ref`` is sonarllm_kernels.attention.reference at the test dtype and ``gold`` the same
 reference on float64 inputs.
 """
 
@@ -21,7 +21,7 @@ import torch
 
 from sonarllm_kernels._dispatch import triton_available
 from sonarllm_kernels.attention import attention, cu_seqlens_from_lengths
-from sonarllm_kernels.attention_ref import attention_ref
+from sonarllm_kernels.attention.reference import attention_ref
 from tests._cases import CUDA_DTYPES, HAS_CUDA, device_cases, needs_cuda, needs_triton
 from tests._numerics import TOL, TOL_GRAD, max_err
 
@@ -135,7 +135,7 @@ def test_parity_peaky_softmax_and_custom_scale(device, path, dtype):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_triton_small_blocks_exercise_every_loop(causal, monkeypatch):
     """16 x 16 blocks: unmasked, diagonal-band and ragged-tail loops of all three kernels."""
-    import sonarllm_kernels.attention_triton as attn_triton
+    from sonarllm_kernels.attention import triton_backend as attn_triton
 
     monkeypatch.setitem(attn_triton._INTERP_BLOCKS, "BLOCK_M", 16)
     monkeypatch.setitem(attn_triton._INTERP_BLOCKS, "BLOCK_N", 16)
@@ -261,7 +261,7 @@ def test_empty_inputs(path):
 @needs_triton
 def test_triton_stores_logsumexp_per_row():
     """The forward's lse [H, N_rows] is logsumexp of the visible scaled scores (+inf: no key)."""
-    from sonarllm_kernels.attention_triton import AttnParams, attention_fwd
+    from sonarllm_kernels.attention.triton_backend import AttnParams, attention_fwd
 
     q, k, v = _qkv((2, 9, 3, 16), (2, 6, 3, 16))
     _, lse = attention_fwd(q.float(), k.float(), v.float(), None, None, AttnParams(True, 0.25, 9, 6))
@@ -403,7 +403,7 @@ def test_launch_shrinks_config_when_out_of_resources(monkeypatch):
     """Pinned GPU configs that exceed shared memory (fp32, smaller GPUs) retry smaller, once."""
     from triton.runtime.errors import OutOfResources
 
-    import sonarllm_kernels.attention_triton as attn_triton
+    from sonarllm_kernels.attention import triton_backend as attn_triton
 
     monkeypatch.setattr(attn_triton, "_WORKING", {})
     attempts, launched = [], []
@@ -441,7 +441,7 @@ _AOT_SCRIPT = """
 import triton, torch
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import sonarllm_kernels.attention_triton as at
+from sonarllm_kernels.attention import triton_backend as at
 
 assert not at.is_interpreter()
 for kind, fn in (("fwd", at._attn_fwd_kernel), ("dkdv", at._attn_bwd_dkdv_kernel),
@@ -482,7 +482,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
 
 @needs_triton
 def test_pinned_gpu_configs_are_valid():
-    import sonarllm_kernels.attention_triton as attn_triton
+    from sonarllm_kernels.attention import triton_backend as attn_triton
 
     for key, kernels_cfg in attn_triton._GPU_BLOCKS.items():
         for kind in ("fwd", "dkdv", "dq"):
@@ -493,7 +493,7 @@ def test_pinned_gpu_configs_are_valid():
 
 @needs_triton
 def test_head_dim_limits_agree():
-    import sonarllm_kernels.attention_triton as attn_triton
+    from sonarllm_kernels.attention import triton_backend as attn_triton
 
     assert attn_mod.TRITON_MAX_HEAD_DIM == attn_triton.MAX_HEAD_DIM
 

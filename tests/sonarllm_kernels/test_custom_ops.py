@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-import sonarllm_kernels.fused_linear_cross_entropy_op as flce_op
-import sonarllm_kernels.fused_linear_cross_entropy_torch as flce_torch
+from sonarllm_kernels.fused_linear_cross_entropy import custom_op as flce_op
+from sonarllm_kernels.fused_linear_cross_entropy import torch_backend as flce_torch
 from sonarllm_kernels import attention, cu_seqlens_from_lengths, fused_embedding_projection, fused_linear_cross_entropy
 from tests._cases import needs_triton
 from tests._numerics import assert_parity, flce_inputs
@@ -228,7 +228,7 @@ def test_projection_triton_compiles_whole_and_matches_eager(mode):
 @needs_triton
 @pytest.mark.parametrize("layout", ["batched", "varlen"])
 def test_opcheck_attention_ops(layout):
-    import sonarllm_kernels.attention_op as attn_op
+    from sonarllm_kernels.attention import custom_op as attn_op
 
     q, k, v = _qkv((2, 9, 2, 16) if layout == "batched" else (12, 2, 16))
     cu = cu_seqlens_from_lengths([5, 7]) if layout == "varlen" else None
@@ -244,7 +244,7 @@ def test_opcheck_attention_ops(layout):
 @pytest.mark.parametrize("mode", ["in", "out"])
 @pytest.mark.parametrize("normalizer", [False, True], ids=["plain", "normalizer"])
 def test_opcheck_projection_ops(mode, normalizer):
-    import sonarllm_kernels.fused_embedding_projection_op as fep_op
+    from sonarllm_kernels.embedding_projection import custom_op as fep_op
 
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(10, 24, generator=g), torch.randn(16, 24, generator=g), torch.randn(16, generator=g)
@@ -284,7 +284,7 @@ def test_the_cuda_path_choice_traces_without_a_graph_break(monkeypatch):
     from sonarllm_kernels._dispatch import resolve_impl
 
     # the modules, not the functions of the same name that sonarllm_kernels/__init__ exports
-    attn_mod, fep_mod = (importlib.import_module(f"sonarllm_kernels.{m}") for m in ("attention", "fused_embedding_projection"))
+    attn_mod, fep_mod = (importlib.import_module(f"sonarllm_kernels.{m}") for m in ("attention", "embedding_projection"))
 
     monkeypatch.delenv("SONARLLM_KERNEL_IMPL", raising=False)  # the tests' conftest sets it; users' auto is plain
     cuda = torch.device("cuda", 0)

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sonarllm_kernels.fused_embedding_projection import FusedEmbeddingProjection, fused_embedding_projection
-from sonarllm_kernels.fused_embedding_projection_ref import fused_embedding_projection_ref
+from sonarllm_kernels.embedding_projection import FusedEmbeddingProjection, fused_embedding_projection
+from sonarllm_kernels.embedding_projection.reference import fused_embedding_projection_ref
 from tests._cases import HAS_CUDA, device_cases, needs_triton
 from tests._numerics import assert_parity
 
 gpu = pytest.mark.gpu
-api = importlib.import_module("sonarllm_kernels.fused_embedding_projection")  # the module, not the function
+api = importlib.import_module("sonarllm_kernels.embedding_projection")  # the module, not the function
 
 SONAR_STD = 0.006  # per-dimension spread of raw SONAR embeddings (docs/sonar-llm.md §1)
 E, D = 96, 40  # odd stand-ins for E = 1024 and the model width
@@ -124,7 +124,7 @@ def test_parity_input_without_grad(device, path, dtype, mode):
 def test_parity_many_tiles_and_splits(device, path, dtype, mode, monkeypatch):
     """Small tiles and a 3-way split of the weight-gradient GEMM exercise tile edges, the K loop
     and the split-K reduction (the interpreter's tiles otherwise cover these shapes at once)."""
-    import sonarllm_kernels.fused_embedding_projection_triton as fep_triton
+    from sonarllm_kernels.embedding_projection import triton_backend as fep_triton
 
     monkeypatch.setattr(fep_triton, "_INTERP_BLOCKS", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1))
     monkeypatch.setattr(fep_triton, "SPLIT_K", 3)
@@ -166,7 +166,7 @@ def test_non_contiguous_inputs_and_expanded_gradient(device, path, dtype, mode):
 def test_auto_on_cuda_follows_the_measured_rule_per_mode(monkeypatch):
     """AUTO_CUDA_PATHS (Triton only where measured >= 1.1x nn.Linear + elementwise) decides auto
     on CUDA per mode; explicit impls, the environment and CPU auto are unaffected."""
-    fep = importlib.import_module("sonarllm_kernels.fused_embedding_projection")
+    fep = importlib.import_module("sonarllm_kernels.embedding_projection")
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.delenv("SONARLLM_KERNEL_IMPL", raising=False)
     monkeypatch.setitem(fep.AUTO_CUDA_PATHS, "out", "torch")
@@ -231,7 +231,7 @@ class _GemmCounter:
 @needs_triton
 @pytest.mark.parametrize("mode", ["in", "out"])
 def test_frozen_weight_does_no_weight_gradient_work(mode, monkeypatch):
-    import sonarllm_kernels.fused_embedding_projection_triton as fep_triton
+    from sonarllm_kernels.embedding_projection import triton_backend as fep_triton
 
     counter = _GemmCounter(fep_triton.fep_gemm)
     monkeypatch.setattr(fep_triton, "fep_gemm", counter)

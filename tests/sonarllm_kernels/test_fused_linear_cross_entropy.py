@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sonarllm_kernels.fused_linear_cross_entropy_op as flce_op
-import sonarllm_kernels.fused_linear_cross_entropy_torch as flce_torch
+from sonarllm_kernels.fused_linear_cross_entropy import custom_op as flce_op
+from sonarllm_kernels.fused_linear_cross_entropy import torch_backend as flce_torch
 from sonarllm_kernels import (
     FusedLinearCrossEntropy,
     fused_linear_cross_entropy,
@@ -111,7 +111,7 @@ def test_parity_vocab_above_64k(device, path, dtype):
 @pytest.mark.parametrize("device,path,dtype", expand(device_cases()))
 def test_parity_many_chunks(device, path, dtype, monkeypatch):
     """Chunks of a few rows and a split hidden-gradient GEMM exercise the chunk loop."""
-    import sonarllm_kernels.fused_linear_cross_entropy_triton as flce_triton
+    from sonarllm_kernels.fused_linear_cross_entropy import triton_backend as flce_triton
 
     monkeypatch.setattr(flce_torch, "CHUNK_BYTES", {"cpu": 7 * 1009 * 4, "cuda": 7 * 1009 * 4})
     monkeypatch.setattr(flce_triton, "CHUNK_BYTES", 1)  # one block of rows per chunk
@@ -431,7 +431,7 @@ def test_float32_accumulation_of_16bit_weight_gradients(monkeypatch):
     """The hybrid schedule's dW += dz.T @ h with bf16 operands lands in the float32 accumulator
     with float32 accumulation: torch.addmm(out_dtype=float32) where torch has it (CUDA), else
     float32 blocks (this CPU)."""
-    import sonarllm_kernels.fused_linear_cross_entropy_triton as flce_triton
+    from sonarllm_kernels.fused_linear_cross_entropy import triton_backend as flce_triton
 
     monkeypatch.setattr(flce_triton, "_ADDMM_OUT_DTYPE", True)
     g = torch.Generator().manual_seed(0)
@@ -445,7 +445,7 @@ def test_float32_accumulation_of_16bit_weight_gradients(monkeypatch):
 
 @needs_triton
 def test_tile_table_is_validated():
-    import sonarllm_kernels.fused_linear_cross_entropy_triton as flce_triton
+    from sonarllm_kernels.fused_linear_cross_entropy import triton_backend as flce_triton
 
     good = {"schedule": "hybrid", **flce_triton._TILES["sm_90"]["2"]["hybrid"]}
     assert flce_triton.check_config(good) is good

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-import sonarllm_kernels.fused_linear_cross_entropy_triton as ft
+from sonarllm_kernels.fused_linear_cross_entropy import triton_backend as ft
 from bench import sweep_flce
 from tests._cases import needs_triton
 

@@ -37,7 +37,7 @@ _SIZES_SCRIPT = """
 import json, torch
 from sonarllm_kernels.warmup import record_variants
 from sonarllm_kernels.attention import attention, cu_seqlens_from_lengths
-from sonarllm_kernels.fused_embedding_projection import fused_embedding_projection
+from sonarllm_kernels.embedding_projection import fused_embedding_projection
 
 def packed(lengths):  # the SONAR decoder's packed sentences, forward and backward
     q, k, v = (torch.randn(sum(lengths), 4, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -92,7 +92,7 @@ from sonarllm_kernels.attention import attention, cu_seqlens_from_lengths
 
 def workload():
     o = torch.randn(20, 2, 32, dtype=torch.bfloat16)
-    from sonarllm_kernels.attention_triton import _attn_bwd_preprocess_kernel as k  # the cheapest kernel to compile
+    from sonarllm_kernels.attention.triton_kernels import _attn_bwd_preprocess_kernel as k  # the cheapest kernel to compile
     delta = torch.empty(2, 20)
     k[(2, 1)](o, o, delta, delta, 0, *o.stride(), 0, *o.stride(), delta.stride(0), 2, 20,
               IS_VARLEN=False, HEAD_DIM=32, BLOCK_D=32, BLOCK_M=64)

@@ -11,8 +11,8 @@ Causal masks are bottom-right aligned (query i sees key j <= i + Sk - Sq of its 
 so one query against a KV cache sees the whole cache; a query that sees no key outputs zeros.
 
 Paths (``impl``, see sonarllm_kernels/_dispatch.py): "triton" (our FlashAttention-2 kernels,
-sonarllm_kernels/attention_triton.py), "torch" (PyTorch SDPA, sonarllm_kernels/attention_torch.py), "reference"
-(the specification, sonarllm_kernels/attention_ref.py) and, outside the shared dispatch names for now,
+sonarllm_kernels/attention/triton_backend.py), "torch" (PyTorch SDPA, sonarllm_kernels/attention/torch_backend.py), "reference"
+(the specification, sonarllm_kernels/attention/reference.py) and, outside the shared dispatch names for now,
 "flash" (flash-attn's ``flash_attn_func`` / ``flash_attn_varlen_func``). Auto-detection on CUDA
 prefers flash-attn when it imports and q is fp16/bf16, else the path AUTO_CUDA_PATHS names for
 the kind of call (the measured faster of Triton and SDPA); it uses "torch" whenever the Triton
@@ -28,11 +28,11 @@ import operator
 import torch
 
 from sonarllm_kernels._dispatch import KernelImpl, is_auto, resolve_impl
-from sonarllm_kernels.attention_op import attention_triton_op
-from sonarllm_kernels.attention_ref import attention_ref
-from sonarllm_kernels.attention_torch import attention_torch_batched, attention_torch_varlen
+from sonarllm_kernels.attention.custom_op import attention_triton_op
+from sonarllm_kernels.attention.reference import attention_ref
+from sonarllm_kernels.attention.torch_backend import attention_torch_batched, attention_torch_varlen
 
-TRITON_MAX_HEAD_DIM = 128  # = sonarllm_kernels.attention_triton.MAX_HEAD_DIM (not imported: Triton is optional)
+TRITON_MAX_HEAD_DIM = 128  # = sonarllm_kernels.attention.triton_backend.MAX_HEAD_DIM (not imported: Triton is optional)
 FLASH_MAX_HEAD_DIM = 256
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -272,7 +272,7 @@ def attention(
 ) -> torch.Tensor:
     """``softmax(softmax_scale * q k^T + mask) v`` per sequence and head, flash-attn style.
 
-    Equivalent to sonarllm_kernels.attention_ref.attention_ref (the specification); only "reference"
+    Equivalent to sonarllm_kernels.attention.reference.attention_ref (the specification); only "reference"
     materialises the [Sq, Sk] scores.
 
     Args:

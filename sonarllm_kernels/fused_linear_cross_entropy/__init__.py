@@ -2,7 +2,7 @@
 
 At SONAR's vocabulary (V = 256,206) the logits of 65,536 tokens take 67 GB in float32. The
 "torch" and "triton" paths hold one chunk of rows at a time and never materialise [N, V];
-only the "reference" path (the specification, sonarllm_kernels/fused_linear_cross_entropy_ref.py) does.
+only the "reference" path (the specification, sonarllm_kernels/fused_linear_cross_entropy/reference.py) does.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from sonarllm_kernels._dispatch import NO_FLOAT64, KernelImpl, check_impl_name, resolve_impl
-from sonarllm_kernels.fused_linear_cross_entropy_function import FLCEParams, valid_rows
-from sonarllm_kernels.fused_linear_cross_entropy_op import flce_apply
-from sonarllm_kernels.fused_linear_cross_entropy_ref import fused_linear_cross_entropy_ref
+from sonarllm_kernels.fused_linear_cross_entropy.function import FLCEParams, valid_rows
+from sonarllm_kernels.fused_linear_cross_entropy.custom_op import flce_apply
+from sonarllm_kernels.fused_linear_cross_entropy.reference import fused_linear_cross_entropy_ref
 
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -150,7 +150,7 @@ def fused_linear_cross_entropy(
 
     Equivalent to ``F.cross_entropy((hidden @ weight.T + bias).float(), target, weight=class_weight,
     ...)`` plus ``z_loss * class_weight[target] * lse**2`` per token (see
-    sonarllm_kernels/fused_linear_cross_entropy_ref.py for the exact specification); no path but
+    sonarllm_kernels/fused_linear_cross_entropy/reference.py for the exact specification); no path but
     "reference" materialises the [N, V] logits.
 
     Args:
@@ -183,7 +183,7 @@ def fused_linear_cross_entropy(
             logging, as Liger-Kernel's ``return_z_loss``; differentiable).
         impl: "auto", "triton", "torch" or "reference" (see sonarllm_kernels/_dispatch.py). Under
             torch.compile "triton" and "torch" are custom ops that trace without a graph break
-            (sonarllm_kernels/fused_linear_cross_entropy_op.py), with the same numbers and errors.
+            (sonarllm_kernels/fused_linear_cross_entropy/custom_op.py), with the same numbers and errors.
 
     Returns:
         The loss (float32, or float64 for float64 inputs); with ``return_lse`` and/or

@@ -1,7 +1,7 @@
 """Fused linear cross-entropy as PyTorch custom operators, so that ``torch.compile`` traces through it.
 
 ``sonarllm::flce_forward`` and ``sonarllm::flce_backward`` wrap the chunked forward and backward
-of sonarllm_kernels/fused_linear_cross_entropy_function.py ("torch" or "triton" chunk backend). To the
+of sonarllm_kernels/fused_linear_cross_entropy/function.py ("torch" or "triton" chunk backend). To the
 compiler each op is one opaque call with a shape function (``register_fake``), so everything
 data-dependent stays inside it, where it runs on real values also in a compiled graph: the
 check of the target values and class weights (ValueError, as in eager mode), the count of the
@@ -28,18 +28,18 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from sonarllm_kernels.fused_linear_cross_entropy_function import (
+from sonarllm_kernels.fused_linear_cross_entropy.function import (
     FLCEParams,
     flce_backward,
     flce_forward,
     grad_in_forward,
     saves_inputs,
 )
-from sonarllm_kernels.fused_linear_cross_entropy_torch import TorchChunkBackend
+from sonarllm_kernels.fused_linear_cross_entropy.torch_backend import TorchChunkBackend
 
 
 def _triton_backend():
-    from sonarllm_kernels.fused_linear_cross_entropy_triton import TritonChunkBackend
+    from sonarllm_kernels.fused_linear_cross_entropy.triton_backend import TritonChunkBackend
 
     return TritonChunkBackend()
 

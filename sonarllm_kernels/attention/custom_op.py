@@ -1,13 +1,13 @@
 """The Triton attention path as PyTorch custom operators, so that ``torch.compile`` traces through it.
 
 ``sonarllm::attention_triton_fwd`` and ``sonarllm::attention_triton_bwd`` wrap ``attention_fwd``
-and ``attention_bwd`` of sonarllm_kernels/attention_triton.py (imported on first call: Triton stays
+and ``attention_bwd`` of sonarllm_kernels/attention/triton_backend.py (imported on first call: Triton stays
 optional). To the compiler each is one opaque call with a shape function; the kernel launches
 (and their retry with smaller tiles) run inside. Sequence maxima are ints, symbolic under
 ``dynamic=True``, so batches of other lengths reuse the compiled graph. The backward
 recomputes from the saved output and log-sum-exp (FlashAttention-2); it has no autograd formula
 of its own (a double backward raises). Eager mode calls the autograd Function of
-attention_triton.py, as before.
+triton_backend.py, as before.
 """
 
 from typing import Optional
@@ -17,7 +17,7 @@ from torch import Tensor
 
 
 def _params(causal: bool, softmax_scale: float, max_seqlen_q: int, max_seqlen_k: int):
-    from sonarllm_kernels.attention_triton import AttnParams
+    from sonarllm_kernels.attention.triton_backend import AttnParams
 
     return AttnParams(causal, softmax_scale, max_seqlen_q, max_seqlen_k)
 
@@ -35,7 +35,7 @@ def _fwd_op(
     max_seqlen_k: int,
 ) -> tuple[Tensor, Tensor]:
     """(output in q's layout, lse [H, rows] float32)."""
-    from sonarllm_kernels.attention_triton import attention_fwd
+    from sonarllm_kernels.attention.triton_backend import attention_fwd
 
     params = _params(causal, softmax_scale, max_seqlen_q, max_seqlen_k)
     return attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, params)
@@ -63,7 +63,7 @@ def _bwd_op(
     max_seqlen_k: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) in the layouts and dtypes of q, k, v."""
-    from sonarllm_kernels.attention_triton import attention_bwd
+    from sonarllm_kernels.attention.triton_backend import attention_bwd
 
     params = _params(causal, softmax_scale, max_seqlen_q, max_seqlen_k)
     return attention_bwd(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, params)
@@ -99,7 +99,7 @@ def attention_triton_op(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_sca
     (the dispatcher's per-call cost would buy nothing there)."""
     if torch.compiler.is_compiling():
         return _fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, max_seqlen_q, max_seqlen_k)[0]
-    from sonarllm_kernels.attention_triton import attention_triton
+    from sonarllm_kernels.attention.triton_backend import attention_triton
 
     params = _params(causal, softmax_scale, max_seqlen_q, max_seqlen_k)
     return attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, params)

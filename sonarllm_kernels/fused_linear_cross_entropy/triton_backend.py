@@ -4,7 +4,7 @@ Both schedules hold one chunk of C x V logits in the input dtype (``chunk_mib`` 
 table; 256 MiB is 512 rows at V = 256,206 in bf16), compute the gradient while the chunk's
 logits exist (two GEMM-equivalents for a frozen weight), accumulate in float32 and reduce
 without atomics, so results are bit-identical from run to run. Kernels:
-fused_linear_cross_entropy_triton_kernels.py.
+triton_kernels.py.
 
 - "hybrid" (the default): cuBLAS writes the logits (``torch.mm``/``addmm`` into the chunk
   buffer); ``_flce_row_stats_kernel`` reads them once for per-segment softmax statistics,
@@ -21,7 +21,7 @@ fused_linear_cross_entropy_triton_kernels.py.
   cuBLAS's float32 GEMMs are faster than Triton's full-precision float32 dot).
 
 Which schedule runs, and with which tiles, comes from the tile table
-``fused_linear_cross_entropy_tiles.json`` beside this file (per GPU architecture and operand
+``tiles.json`` beside this file (per GPU architecture and operand
 size; ``bench/sweep_flce.py`` measures both schedules on a GPU and rewrites the table). Keeping
 two schedules is temporary: once the table holds H200 measurements, the slower one is deleted.
 Under ``TRITON_INTERPRET=1`` the same kernels run on the CPU (float32 only, large blocks).
@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 import triton
 
-from sonarllm_kernels import fused_linear_cross_entropy_triton_kernels as K
+from sonarllm_kernels.fused_linear_cross_entropy import triton_kernels as K
 from sonarllm_kernels._dispatch import compile_only, is_interpreter, multiprocessor_count
-from sonarllm_kernels.fused_linear_cross_entropy_function import ChunkResult, FLCEParams
+from sonarllm_kernels.fused_linear_cross_entropy.function import ChunkResult, FLCEParams
 
 SCHEDULES = ("hybrid", "fused")
-TILES_FILE = Path(__file__).with_name("fused_linear_cross_entropy_tiles.json")
+TILES_FILE = Path(__file__).with_name("tiles.json")
 
 # Overrides for tests and the sweep (None: the tile table decides).
 CHUNK_BYTES: int | None = None  # memory for one chunk of stored logits
@@ -163,7 +163,7 @@ def _addmm_float32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 class TritonChunkBackend:
-    """Per-chunk math in Triton and cuBLAS (see ChunkBackend in fused_linear_cross_entropy_function).
+    """Per-chunk math in Triton and cuBLAS (see ChunkBackend in function).
 
     Args (each None: the module's override, else the tile table):
         chunk_bytes: memory for one chunk of stored logits.

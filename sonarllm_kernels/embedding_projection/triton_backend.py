@@ -1,7 +1,7 @@
 """The "triton" path of the fused embedding projection: one GEMM kernel with a normalizing
 prologue and an affine epilogue, used for the forward and for both backward products.
 
-Computes what sonarllm_kernels/fused_embedding_projection_ref.py specifies, without a pass of its own
+Computes what sonarllm_kernels/embedding_projection/reference.py specifies, without a pass of its own
 for the normalizer (N tokens, I = in_features, O = out_features, per-feature c = center,
 s = scale, r = 1/s; all products accumulate in float32)::
 

@@ -4,11 +4,11 @@ fused with the SONAR normalizer (per-feature ``center``/``scale``, LCM's ``Sonar
     mode "in":   y = ((x - center) / scale) @ weight.T + bias     (normalize -> project)
     mode "out":  y = (x @ weight.T + bias) * scale + center       (project -> denormalize)
 
-Paths (``impl``, see sonarllm_kernels/_dispatch.py): "reference" (sonarllm_kernels/fused_embedding_projection_ref.py,
+Paths (``impl``, see sonarllm_kernels/_dispatch.py): "reference" (sonarllm_kernels/embedding_projection/reference.py,
 the specification), "torch" (the normalizer folded into the weight and bias of one addmm;
-mode "in" keeps one subtraction of the center, sonarllm_kernels/fused_embedding_projection_torch.py) and
+mode "in" keeps one subtraction of the center, sonarllm_kernels/embedding_projection/torch_backend.py) and
 "triton" (the normalizer applied inside the GEMM, on load or in the epilogue, with float32
-accumulation, sonarllm_kernels/fused_embedding_projection_triton.py).
+accumulation, sonarllm_kernels/embedding_projection/triton_backend.py).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from sonarllm_kernels._dispatch import NO_FLOAT64, KernelImpl, check_impl_name, is_auto, resolve_impl
-from sonarllm_kernels.fused_embedding_projection_op import fused_embedding_projection_triton_op
-from sonarllm_kernels.fused_embedding_projection_ref import fused_embedding_projection_ref
-from sonarllm_kernels.fused_embedding_projection_torch import fused_embedding_projection_torch
+from sonarllm_kernels.embedding_projection.custom_op import fused_embedding_projection_triton_op
+from sonarllm_kernels.embedding_projection.reference import fused_embedding_projection_ref
+from sonarllm_kernels.embedding_projection.torch_backend import fused_embedding_projection_torch
 
 MODES = ("in", "out")
 # The path impl="auto" takes on CUDA, per mode: "triton" (normalizer inside the GEMM) only where

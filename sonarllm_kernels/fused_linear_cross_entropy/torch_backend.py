@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from sonarllm_kernels.fused_linear_cross_entropy_function import ChunkResult, FLCEParams
+from sonarllm_kernels.fused_linear_cross_entropy.function import ChunkResult, FLCEParams
 
 # One chunk of float32 logits. CPU GEMMs repack W on every call, so CPU chunks are large
 # (1,024 rows at V = 256,206); on CUDA 512 rows (plus their bf16 logits): the hidden-gradient GEMM
@@ -28,7 +28,7 @@ CHUNK_BYTES = {"cpu": 2**30, "cuda": 512 * 2**20}
 
 
 class TorchChunkBackend:
-    """Per-chunk math in PyTorch (see ChunkBackend in fused_linear_cross_entropy_function)."""
+    """Per-chunk math in PyTorch (see ChunkBackend in function)."""
 
     def __init__(self, chunk_bytes: int | None = None):
         self.chunk_bytes = chunk_bytes
@@ -96,7 +96,7 @@ class TorchChunkBackend:
 
         dh_CD = None
         if grad:
-            # alpha, beta, gamma of fused_linear_cross_entropy_function.py
+            # alpha, beta, gamma of function.py
             c_C = loss_scale_C if loss_scale_C is not None else torch.zeros_like(lse_C)
             if cw_V is None:
                 alpha_C = c_C * (1.0 + 2.0 * params.z_loss * lse_C)

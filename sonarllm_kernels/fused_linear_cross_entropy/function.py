@@ -1,5 +1,5 @@
 """The chunked forward and backward shared by the "torch" and "triton" fused cross-entropy paths
-(registered as the custom ops of sonarllm_kernels/fused_linear_cross_entropy_op.py).
+(registered as the custom ops of sonarllm_kernels/fused_linear_cross_entropy/custom_op.py).
 
 Non-ignored rows are processed in chunks; a backend computes, per chunk, the log-sum-exp of
 the logits and, when asked, the gradient, without ever holding more than one chunk of logits.

@@ -2,7 +2,7 @@
 ``torch.compile`` traces through it.
 
 ``sonarllm::fep_triton_fwd`` and ``sonarllm::fep_triton_bwd`` run the forward and backward of
-``FusedEmbeddingProjectionFunction`` (sonarllm_kernels/fused_embedding_projection_triton.py, imported on
+``FusedEmbeddingProjectionFunction`` (sonarllm_kernels/embedding_projection/triton_backend.py, imported on
 first call: Triton stays optional) as plain functions, through a stand-in for autograd's ctx.
 To the compiler each is one opaque call with a shape function. Which gradients the backward
 computes comes from autograd (a frozen weight costs no weight-gradient GEMM); the backward op
@@ -20,7 +20,7 @@ class _Ctx:
     """Stands in for autograd's ctx, so the Function's static methods run as plain functions."""
 
     def __init__(self, mode: str, saved: tuple = (), needs_input_grad: tuple = ()):
-        from sonarllm_kernels.fused_embedding_projection_triton import FEPParams
+        from sonarllm_kernels.embedding_projection.triton_backend import FEPParams
 
         self.params, self.saved_tensors, self.needs_input_grad = FEPParams(mode=mode), saved, needs_input_grad
 
@@ -29,7 +29,7 @@ class _Ctx:
 
 
 def _function():
-    from sonarllm_kernels.fused_embedding_projection_triton import FusedEmbeddingProjectionFunction
+    from sonarllm_kernels.embedding_projection.triton_backend import FusedEmbeddingProjectionFunction
 
     return FusedEmbeddingProjectionFunction
 
@@ -97,7 +97,7 @@ def fused_embedding_projection_triton_op(x, weight, bias, center, scale, mode: s
     graph the custom ops; in eager mode the autograd Function itself (the dispatcher's per-call
     cost would buy nothing there)."""
     if not torch.compiler.is_compiling():
-        from sonarllm_kernels.fused_embedding_projection_triton import fused_embedding_projection_triton
+        from sonarllm_kernels.embedding_projection.triton_backend import fused_embedding_projection_triton
 
         return fused_embedding_projection_triton(x, weight, bias, center, scale, mode)
     bias = None if bias is None else bias.contiguous()  # the kernel reads the bias densely

@@ -1,6 +1,6 @@
 """Triton kernels of the fused linear cross-entropy's "triton" path (orchestrated, per chunk of
-rows, by fused_linear_cross_entropy_triton.py; the math of alpha, beta, gamma is in
-fused_linear_cross_entropy_function.py).
+rows, by triton_backend.py; the math of alpha, beta, gamma is in
+function.py).
 
 Shared by both schedules:
 - ``_flce_lse_kernel`` merges per-(row, block) softmax statistics into the row log-sum-exp and
