@@ -187,3 +187,47 @@ def test_a_file_pickling_other_objects_needs_trust(tmp_path):
 
 class _Args:
     """A pickled object other than tensors (as an argparse Namespace would be)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# add_begin: generation puts "Begin of text." before every prompt (context only)
+
+
+def _with_begin(model: SonarLLM, add_begin: bool) -> SonarLLM:
+    twin = SonarLLM(model.config.replace(add_begin=add_begin)).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def test_generation_puts_the_begin_sentence_before_every_prompt(toy, monkeypatch):
+    import sonarllm.generate as gen_mod
+    from sonarllm.generate import GenerationOptions, generate
+
+    model = _with_begin(toy.model, True)
+    seen = []
+    real_prefill = gen_mod.prefill
+    monkeypatch.setattr(gen_mod, "prefill", lambda m, embeds, cap: seen.append((list(embeds), cap)) or real_prefill(m, embeds, cap))
+    prompts = ["The cat sat on the mat. A dog ran in the park.", "Tom had a red ball."]
+    options = GenerationOptions(beam_size=2, max_tokens=6, max_sentences=4, eos_threshold=None)
+    results = generate(model, toy.pipeline, prompts, options)
+    (contexts, capacity), = seen
+    begin = toy.pipeline.encode(["Begin of text."])[0]
+    assert capacity == options.max_sentences  # one more than max_sentences - 1: the begin sentence
+    for context, result in zip(contexts, results, strict=True):
+        torch.testing.assert_close(context[0], begin)
+        torch.testing.assert_close(context[1:], toy.pipeline.encode(result.prompt_sentences))
+        assert "Begin of text." not in result.prompt_sentences and "Begin of text." not in result.sentences
+        assert len(result.prompt_sentences) + len(result.sentences) == options.max_sentences
+
+
+def test_add_begin_generates_what_the_plain_model_generates_after_the_begin_sentence(toy):
+    from sonarllm.generate import GenerationOptions, generate
+
+    prompt = "The cat sat on the mat. A dog ran in the park."
+    fast = dict(beam_size=2, max_tokens=6, eos_threshold=None, recompute=True)
+    with_begin = generate(_with_begin(toy.model, True), toy.pipeline, [prompt], GenerationOptions(max_sentences=5, **fast))
+    by_hand = generate(_with_begin(toy.model, False), toy.pipeline, ["Begin of text. " + prompt],
+                       GenerationOptions(max_sentences=6, **fast))  # fmt: skip
+    assert by_hand[0].prompt_sentences[0] == "Begin of text."
+    assert with_begin[0].sentences == by_hand[0].sentences
+    assert with_begin[0].prompt_sentences == by_hand[0].prompt_sentences[1:]
