@@ -231,3 +231,76 @@ def test_add_begin_generates_what_the_plain_model_generates_after_the_begin_sent
     assert by_hand[0].prompt_sentences[0] == "Begin of text."
     assert with_begin[0].sentences == by_hand[0].sentences
     assert with_begin[0].prompt_sentences == by_hand[0].prompt_sentences[1:]
+
+
+# ---------------------------------------------------------------------------------------------
+# sonarllm convert, then sonarllm generate on the converted directory
+
+
+def _cli(capsys, *argv):
+    from sonarllm.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _toy_official(tmp_path, toy, add_begin: bool):
+    """An official-layout model in the toy SONAR's space (embed_dim = the toy SONAR's width)."""
+    rng = random.Random(21)
+    llama = official_llama_config(rng)
+    embed_dim = toy.model.config.sonar_dim
+    wrapper = random_wrapper(llama, embed_dim, 21)
+    sonar = ["--sonar-tokenizer", toy.spec.tokenizer, "--sonar-encoder", toy.spec.encoder, "--sonar-decoder", toy.spec.decoder]
+    return llama, embed_dim, wrapper, sonar
+
+
+def test_convert_writes_a_model_directory_that_generate_and_load_bundle_accept(tmp_path, toy, capsys):
+    from sonarllm.bundle import load_bundle
+
+    llama, embed_dim, wrapper, sonar = _toy_official(tmp_path, toy, add_begin=True)
+    hf = save_hf(wrapper, tmp_path / "hf", llama, embed_dim, add_begin=True)
+    out = tmp_path / "converted"
+    code, stdout, err = _cli(capsys, "convert", "--official", str(hf), "--out", str(out), *sonar)
+    assert code == 0, err
+    assert "add_begin true" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "converted.json", "model.safetensors", "sonar", "sonar.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging directory left
+    bundle = load_bundle(out, kernel_impl="torch")
+    assert bundle.model.config.add_begin is True
+    e = _documents(embed_dim, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.model(e), wrapper.predict(e), atol=2e-6, rtol=1e-5)
+    code, stdout, err = _cli(capsys, "generate", "--model", str(out), "--prompt", "The cat sat on the mat.",
+                             "--beam-size", "2", "--max-tokens", "6", "--max-sentences", "3", "--json")  # fmt: skip
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["prompt_sentences"] == ["The cat sat on the mat."] and len(result["sentences"]) <= 2
+    # converting again replaces the earlier conversion
+    code, _, err = _cli(capsys, "convert", "--official", str(hf), "--out", str(out), *sonar)
+    assert code == 0, err
+
+
+def test_convert_of_a_release_file_needs_its_config_and_never_overwrites_foreign_files(tmp_path, toy, capsys):
+    llama, embed_dim, wrapper, sonar = _toy_official(tmp_path, toy, add_begin=False)
+    release = save_release(wrapper, tmp_path / "checkpoint.pt")
+    config = tmp_path / "SonarLLM_toy.json"
+    config.write_text(json.dumps({"llama_config": llama, "embed_dim": embed_dim}))
+    out = tmp_path / "out"
+    code, _, err = _cli(capsys, "convert", "--official", str(release), "--out", str(out), *sonar)
+    assert code == 2 and "give --config" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, _, err = _cli(capsys, "convert", "--official", str(release), "--config", str(config), "--out", str(out), *sonar)
+    assert code == 2 and "not empty and not an earlier 'sonarllm convert' output" in err and "notes.txt" in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    # a misfit config is a runtime error in one line; nothing is written
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"llama_config": {**llama, "num_hidden_layers": 7}, "embed_dim": embed_dim}))
+    code, _, err = _cli(capsys, "convert", "--official", str(release), "--config", str(bad), "--out", str(tmp_path / "o2"), *sonar)
+    assert code == 1 and "the config does not fit the weights" in err and "Traceback" not in err
+    assert not (tmp_path / "o2").exists()
+    code, _, err = _cli(capsys, "convert", "--official", str(release), "--config", str(config), "--out", str(tmp_path / "o3"), *sonar)
+    assert code == 0, err
+    assert json.loads((tmp_path / "o3" / "converted.json").read_text())["official"] == str(release.resolve())
