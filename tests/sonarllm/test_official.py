@@ -304,3 +304,24 @@ def test_convert_of_a_release_file_needs_its_config_and_never_overwrites_foreign
     code, _, err = _cli(capsys, "convert", "--official", str(release), "--config", str(config), "--out", str(tmp_path / "o3"), *sonar)
     assert code == 0, err
     assert json.loads((tmp_path / "o3" / "converted.json").read_text())["official"] == str(release.resolve())
+
+
+@pytest.mark.parametrize(
+    "name, sizes",
+    [
+        ("100M", dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=16)),
+        ("300M", dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=10, num_attention_heads=16)),
+        ("600M", dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=16, num_attention_heads=26, head_dim=64)),
+        ("900M", dict(hidden_size=1536, intermediate_size=6144, num_hidden_layers=17, num_attention_heads=32, head_dim=64)),
+    ],
+)
+def test_the_official_jsons_map_onto_our_named_sizes(name, sizes):
+    """The sizes of SonarLLM_{100M,300M,600M,900M}.json (docs/sonar-llm.md §1.2) with the fields
+    common to all four; the 600M one (1280 / 26 heads) no longer builds in transformers 5."""
+    from sonarllm.config import SonarLLMConfig
+
+    common = official_llama_config(random.Random(0))
+    common["rope_scaling"]["original_max_position_embeddings"] = 8192
+    del common["head_dim"]
+    official = {"pretrained_model_name_or_path": "meta-llama/Llama-3.2-1B", "llama_config": {**common, **sizes}}
+    assert official_to_config(official) == SonarLLMConfig.from_name(name)
