@@ -19,7 +19,8 @@ Two layouts are read (docs/sonar-llm.md §1.3):
 
 Weights (state dict key -> ours): ``llama_model.model.layers.N.*`` -> ``layers.N.*`` (HF's
 names are ours), ``llama_model.model.norm.weight`` -> ``norm.weight``,
-``forward_proj.linear.*`` -> ``input_proj.*``, ``reverse_proj.linear.*`` -> ``output_proj.*``.
+``forward_proj.linear.*`` -> ``input_proj.*``, ``reverse_proj.linear.*`` -> ``output_proj.*``
+(a bare ``LlamaModel`` backbone's ``llama_model.layers.*`` / ``llama_model.norm.*`` too).
 The frozen ``sonar_decoder.*``, the unused 128k token table ``llama_model.model.embed_tokens``,
 its tied ``llama_model.lm_head`` and RoPE ``inv_freq`` buffers are ignored (listed in one log
 line of the ``sonarllm.official`` logger). A DDP ``module.`` prefix is removed.
@@ -253,6 +254,8 @@ def official_to_state(state: Mapping[str, torch.Tensor], config: SonarLLMConfig,
     layer count that differs from the config. Ignored tensors are logged in one line."""
     ours, unknown, ignored, layers = {}, [], [], set()
     for key, value in state.items():
+        if key.startswith("llama_model.") and not key.startswith(("llama_model.model.", "llama_model.lm_head.")):
+            key = "llama_model.model." + key[len("llama_model."):]  # a bare LlamaModel backbone
         if _ignored(key):
             ignored.append(key)
         elif match := _LAYER_RE.match(key):

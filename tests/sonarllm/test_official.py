@@ -325,3 +325,18 @@ def test_the_official_jsons_map_onto_our_named_sizes(name, sizes):
     del common["head_dim"]
     official = {"pretrained_model_name_or_path": "meta-llama/Llama-3.2-1B", "llama_config": {**common, **sizes}}
     assert official_to_config(official) == SonarLLMConfig.from_name(name)
+
+
+def test_a_bare_llama_model_backbone_and_a_ddp_prefix_are_read(tmp_path):
+    llama, embed_dim, wrapper = _case(12)
+    state = {"module." + k.replace("llama_model.model.", "llama_model."): v for k, v in wrapper.state_dict().items()}
+    torch.save({"model_state_dict": state}, tmp_path / "ddp.pt")
+    model = SonarLLM.from_official(tmp_path / "ddp.pt", {"llama_config": llama, "embed_dim": embed_dim}, **TORCH)
+    e = _documents(embed_dim, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(e), wrapper.predict(e), atol=2e-6, rtol=1e-5)
+
+
+def test_convert_has_help(capsys):
+    code, out, _ = _cli(capsys, "convert", "--help")
+    assert code == 0 and out.startswith("usage: sonarllm convert") and "--official" in out
