@@ -340,3 +340,16 @@ def test_a_bare_llama_model_backbone_and_a_ddp_prefix_are_read(tmp_path):
 def test_convert_has_help(capsys):
     code, out, _ = _cli(capsys, "convert", "--help")
     assert code == 0 and out.startswith("usage: sonarllm convert") and "--official" in out
+
+
+def test_add_begin_is_not_part_of_what_defines_a_training_run():
+    """A checkpoint written before the field existed (no add_begin in its model config) resumes."""
+    from sonarllm.config import SonarLLMConfig
+    from training.config import TrainConfig
+    from training.identity import compare, run_identity
+
+    now = SonarLLMConfig.from_name("toy").to_dict()
+    before = {k: v for k, v in now.items() if k != "add_begin"}
+    cfg = TrainConfig()
+    assert compare(run_identity(cfg, {}, before, 1), run_identity(cfg, {}, now, 1)) == ([], [])
+    assert compare(run_identity(cfg, {}, now, 1), run_identity(cfg, {}, {**now, "add_begin": True}, 1)) == ([], [])
