@@ -77,7 +77,6 @@ _LLAMA_DEFAULTS = {
     "attention_bias": False,
     "mlp_bias": False,
 }
-_WRAPPER_KEYS = ("llama_config", "embed_dim", "add_begin")
 _LAYER_RE = re.compile(r"^llama_model\.model\.layers\.(\d+)\.(.+)$")
 _IGNORED_PREFIXES = ("sonar_decoder.", "llama_model.model.embed_tokens.", "llama_model.lm_head.")
 
