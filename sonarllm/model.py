@@ -759,6 +759,73 @@ class SonarLLM(nn.Module):
         model.to(device=device or "cpu", dtype=dtype)
         return model.eval()
 
+    @classmethod
+    def from_official(
+        cls,
+        path: str | os.PathLike,
+        config: Any = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        trust: bool = False,
+        **config_overrides: Any,
+    ) -> SonarLLM:
+        """Load one of the SONAR-LLM paper's released checkpoints, in eval mode (sonarllm/official.py).
+
+        Its predictions equal the official ``reverse_proj(llama(inputs_embeds=forward_proj(e))
+        .hidden_states[-1])``.
+
+        Args:
+            path: the GitHub-release ``torch.save`` file (``model_state_dict`` with
+                ``llama_model.*``, ``forward_proj.linear.*``, ``reverse_proj.linear.*``,
+                ``sonar_decoder.*``), or a Hugging Face directory (``config.json`` with
+                ``llama_config``, ``embed_dim``, ``add_begin``; ``pytorch_model.bin``).
+            config: the official configuration: a path to ``SonarLLM_{100M,...}.json``, a dict
+                (``{"llama_config": {...}}`` or the bare llama config) or a ``LlamaConfig``.
+                Required for a release file; for a directory it replaces its ``config.json``.
+            device: where to put the model (default CPU).
+            dtype: floating dtype of the parameters (default: as stored when all stored tensors
+                share one, else float32).
+            trust: unpickle any object of the file (only for files you trust); by default only
+                tensors, plain containers and NumPy arrays (the release files' RNG states).
+            config_overrides: fields of ``SonarLLMConfig`` to replace, e.g. ``kernel_impl="torch"``.
+
+        Raises:
+            CheckpointError: a missing or unreadable file, a config that is missing, does not
+                fit the weights (layer count, shapes) or asks for something not implemented
+                (grouped-query attention, biases, other activations or RoPE types), unknown
+                keys in the state dict; each named.
+        """
+        from sonarllm.official import (
+            check_official_shapes,
+            locate_official,
+            official_to_config,
+            official_to_state,
+            read_official_state,
+        )
+        from sonarllm.sonar.checkpoint import CheckpointError
+
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a float torch.dtype or None, got {dtype!r}")
+        weights_path, dir_config = locate_official(path)
+        if config is None:
+            if dir_config is None:
+                raise CheckpointError(
+                    f"{path} records no configuration: pass config= (the official SonarLLM_{{100M,300M,600M,900M}}.json "
+                    "that matches it)"
+                )
+            config = dir_config
+        cfg = official_to_config(config, **config_overrides)
+        state = official_to_state(read_official_state(weights_path, trust=trust), cfg, str(weights_path))
+        with torch.device("meta"):
+            model = cls(cfg)
+        check_official_shapes(model, state, str(weights_path))
+        stored = {v.dtype for v in state.values()}
+        target = dtype or (stored.pop() if len(stored) == 1 and next(iter(stored)).is_floating_point else torch.float32)
+        model.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=True, assign=True)
+        model.to(device=device or "cpu")
+        return model.eval()
+
 
 def _check_state_shapes(
     model: SonarLLM, shapes: dict[str, tuple], config_path: Path, weights_path: Path

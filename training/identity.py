@@ -23,7 +23,8 @@ def run_identity(cfg: TrainConfig, data_options: dict, model_config: dict, world
     loop = cfg.loop
     return {
         "data": {k: v for k, v in data_options.items() if k not in ("source", "shard_documents")},
-        "model": {k: v for k, v in model_config.items() if k not in ("kernel_impl", "objective")},
+        # kernel_impl and add_begin (a generation-time prefix) do not change what is trained
+        "model": {k: v for k, v in model_config.items() if k not in ("kernel_impl", "objective", "add_begin")},
         "model.objective": cfg.model.objective,
         "data.duplicate_eos": cfg.data.duplicate_eos,
         "run.seed": cfg.run.seed,
