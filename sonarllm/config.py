@@ -39,7 +39,7 @@ from typing import Any
 
 from sonarllm_kernels._dispatch import check_impl_name
 
-OBJECTIVES = ("sonar", "mse")
+OBJECTIVES = ("sonar", "mse", "sonar+mse")
 ROPE_SCALING_KEYS = (
     "rope_type",
     "factor",
@@ -109,7 +109,8 @@ class SonarLLMConfig:
     objective: str = "sonar"
     """Training objective, read by the trainer (the network is the same): "sonar" = token
     cross-entropy of the next sentence through the frozen SONAR decoder (sonarllm/loss.py);
-    "mse" = the LCM baseline's next-embedding MSE (sonarllm/mse_loss.py)."""
+    "mse" = the LCM baseline's next-embedding MSE (sonarllm/mse_loss.py); "sonar+mse" = their
+    weighted sum (LCM's decoder backprop idea; sonarllm.loss.SonarMSELoss)."""
     kernel_impl: str = "auto"
     """``impl`` passed to every kernel call (attention, projections): "auto", "triton", "torch"
     or "reference" (see sonarllm_kernels/_dispatch.py)."""

@@ -334,12 +334,18 @@ class SonarLLM(nn.Module):
         self, center: torch.Tensor | SonarNormalizer, scale: torch.Tensor | None = None
     ) -> None:
         """Install the SONAR normalizer (a fitted ``SonarNormalizer``, or ``center``, ``scale`` [E])
-        in both projections. Needs ``config.use_normalizer``."""
+        in both projections. Needs ``config.use_normalizer``. A normalizer that clips (LCM's
+        ``clip_min`` / ``clip_max``) is refused: the fused projections do not clip."""
         if not self.config.use_normalizer:
             raise ValueError("set_normalizer needs a model built with config.use_normalizer=True")
         if isinstance(center, SonarNormalizer):
             if scale is not None:
                 raise ValueError("scale must be None when center is a SonarNormalizer")
+            if center.clips:
+                raise ValueError(
+                    "center is a SonarNormalizer with clip_min/clip_max (LCM's clip_proba); the model's fused "
+                    "projections apply center and scale only: remove the bounds (set_clip_(None, None)) to use it"
+                )
             center, scale = center.center, center.scale
         if scale is None:
             raise ValueError("scale must be given with a center tensor")

@@ -66,7 +66,8 @@ from training.config import EXAMPLE_CORPUS, ConfigError, load_config, parse_cli
 from training.held_out import EXAMPLE_TEST_SEED, NoTestDocuments, held_out_documents
 from training.shards import ShardError, read_manifest
 
-OBJECTIVES = ("sonar", "mse")
+OBJECTIVES = ("sonar", "mse", "sonar+mse")
+DEFAULT_OBJECTIVES = ("sonar", "mse")
 DEFAULT_LR_GRID = (5e-4, 1e-3, 2e-3)
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 MANAGED_KEYS = {  # set by compare for every run, not accepted as pass-through options: the hint
@@ -146,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Any other --section.key value (and --config FILE) goes to every training run: "
                                        "python training/train.py --help lists the keys.")  # fmt: skip
-    p.add_argument("--objectives", type=_objectives, default=list(OBJECTIVES), help="comma-separated (default: sonar,mse)")
+    p.add_argument("--objectives", type=_objectives, default=list(DEFAULT_OBJECTIVES),
+                   help="comma-separated, from sonar, mse, sonar+mse (default: sonar,mse)")  # fmt: skip
     p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per objective, 0 .. N-1 (default: 3)")
     p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps of every run (default: 1000)")
     p.add_argument("--lr", type=_lr_grid, action="append", default=[], metavar="[OBJ=]LIST",
