@@ -172,7 +172,7 @@ class Trainer:
         from sonarllm.sonar.download import ASSETS, fetch
         from sonarllm.sonar.pipeline import SonarSpec
         from training import prepare_data
-        from training.shards import MANIFEST, read_manifest, rebuild_command, verify_shards
+        from training.shards import MANIFEST, read_manifest, rebuild_command, verify_shards, verify_sonar
 
         wait = dist.new_group(backend="gloo", timeout=timedelta(days=7))
         prepared = Path(self.cfg.data.prepared_dir)
@@ -198,6 +198,8 @@ class Trainer:
             ] + ([] if self.cfg.system.progress else ["--quiet"]))  # fmt: skip
             try:
                 prepare_data.prepare(args)
+            except prepare_data.ForeignOutError as exc:
+                raise ConfigError(f"data.prepared_dir {exc}") from None
             except (ValueError, OSError) as exc:
                 raise ShardError(f"cannot prepare data.prepared_dir {prepared}: {exc}") from exc
         dist.barrier(group=wait)
@@ -208,8 +210,27 @@ class Trainer:
                     fetch(name)  # into this node's cache, once, before every rank loads it
             if self.cfg.data.verify_checksums:
                 verify_shards(prepared)
+            if self.cfg.data.verify_sonar:
+                verify_sonar(prepared)
+        if complete and self.rank == 0:
+            self._note_changed_corpus(existing)
         dist.barrier(group=wait)
         return prepared
+
+    def _note_changed_corpus(self, manifest: dict) -> None:
+        """A complete preparation is used as it is: if its corpus was edited since (size or
+        modification time differ from the manifest's record, and so does the content), say so in
+        one line rather than train silently on the old version."""
+        from training.prepare_data import corpus_digest, source_stat
+
+        source, recorded = Path(manifest["options"].get("source", "")), manifest.get("source_stat")
+        if recorded is None or not source.exists():
+            return
+        if source_stat(source) == recorded or corpus_digest(source) == manifest["options"].get("source_sha256"):
+            return
+        print(f"train.py: note: the corpus {source} changed after data.prepared_dir {self.cfg.data.prepared_dir} was "
+              "prepared from it; training on the prepared data (prepare it again into a new data.prepared_dir to "
+              "train on the new version)", file=sys.stderr, flush=True)  # fmt: skip
 
     def _open_split(self, prepared: Path, split: str):
         """The documents of one split (verified in _ensure_prepared unless data.verify_checksums is
@@ -631,24 +652,33 @@ def _fail(error, code: int) -> int:
 
 
 def _lock_run(cfg: TrainConfig, lock) -> None:
-    """Global rank 0 creates the output directory and locks it; every rank raises if it cannot."""
-    from training.checkpoint import broadcast_object, describe_io_error
+    """Global rank 0 checks that the output directory is new, empty or a run's (else ConfigError,
+    untouched: training/ownership.py), marks it, locks it and checks that its checkpoints/ can be
+    written; every rank raises if it cannot."""
+    from training.checkpoint import broadcast_object, describe_io_error, read_only_problem
+    from training.ownership import check_run_dir, mark_run_dir
     from training.runlock import describe_holder
 
     out = Path(cfg.run.output_dir)
-    error = None
+    error, refused = None, None
     if dist.get_rank() == 0:
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            check_run_dir(out)  # before anything is written: a directory that is not a run is left untouched
+            mark_run_dir(out)
             stale = lock.acquire()
             if stale:
                 print(f"train.py: note: {out} was locked by a run that ended without releasing it "
                       f"({describe_holder(stale)}); taking it over", file=sys.stderr, flush=True)  # fmt: skip
+            error = read_only_problem(out / "checkpoints")
+        except ValueError as exc:
+            refused = str(exc)
         except RunLockedError as exc:
             error = str(exc)
         except OSError as exc:
             error = f"cannot use run.output_dir {out}: {describe_io_error(exc, out)}"
-    error = broadcast_object(error)
+    error, refused = broadcast_object((error, refused))
+    if refused:
+        raise ConfigError(refused)
     if error:
         raise RunLockedError(error)
 
