@@ -77,9 +77,10 @@ def save_bundle(directory: str | os.PathLike, model: SonarLLM, spec: SonarSpec) 
     return directory
 
 
-def verify_bundle(directory: str | os.PathLike) -> bool:
-    """Check a bundle's files and the SONAR files its sonar.json names against its bundle.json
-    (sizes, then SHA-256, each file hashed once per process); False when there is no bundle.json
+def verify_bundle(directory: str | os.PathLike, fields=SONAR_FIELDS) -> bool:
+    """Check a bundle's files and the SONAR files its sonar.json names (of ``fields``: those
+    used; copies inside the bundle are always checked) against its bundle.json (sizes, then
+    SHA-256, each file hashed once per process); False when there is no bundle.json
     (an older sonarllm's bundle: nothing to check against). Raises BundleError naming the first
     file that does not match, with the remedy."""
     directory = Path(directory)
@@ -100,7 +101,7 @@ def verify_bundle(directory: str | os.PathLike) -> bool:
                           "model was exported); export it again (re-run the training command of its run: it exports "
                           f"final/ again from the last checkpoint), {override}")  # fmt: skip
     spec = SonarSpec.load(directory / SPEC_NAME)
-    for field in SONAR_FIELDS:  # the referenced (not copied) SONAR files: the bundle's copies were checked above
+    for field in fields:  # the referenced (not copied) SONAR files: the bundle's copies were checked above
         want, value = (identity.get(field) or {}).get("sha256"), getattr(spec, field)
         if want is None or value is None or not os.path.isfile(value) or Path(value).is_relative_to(directory.resolve()):
             continue
@@ -129,7 +130,8 @@ def load_bundle(directory: str | os.PathLike, *, device=None, dtype=None, kernel
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory not found: {directory}")
     if verify:
-        verify_bundle(directory)
+        used = ("tokenizer",) + ("encoder",) * encoder + ("decoder",) * decoder
+        verify_bundle(directory, fields=used)
     overrides = {} if kernel_impl is None else {"kernel_impl": kernel_impl}
     model = SonarLLM.from_pretrained(directory, device=device, dtype=dtype, **overrides)
     _check_finite(model, directory)

@@ -110,12 +110,13 @@ def is_digest(value) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
-def verify_sonar(directory: str | os.PathLike, manifest: dict | None = None) -> None:
-    """Check the SONAR files ``sonar.json`` names (tokenizer, encoder, decoder) against the
-    SHA-256 the manifest recorded when the data was prepared: data embedded by one encoder and
-    trained through another decoder trains silently on garbage. Each file is hashed once per
-    process (sonarllm.files.cached_sha256). Released SONAR assets (recorded by name) are verified
-    by sonarllm.sonar.download when fetched. The error names the file and the remedy."""
+def verify_sonar(directory: str | os.PathLike, manifest: dict | None = None, fields=SONAR_FIELDS) -> None:
+    """Check the SONAR files ``sonar.json`` names (``fields`` of tokenizer, encoder, decoder: the
+    ones the caller uses) against the SHA-256 the manifest recorded when the data was prepared:
+    data embedded by one encoder and trained through another decoder trains silently on garbage.
+    Each file is hashed once per process (sonarllm.files.cached_sha256). Released SONAR assets
+    (recorded by name) are verified by sonarllm.sonar.download when fetched. The error names the
+    file and the remedy."""
     from sonarllm.files import cached_sha256
     from sonarllm.sonar.pipeline import SonarSpec
 
@@ -123,7 +124,7 @@ def verify_sonar(directory: str | os.PathLike, manifest: dict | None = None) -> 
     manifest = manifest or read_manifest(directory)
     recorded = manifest["options"].get("sonar") or {}
     spec = SonarSpec.load(directory / "sonar.json")  # FileNotFoundError naming a missing file
-    for field in SONAR_FIELDS:
+    for field in fields:
         want, path = recorded.get(field), getattr(spec, field)
         if not is_digest(want) or path is None or not os.path.isfile(path):
             continue

@@ -210,8 +210,8 @@ class Trainer:
                     fetch(name)  # into this node's cache, once, before every rank loads it
             if self.cfg.data.verify_checksums:
                 verify_shards(prepared)
-            if self.cfg.data.verify_sonar:
-                verify_sonar(prepared)
+            if self.cfg.data.verify_sonar:  # the files training uses (not the encoder)
+                verify_sonar(prepared, fields=("tokenizer", "decoder"))
         if complete and self.rank == 0:
             self._note_changed_corpus(existing)
         dist.barrier(group=wait)
