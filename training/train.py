@@ -92,6 +92,21 @@ def _same_setting(configured, prepared) -> bool:
         os.path.samefile(configured, prepared)
 
 
+def changed_corpus_note(manifest: dict, prepared_dir) -> str | None:
+    """A complete preparation is used as it is: if its corpus was edited since (its size or
+    modification time differ from the manifest's record, and so does its content), the line
+    that says so, rather than training silently on the old version; else None."""
+    from training.prepare_data import corpus_digest, source_stat
+
+    source, recorded = Path(manifest["options"].get("source", "")), manifest.get("source_stat")
+    if recorded is None or not source.exists():
+        return None
+    if source_stat(source) == recorded or corpus_digest(source) == manifest["options"].get("source_sha256"):
+        return None
+    return (f"the corpus {source} changed after data.prepared_dir {prepared_dir} was prepared from it; training on "
+            "the prepared data (prepare it again into a new data.prepared_dir to train on the new version)")
+
+
 class Trainer:
     """One training run (every rank builds one)."""
 
@@ -212,25 +227,10 @@ class Trainer:
                 verify_shards(prepared)
             if self.cfg.data.verify_sonar:  # the files training uses (not the encoder)
                 verify_sonar(prepared, fields=("tokenizer", "decoder"))
-        if complete and self.rank == 0:
-            self._note_changed_corpus(existing)
+        if complete and self.rank == 0 and (note := changed_corpus_note(existing, prepared)):
+            print(f"train.py: note: {note}", file=sys.stderr, flush=True)
         dist.barrier(group=wait)
         return prepared
-
-    def _note_changed_corpus(self, manifest: dict) -> None:
-        """A complete preparation is used as it is: if its corpus was edited since (size or
-        modification time differ from the manifest's record, and so does the content), say so in
-        one line rather than train silently on the old version."""
-        from training.prepare_data import corpus_digest, source_stat
-
-        source, recorded = Path(manifest["options"].get("source", "")), manifest.get("source_stat")
-        if recorded is None or not source.exists():
-            return
-        if source_stat(source) == recorded or corpus_digest(source) == manifest["options"].get("source_sha256"):
-            return
-        print(f"train.py: note: the corpus {source} changed after data.prepared_dir {self.cfg.data.prepared_dir} was "
-              "prepared from it; training on the prepared data (prepare it again into a new data.prepared_dir to "
-              "train on the new version)", file=sys.stderr, flush=True)  # fmt: skip
 
     def _open_split(self, prepared: Path, split: str):
         """The documents of one split (verified in _ensure_prepared unless data.verify_checksums is
