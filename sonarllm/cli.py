@@ -327,7 +327,7 @@ def _read_prompts(args) -> list[str]:
             try:
                 lines = path.read_text(encoding="utf-8").splitlines()
             except UnicodeDecodeError as exc:
-                raise UsageError(
+                raise ValueError(
                     f"--prompts-file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})"
                 ) from None
         prompts += [line for line in lines if line.strip()]

@@ -12,8 +12,12 @@ with a progress bar) and tokenised in SONAR's target mode (``[</s>, lang, pieces
 seeded random toy SONAR encoder/decoder; ``--sonar basic`` uses the released SONAR files
 (downloaded to the cache); a path to a ``sonar.json`` uses the files it names.
 
+``--out`` must be new, empty or a preparation (its ``prepare.lock``, created first, or its
+manifest): a directory a user made is refused untouched (exit 2). The manifest records the
+SHA-256 of the SONAR files and the corpus' size and modification time (training checks both).
 Re-running resumes: shards already written are verified against their SHA-256 and kept; a
-missing or corrupted shard (reported by name) is rebuilt. Changing an option that alters the
+missing or corrupted shard (reported by name) is rebuilt, and so is a toy SONAR whose files no
+longer match the manifest. Changing an option that alters the
 data of an existing directory is refused before anything is written (a toy SONAR that must be
 rebuilt is built in a scratch directory and installed only once the options check passed). Two
 preparations of one directory run one after the other: the second waits for the first's lock

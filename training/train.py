@@ -13,7 +13,10 @@ number of label tokens of the whole optimizer step over all ranks, so gradient a
 data parallelism average exactly like one big batch. SIGINT/SIGTERM stop at the next step with
 a checkpoint.
 
-A run holds an exclusive lock on its output directory (training/runlock.py). Resuming verifies
+The trainer writes only into a new or empty output directory or one of its runs (marked by
+``.sonarllm-run``, training/ownership.py), and holds an exclusive lock on it
+(training/runlock.py). The SONAR files it uses are checked against the prepared manifest's
+SHA-256 (``data.verify_sonar``). Resuming verifies
 the checkpoint's files and that it belongs to the same run (training/identity.py); a training
 loss or parameters that become NaN/inf stop the run without writing a checkpoint from that
 state. Every error ends in one line (exit status 2 for a bad configuration, 1 otherwise).

@@ -149,7 +149,7 @@ def test_a_binary_prompts_file_is_named(capsys, toy_bundle_dir, tmp_path):
     prompts = tmp_path / "prompts.bin"
     prompts.write_bytes(b"\x00\xff\xfe\x80 binary")
     code, _, err = run(capsys, "generate", "--model", str(toy_bundle_dir), "--prompts-file", str(prompts))
-    assert code == 2
+    assert code == 1
     one_line(err, f"--prompts-file {prompts} is not UTF-8 text")
 
 
