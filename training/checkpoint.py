@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sonarllm.files import size_problem
 from training.shards import sha256_file, write_json_atomic
 
 LATEST = "latest"
@@ -289,13 +290,9 @@ class Checkpointer:
         if damage:
             return None, f"its {MANIFEST} is damaged ({damage})"
         for name, entry in sorted(manifest["files"].items()):
-            file = path / name
-            if not file.is_file():
-                return None, f"{name} is missing"
-            size = file.stat().st_size
-            if size != entry["bytes"]:
-                what = "empty" if size == 0 else "truncated" if size < entry["bytes"] else "larger than written"
-                return None, f"{name} is {what} ({size} bytes, {entry['bytes']} written)"
+            problem = size_problem(path / name, name, entry)
+            if problem:
+                return None, problem
         return manifest, None
 
     def verify(self, path: str | os.PathLike) -> tuple[dict | None, str | None]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from sonarllm.files import write_text_atomic
 
 RUN_MARKER = ".sonarllm-run"
-RUN_SECTIONS = {"run", "data", "model", "optim", "loop", "system"}  # the top level of a run's config.json
+RUN_SECTIONS = {"run", "data", "model"}  # sections every version's run config.json has (a model's has none)
 
 
 def owned(directory: Path, marker: str, earlier: Callable[[Path], bool] = lambda _d: False) -> bool:
@@ -38,8 +38,9 @@ def mark(directory: Path, marker: str, text: str) -> None:
 
 def earlier_run(directory: Path) -> bool:
     """A run directory of an older sonarllm (before RUN_MARKER): the trainer's ``run.lock`` (the
-    first file it made) and a ``config.json`` holding a training configuration (the six
-    sections), which a model's ``config.json`` (a copy of ``final/``) or a user's is not."""
+    first file it made) and a ``config.json`` holding a training configuration (sections, among
+    them ``run``, ``data`` and ``model``), which a model's ``config.json`` (a copy of ``final/``)
+    or a user's is not."""
     from training.runlock import LOCK_NAME
 
     if not (directory / LOCK_NAME).is_file():
@@ -48,7 +49,7 @@ def earlier_run(directory: Path) -> bool:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and set(config) == RUN_SECTIONS
+    return isinstance(config, dict) and RUN_SECTIONS <= set(config) and all(isinstance(v, dict) for v in config.values())
 
 
 def check_run_dir(directory: Path) -> None:
