@@ -169,6 +169,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lang", default=None, help="SONAR language code (default: the model's, eng_Latn)"
     )
+    p.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="check the model's files and its SONAR files against the checksums in its "
+        "bundle.json before loading (default); --no-verify loads changed files anyway",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,7 +359,12 @@ def _read_prompts(args) -> list[str]:
             path = Path(args.prompts_file)
             if not path.is_file():
                 raise FileNotFoundError(f"prompts file not found: {path}")
-            lines = path.read_text(encoding="utf-8").splitlines()
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"--prompts-file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})"
+                ) from None
         prompts += [line for line in lines if line.strip()]
     return prompts
 
@@ -382,7 +394,7 @@ def _load(args):
 
     model_dir = Path(args.model)
     _check_sonar_files(model_dir)
-    return load_bundle(model_dir, device=resolve_device(args.device))
+    return load_bundle(model_dir, device=resolve_device(args.device), verify=args.verify)
 
 
 def cmd_generate(args) -> int:
@@ -446,6 +458,8 @@ def cmd_evaluate(args) -> int:
     data = Path(args.data)
     if not data.exists():
         raise FileNotFoundError(f"evaluation data not found: {data}")
+    if args.json not in (None, "-"):
+        _check_results_path(Path(args.json), data, Path(args.model))
     documents = read_documents(data, text_field=args.text_field)
     first = next(documents, None)  # fail before the model loads
     if first is None:
@@ -453,17 +467,18 @@ def cmd_evaluate(args) -> int:
     bundle = _load(args)
     results = evaluate(bundle.model, bundle.pipeline, itertools.chain([first], documents), options)
     results["model"], results["data"] = str(args.model), str(data)
+    results[RESULTS_KEY] = RESULTS_KIND
     text = json.dumps(results, indent=2)
     if args.json == "-":
         print(text)
         return 0
     print(format_table(results))
     if args.json is not None:
+        from sonarllm.files import write_text_atomic
+
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, out)
+        write_text_atomic(out, text + "\n")
         print(f"results written to {out}")
     return 0
 
@@ -539,6 +554,36 @@ def cmd_convert(args) -> int:
     print(f"converted {official} -> {out}: {cfg.num_layers} layers, model_dim {cfg.model_dim}, "
           f"{model.num_trainable_parameters():,} parameters, add_begin {str(cfg.add_begin).lower()}")  # fmt: skip
     return 0
+
+
+RESULTS_KEY, RESULTS_KIND = "sonarllm", "evaluate results"  # marks a JSON file evaluate --json wrote
+
+
+def _is_results_file(path: Path) -> bool:
+    """Whether ``path`` holds results ``evaluate --json`` wrote: marked with RESULTS_KEY, or (an
+    older sonarllm's, before the mark) an object with all of its keys."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(obj, dict):
+        return False
+    older = {"documents", "cross_entropy", "cosine", "options", "model", "data"}
+    return obj.get(RESULTS_KEY) == RESULTS_KIND or older <= obj.keys()
+
+
+def _check_results_path(out: Path, data: Path, model: Path) -> None:
+    """``--json OUT`` must not replace an input (the --data file or a file under it, a file of
+    the --model directory) nor a file evaluate did not write (UsageError, before the model
+    loads)."""
+    from sonarllm.files import output_file_problem
+
+    problem = output_file_problem(out, inputs=[data, model], is_ours=_is_results_file)
+    if problem:
+        raise UsageError(
+            f"--json {out} {problem}; results only replace an earlier evaluate --json file: "
+            "choose another path"
+        )
 
 
 def _checkout_module(name: str, module_name: str):

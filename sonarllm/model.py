@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,6 +56,7 @@ from torch.utils.checkpoint import checkpoint
 from sonarllm_kernels.attention import attention
 from sonarllm_kernels.fused_embedding_projection import FusedEmbeddingProjection, check_normalizer_values
 from sonarllm.config import SonarLLMConfig
+from sonarllm.files import atomic_write as _atomic_write
 from sonarllm.normalizer import SonarNormalizer
 
 CONFIG_NAME = "config.json"
@@ -873,26 +873,3 @@ def _warn_config_drift(
             RuntimeWarning,
             stacklevel=3,
         )
-
-
-def _atomic_write(final: Path, write) -> None:
-    """``write(tmp_path)`` into a fresh temporary file beside ``final`` (created by ``write``,
-    so with the usual permissions), fsync it, rename it over ``final`` and fsync the directory;
-    the temporary file is removed on failure."""
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(final.parent, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory handles
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -64,6 +64,7 @@ from dataclasses import asdict, dataclass
 
 from training.config import EXAMPLE_CORPUS, ConfigError, load_config, parse_cli
 from training.held_out import EXAMPLE_TEST_SEED, NoTestDocuments, held_out_documents
+from training.ownership import mark_run_dir, owned
 from training.shards import ShardError, read_manifest
 
 OBJECTIVES = ("sonar", "mse", "sonar+mse")
@@ -262,15 +263,17 @@ def check_out(out: Path, test_data: Path | None) -> None:
                            "or choose another --out", 2)  # fmt: skip
     if out.exists() and not out.is_dir():
         raise CompareError(f"--out {out} is not a directory", 2)
-    if not out.is_dir() or (out / STAMP).is_file() or not any(out.iterdir()):
-        return
-    try:
-        earlier = "command" in json.loads((out / "results.json").read_text())
-    except (OSError, ValueError, TypeError):
-        earlier = False
-    if not earlier:
+    if not owned(out, STAMP, _earlier_comparison):
         raise CompareError(f"--out {out} is not empty and holds no earlier comparison (no {STAMP} file); "
                            "choose a new or empty directory", 2)  # fmt: skip
+
+
+def _earlier_comparison(out: Path) -> bool:
+    """An --out of a comparison made before STAMP existed: its results.json records the command."""
+    try:
+        return "command" in json.loads((out / "results.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def check_test_data(path: Path, text_field: str) -> None:
@@ -416,7 +419,7 @@ def train(plan: Plan, objective: str, lr: float, seed: int, role: str, label: st
     else:
         record["status"] = "resumed" if (run_dir / "checkpoints").is_dir() else "trained"
         print(f"{label} {name}: training ({plan.steps} steps, log {run_dir / 'train.log'})", flush=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        mark_run_dir(run_dir)  # the trainer's marker, before train.log: the directory is the run's
         t0 = time.perf_counter()
         status, interrupted = _child(train_command(plan, run_overrides(plan, objective, lr, seed)), run_dir / "train.log")
         seconds = time.perf_counter() - t0

@@ -58,6 +58,10 @@ class DataConfig:
     duplicate_eos: bool = True
     """Labels [lang, tokens, </s>, </s>] as the paper's code (True) or without the extra </s>."""
     verify_checksums: bool = True
+    """Check every shard's SHA-256 against the prepared manifest at start-up."""
+    verify_sonar: bool = True
+    """Check the SONAR tokenizer, encoder and decoder files against the SHA-256 the prepared
+    manifest recorded, at start-up and on resume (false: use changed SONAR files anyway)."""
 
 
 @dataclass

@@ -12,8 +12,12 @@ with a progress bar) and tokenised in SONAR's target mode (``[</s>, lang, pieces
 seeded random toy SONAR encoder/decoder; ``--sonar basic`` uses the released SONAR files
 (downloaded to the cache); a path to a ``sonar.json`` uses the files it names.
 
+``--out`` must be new, empty or a preparation (its ``prepare.lock``, created first, or its
+manifest): a directory a user made is refused untouched (exit 2). The manifest records the
+SHA-256 of the SONAR files and the corpus' size and modification time (training checks both).
 Re-running resumes: shards already written are verified against their SHA-256 and kept; a
-missing or corrupted shard (reported by name) is rebuilt. Changing an option that alters the
+missing or corrupted shard (reported by name) is rebuilt, and so is a toy SONAR whose files no
+longer match the manifest. Changing an option that alters the
 data of an existing directory is refused before anything is written (a toy SONAR that must be
 rebuilt is built in a scratch directory and installed only once the options check passed). Two
 preparations of one directory run one after the other: the second waits for the first's lock
@@ -45,6 +49,7 @@ import tempfile
 import torch
 
 from sonarllm.corpus import read_documents
+from sonarllm.files import cached_sha256
 from sonarllm.sonar.checkpoint import checkpoint_config
 from sonarllm.sonar.config import SONAR_CONFIGS
 from sonarllm.sonar.pipeline import SonarPipeline, SonarSpec
@@ -54,6 +59,7 @@ from sonarllm.text import EOS_SENTENCE, document_sentences
 from training.shards import (
     FORMAT_VERSION,
     MANIFEST,
+    SONAR_FIELDS,
     ShardError,
     read_manifest,
     sha256_file,
@@ -66,6 +72,10 @@ log = logging.getLogger("sonarllm.prepare")
 DEFAULT_SOURCE = Path(__file__).resolve().parent / "example" / "stories.jsonl.gz"
 LOCK_NAME = "prepare.lock"
 BASIC_SONAR = SonarSpec("sonar_tokenizer", "text_sonar_basic_encoder", "text_sonar_basic_decoder")
+
+
+class ForeignOutError(ValueError):
+    """``--out`` is a directory with files that no preparation made (exit status 2)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _source_digest(source: Path) -> str:
+def corpus_digest(source: Path) -> str:
     """SHA-256 over the corpus file(s), so a changed corpus is noticed."""
     if source.is_file():
         return sha256_file(source)
@@ -111,6 +121,14 @@ def _source_digest(source: Path) -> str:
         h.update(str(f.relative_to(source)).encode())
         h.update(sha256_file(f).encode())
     return h.hexdigest()
+
+
+def source_stat(source: Path) -> dict:
+    """Size and newest modification time of the corpus file(s): recorded in the manifest, so that
+    a corpus edited after its preparation is noticed cheaply (the trainer says so)."""
+    files = [source] if source.is_file() else [p for p in source.rglob("*") if p.is_file()]
+    stats = [f.stat() for f in files]
+    return {"bytes": sum(s.st_size for s in stats), "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
 
 
 def load_documents(source: Path, max_sentences: int, max_docs: int | None, *, progress: bool = False) -> list[list[str]]:
@@ -148,13 +166,26 @@ def _read_toy_marker(folder: Path) -> dict | None:
         return None  # absent or half-written
 
 
-def _build_toy_sonar(args, folder: Path, scratch: Path, train_docs: list[list[str]], source_digest: str) -> Path:
+def _toy_files_match(folder: Path, recorded: dict | None) -> bool:
+    """Whether the toy SONAR files in ``folder`` have the SHA-256 the manifest recorded
+    (``recorded``: its options' ``sonar``; None when there is no manifest yet)."""
+    if recorded is None:
+        return True
+    return all(cached_sha256(folder / f) == recorded.get(field) for field, f in zip(SONAR_FIELDS, TOY_FILES, strict=True))
+
+
+def _build_toy_sonar(args, folder: Path, scratch: Path, train_docs: list[list[str]], source_digest: str,
+                     recorded: dict | None = None) -> Path:  # fmt: skip
     """Where the toy SONAR of these options is: ``folder`` if its ``toy.json`` says it was built
-    with them, else ``scratch``, where it is built (and trained) now; ``_install_toy_sonar``
-    moves it into place once the options check has passed."""
+    with them and its files match the SHA-256 the manifest recorded (``recorded``), else
+    ``scratch``, where it is built (and trained) now, deterministically from the seed;
+    ``_install_toy_sonar`` moves it into place once the options check has passed."""
     wanted = _toy_options(args, source_digest)
     if _read_toy_marker(folder) == wanted and all((folder / f).is_file() for f in TOY_FILES):
-        return folder
+        if _toy_files_match(folder, recorded):
+            return folder
+        log.warning("the toy SONAR in %s does not match the SHA-256 recorded in %s (a file changed or is corrupted); "
+                    "rebuilding it", folder, MANIFEST)  # fmt: skip
     folder = scratch
     marker = folder / TOY_MARKER
     sentences = [s for doc in train_docs for s in doc]
@@ -182,12 +213,14 @@ def _install_toy_sonar(built: Path, folder: Path) -> None:
         os.replace(tmp, folder / name)
 
 
-def resolve_sonar(args, out: Path, scratch: Path, train_docs: list[list[str]], source_digest: str) -> tuple[SonarSpec, SonarSpec]:
+def resolve_sonar(args, out: Path, scratch: Path, train_docs: list[list[str]], source_digest: str,
+                  recorded: dict | None = None) -> tuple[SonarSpec, SonarSpec]:  # fmt: skip
     """The SONAR to use: (where its files are now, what ``sonar.json`` in ``out`` will say).
-    A toy SONAR that is not built yet is built (deterministically) in ``scratch``; nothing is
-    written to ``out``."""
+    A toy SONAR that is not built yet, or whose files do not match the SHA-256 the manifest
+    recorded (``recorded``), is built (deterministically) in ``scratch``; nothing is written to
+    ``out``."""
     if args.sonar == "toy":
-        built = _build_toy_sonar(args, out / "sonar", scratch, train_docs, source_digest)
+        built = _build_toy_sonar(args, out / "sonar", scratch, train_docs, source_digest, recorded)
         now = SonarSpec(*(str((built / f).resolve()) for f in TOY_FILES), args.lang)
         return now, SonarSpec(*(f"sonar/{f}" for f in TOY_FILES), args.lang)
     if args.sonar == "basic":
@@ -211,9 +244,9 @@ def decoder_positions(spec: SonarSpec) -> int:
 def _identity(spec: SonarSpec) -> dict:
     """What identifies the SONAR that made the data: file digests, or asset names."""
     ident = {}
-    for field in ("tokenizer", "encoder", "decoder"):
+    for field in SONAR_FIELDS:
         value = getattr(spec, field)
-        ident[field] = sha256_file(value) if value and os.path.isfile(value) else value
+        ident[field] = cached_sha256(value) if value and os.path.isfile(value) else value
     return ident
 
 
@@ -230,6 +263,26 @@ def _encode_shard(pipe: SonarPipeline, docs: list[list[str]], lang: str, max_tar
     for s in seqs:
         token_offsets.append(token_offsets[-1] + len(s))
     return emb, sentence_offsets, [t for s in seqs for t in s], token_offsets
+
+
+def _is_preparation(out: Path) -> bool:
+    """Whether ``out`` holds a preparation: its ``prepare.lock`` (created before anything else is
+    written there) or a manifest of ours."""
+    if (out / LOCK_NAME).is_file():
+        return True
+    try:
+        read_manifest(out)
+    except (ShardError, OSError, ValueError):
+        return False
+    return True
+
+
+def check_out(out: Path) -> None:
+    """Refuse to write into a directory a user made: ``out`` must be new, empty or a preparation
+    (ForeignOutError, nothing written)."""
+    if out.is_dir() and any(out.iterdir()) and not _is_preparation(out):
+        raise ForeignOutError(f"{out} is not empty and holds no preparation ({LOCK_NAME} or {MANIFEST}); "
+                              "choose a new or empty directory")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -258,6 +311,7 @@ def prepare(args: argparse.Namespace) -> dict:
     source, out = Path(args.source), Path(args.out)
     if out.exists() and not out.is_dir():
         raise ShardError(f"--out {out} is a file, not a directory")
+    check_out(out)
     docs = load_documents(source, args.max_sentences, args.max_docs, progress=not args.quiet)
     if len(docs) < 2:
         within = f" within --max-docs {args.max_docs}" if args.max_docs is not None else ""
@@ -276,14 +330,15 @@ def _prepare_locked(args, source: Path, out: Path, train_docs: list[list[str]], 
     """``prepare`` once the documents are read and ``out`` is locked."""
     manifest_path = out / MANIFEST
     manifest = read_manifest(out) if manifest_path.exists() else None
-    digest = _source_digest(source)
+    digest = corpus_digest(source)
     marker, wanted = _read_toy_marker(out / "sonar"), _toy_options(args, digest)
     if manifest is not None and args.sonar == "toy" and marker is not None and marker != wanted:
         built = ", ".join(f"{TOY_FLAGS.get(k, k)} {v}" for k, v in marker.items() if wanted.get(k) != v)
         raise ShardError(f"{out} was prepared with different options (sonar); its toy SONAR was built with {built}; "
                          f"use a new --out directory or delete {manifest_path}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="sonarllm-toy-") as scratch:
-        spec, saved_spec = resolve_sonar(args, out, Path(scratch), train_docs, digest)
+        recorded = manifest["options"].get("sonar") if manifest is not None else None
+        spec, saved_spec = resolve_sonar(args, out, Path(scratch), train_docs, digest, recorded)
         max_target = min(args.max_target_tokens, decoder_positions(spec))  # decoder inputs must fit
         options = {
             "source": str(source.resolve()), "source_sha256": digest, "lang": args.lang,
@@ -308,6 +363,7 @@ def _prepare_locked(args, source: Path, out: Path, train_docs: list[list[str]], 
             plan.append((f"{split}-{i:05d}.safetensors", split, split_docs[start : start + args.shard_documents]))
 
     command = "sonarllm prepare " + " ".join(shlex.quote(a) for a in _argv(args))
+    stat = source_stat(source)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     pipe = None
     shards = []
@@ -328,18 +384,20 @@ def _prepare_locked(args, source: Path, out: Path, train_docs: list[list[str]], 
         shards.append({"name": name, "split": split, "documents": len(shard_docs), "sentences": so[-1],
                        "tokens": len(tokens), "sha256": digest, "bytes": path.stat().st_size})  # fmt: skip
         log.info("shard %s written (%d documents)", name, len(shard_docs))
-        write_json_atomic(manifest_path, _manifest(options, shards, emb.shape[1], command))
+        write_json_atomic(manifest_path, _manifest(options, shards, emb.shape[1], command, stat))
     embedding_dim = pipe.encoder.config.model_dim if pipe else (manifest or {}).get("embedding_dim")
-    manifest = _manifest(options, shards, embedding_dim, command, complete=True)
+    manifest = _manifest(options, shards, embedding_dim, command, stat, complete=True)
     write_json_atomic(manifest_path, manifest)
     return manifest
 
 
-def _manifest(options: dict, shards: list[dict], embedding_dim: int, command: str, complete: bool = False) -> dict:
+def _manifest(options: dict, shards: list[dict], embedding_dim: int, command: str, source_stat: dict,
+              complete: bool = False) -> dict:  # fmt: skip
     totals = {split: {k: sum(s[k] for s in shards if s["split"] == split) for k in ("documents", "sentences", "tokens")}
               for split in ("train", "eval")}  # fmt: skip
     return {"format_version": FORMAT_VERSION, "complete": complete, "embedding_dim": embedding_dim,
-            "options": options, "command": command, "totals": totals, "shards": shards}  # fmt: skip
+            "options": options, "source_stat": source_stat, "command": command, "totals": totals,
+            "shards": shards}  # fmt: skip
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
@@ -357,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
         manifest = prepare(args)
+    except ForeignOutError as exc:
+        print(f"sonarllm prepare: error: --out {exc}", file=sys.stderr)
+        return 2
     except (ShardError, ValueError, FileNotFoundError, OSError) as exc:
         print(f"sonarllm prepare: error: {exc}", file=sys.stderr)
         return 1

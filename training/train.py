@@ -13,7 +13,10 @@ number of label tokens of the whole optimizer step over all ranks, so gradient a
 data parallelism average exactly like one big batch. SIGINT/SIGTERM stop at the next step with
 a checkpoint.
 
-A run holds an exclusive lock on its output directory (training/runlock.py). Resuming verifies
+The trainer writes only into a new or empty output directory or one of its runs (marked by
+``.sonarllm-run``, training/ownership.py), and holds an exclusive lock on it
+(training/runlock.py). The SONAR files it uses are checked against the prepared manifest's
+SHA-256 (``data.verify_sonar``). Resuming verifies
 the checkpoint's files and that it belongs to the same run (training/identity.py); a training
 loss or parameters that become NaN/inf stop the run without writing a checkpoint from that
 state. Every error ends in one line (exit status 2 for a bad configuration, 1 otherwise).
@@ -90,6 +93,21 @@ def _same_setting(configured, prepared) -> bool:
         return True
     return isinstance(configured, str) and os.path.isfile(configured) and os.path.isfile(prepared) and \
         os.path.samefile(configured, prepared)
+
+
+def changed_corpus_note(manifest: dict, prepared_dir) -> str | None:
+    """A complete preparation is used as it is: if its corpus was edited since (its size or
+    modification time differ from the manifest's record, and so does its content), the line
+    that says so, rather than training silently on the old version; else None."""
+    from training.prepare_data import corpus_digest, source_stat
+
+    source, recorded = Path(manifest["options"].get("source", "")), manifest.get("source_stat")
+    if recorded is None or not source.exists():
+        return None
+    if source_stat(source) == recorded or corpus_digest(source) == manifest["options"].get("source_sha256"):
+        return None
+    return (f"the corpus {source} changed after data.prepared_dir {prepared_dir} was prepared from it; training on "
+            "the prepared data (prepare it again into a new data.prepared_dir to train on the new version)")
 
 
 class Trainer:
@@ -194,7 +212,7 @@ class Trainer:
         from sonarllm.sonar.download import ASSETS, fetch
         from sonarllm.sonar.pipeline import SonarSpec
         from training import prepare_data
-        from training.shards import MANIFEST, read_manifest, rebuild_command, verify_shards
+        from training.shards import MANIFEST, read_manifest, rebuild_command, verify_shards, verify_sonar
 
         wait = dist.new_group(backend="gloo", timeout=timedelta(days=7))
         prepared = Path(self.cfg.data.prepared_dir)
@@ -220,6 +238,8 @@ class Trainer:
             ] + ([] if self.cfg.system.progress else ["--quiet"]))  # fmt: skip
             try:
                 prepare_data.prepare(args)
+            except prepare_data.ForeignOutError as exc:
+                raise ConfigError(f"data.prepared_dir {exc}") from None
             except (ValueError, OSError) as exc:
                 raise ShardError(f"cannot prepare data.prepared_dir {prepared}: {exc}") from exc
         dist.barrier(group=wait)
@@ -230,6 +250,10 @@ class Trainer:
                     fetch(name)  # into this node's cache, once, before every rank loads it
             if self.cfg.data.verify_checksums:
                 verify_shards(prepared)
+            if self.cfg.data.verify_sonar:  # the files training uses (not the encoder)
+                verify_sonar(prepared, fields=("tokenizer", "decoder"))
+        if complete and self.rank == 0 and (note := changed_corpus_note(existing, prepared)):
+            print(f"train.py: note: {note}", file=sys.stderr, flush=True)
         dist.barrier(group=wait)
         return prepared
 
@@ -654,24 +678,33 @@ def _fail(error, code: int) -> int:
 
 
 def _lock_run(cfg: TrainConfig, lock) -> None:
-    """Global rank 0 creates the output directory and locks it; every rank raises if it cannot."""
-    from training.checkpoint import broadcast_object, describe_io_error
+    """Global rank 0 checks that the output directory is new, empty or a run's (else ConfigError,
+    untouched: training/ownership.py), marks it, locks it and checks that its checkpoints/ can be
+    written; every rank raises if it cannot."""
+    from training.checkpoint import broadcast_object, describe_io_error, read_only_problem
+    from training.ownership import check_run_dir, mark_run_dir
     from training.runlock import describe_holder
 
     out = Path(cfg.run.output_dir)
-    error = None
+    error, refused = None, None
     if dist.get_rank() == 0:
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            check_run_dir(out)  # before anything is written: a directory that is not a run is left untouched
+            mark_run_dir(out)
             stale = lock.acquire()
             if stale:
                 print(f"train.py: note: {out} was locked by a run that ended without releasing it "
                       f"({describe_holder(stale)}); taking it over", file=sys.stderr, flush=True)  # fmt: skip
+            error = read_only_problem(out / "checkpoints")
+        except ValueError as exc:
+            refused = str(exc)
         except RunLockedError as exc:
             error = str(exc)
         except OSError as exc:
             error = f"cannot use run.output_dir {out}: {describe_io_error(exc, out)}"
-    error = broadcast_object(error)
+    error, refused = broadcast_object((error, refused))
+    if refused:
+        raise ConfigError(refused)
     if error:
         raise RunLockedError(error)
 
