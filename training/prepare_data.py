@@ -615,6 +615,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
     for key, value in vars(args).items():
         if key in ("quiet", "device", "max_tokens") or value is None:
             continue
+        if key in READING_DEFAULTS and value == READING_DEFAULTS[key]:
+            continue  # the default way of reading the corpus
         out += [f"--{key.replace('_', '-')}", str(value)]
     return out
 
