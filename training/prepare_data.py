@@ -519,11 +519,12 @@ def _set_up(args, source: Path, out: Path, n_train: int, n_eval: int) -> None:
         if args.sonar == "toy":
             _install_toy_sonar(Path(spec.tokenizer).parent, out / "sonar")
         saved_spec.save(out / "sonar.json")
+        dim = encoder_dim(spec)  # while a toy SONAR's scratch files exist
     if manifest is None:  # records of a preparation whose manifest was deleted describe other options
         shutil.rmtree(out / PROGRESS, ignore_errors=True)
     if manifest is None or not manifest["complete"]:
         shards = manifest["shards"] if manifest else []
-        write_json_atomic(manifest_path, _manifest(options, shards, encoder_dim(spec), _command(args)))
+        write_json_atomic(manifest_path, _manifest(options, shards, dim, _command(args)))
 
 
 READING_DEFAULTS = {"text_field": "text", "embedding_field": None, "split": "train"}
