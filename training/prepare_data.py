@@ -314,14 +314,13 @@ def _encode_shard(pipe: SonarPipeline, docs: list, lang: str, max_target: int, d
     ``max_tokens`` each) and hence its bytes never depend on the ranks: the encoder's float
     results do depend on a batch's composition. Pre-embedded documents ((sentences, embeddings_SD)
     pairs) keep their vectors; their end sentence gets ``eos_emb_1D``."""
-    if docs and isinstance(docs[0], tuple):
-        sentence_docs = [sentences for sentences, _ in docs]
-        emb = torch.cat([t for _, emb_SD in docs for t in (torch.from_numpy(np.ascontiguousarray(emb_SD)).float(),
-                                                             eos_emb_1D[None])]).to(dtype)  # fmt: skip
-    else:
-        sentence_docs = docs
+    embedded = bool(docs) and isinstance(docs[0], tuple)
+    sentence_docs = [sentences for sentences, _ in docs] if embedded else docs
     sentences = [s for doc in sentence_docs for s in doc]
-    if not (docs and isinstance(docs[0], tuple)):
+    if embedded:
+        emb = torch.cat([t for _, emb_SD in docs for t in (torch.tensor(emb_SD, dtype=torch.float32), eos_emb_1D[None])])
+        emb = emb.to(dtype)
+    else:
         emb = pipe.encode(sentences, lang=lang, max_tokens=max_tokens, progress=progress).to(dtype).cpu()
     seqs = pipe.tokenizer.encode(sentences, lang=lang, mode="target")
     eos = pipe.tokenizer.eos_idx
