@@ -6,7 +6,7 @@
 ``scaling`` prepares one corpus with a given SONAR (so no toy training is timed) by one process
 and then by ``torchrun --nproc_per_node 2``, for the toy SONAR and for a random encoder of
 dim 512 / 6 layers, and prints sentences/s (whole command, wall clock) and the ratio.
-``memory`` prepares the example stories (3,000) and the same stories ten times (30,000) with
+``memory`` prepares ``--stories`` example stories (3,000) and the same stories ten times with
 the toy SONAR, trains a few steps on each, and prints each command's peak RSS (the maximum over
 the command's processes, from ``getrusage(RUSAGE_CHILDREN)`` in a fresh interpreter).
 """
@@ -94,24 +94,25 @@ def scaling(work: Path) -> None:
         print(f"{name}: scaling 1 -> 2 processes: {rates[2] / rates[1]:.2f}x", flush=True)
 
 
-def memory(work: Path) -> None:
+def memory(work: Path, stories: int) -> None:
     for copies in (1, 10):
-        corpus = _corpus(work / f"memory-{copies}x.jsonl", copies)
+        corpus = _corpus(work / f"memory-{copies}x.jsonl", copies, stories)
         out = work / f"memory-{copies}x"
         prep = [sys.executable, str(PREPARE), "--source", str(corpus), "--out", str(out), "--quiet", "--toy-train-steps", "20"]
         rss, wall, _ = _peak(prep)
-        print(f"corpus {copies}x ({3000 * copies} stories): preparation peak RSS {rss:.0f} MiB ({wall:.0f} s)", flush=True)
+        print(f"corpus {copies}x ({stories * copies} stories): preparation peak RSS {rss:.0f} MiB ({wall:.0f} s)", flush=True)
         train = [sys.executable, str(TRAIN), "--data.prepared_dir", str(out), "--run.output_dir", str(work / f"run-{copies}x"),
                  "--system.progress", "false", "--model.kernel_impl", "torch", "--loop.max_steps", "5",
                  "--loop.eval_every", "1000", "--loop.checkpoint_every", "1000", "--loop.eval_max_documents", "8"]  # fmt: skip
         rss, wall, _ = _peak(train)
-        print(f"corpus {copies}x ({3000 * copies} stories): training (5 steps) peak RSS {rss:.0f} MiB ({wall:.0f} s)", flush=True)
+        print(f"corpus {copies}x ({stories * copies} stories): training (5 steps) peak RSS {rss:.0f} MiB ({wall:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=("scaling", "memory"))
     p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--stories", type=int, default=3000, help="memory: stories of the 1x corpus (example stories, repeated)")
     a = p.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
-    {"scaling": scaling, "memory": memory}[a.what](a.work)
+    scaling(a.work) if a.what == "scaling" else memory(a.work, a.stories)
