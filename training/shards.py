@@ -6,6 +6,7 @@ A prepared directory holds::
     sonar.json               the SonarSpec of the tokenizer/encoder/decoder used
     sonar/                   the toy SONAR files, when the toy SONAR was built
     prepare.lock             held by a preparation while it writes here (a second one waits)
+    prepare.progress/        while a preparation is unfinished: one record per shard written
     train-00000.safetensors  ...  eval-00000.safetensors
 
 Each shard (safetensors) holds, for its documents::
