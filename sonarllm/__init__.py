@@ -9,7 +9,7 @@ from sonarllm.bundle import Bundle, load_bundle, save_bundle
 from sonarllm.config import SONARLLM_CONFIGS, SonarLLMConfig
 from sonarllm.evaluate import EvalOptions
 from sonarllm.generate import GenerationOptions
-from sonarllm.loss import SonarTargets, SonarTokenLoss
+from sonarllm.loss import SonarMSELoss, SonarTargets, SonarTokenLoss
 from sonarllm.model import KVCache, SonarLLM
 from sonarllm.mse_loss import NextSentenceMSELoss, next_sentence_mse
 from sonarllm.normalizer import SonarNormalizer
@@ -44,6 +44,7 @@ __all__ = [
     "SonarTargets",
     "SonarTextConfig",
     "SonarTokenLoss",
+    "SonarMSELoss",
     "SonarTokenizer",
     "decoder_from_fairseq2",
     "encoder_from_fairseq2",

@@ -2,6 +2,7 @@
 
     sonarllm generate --model DIR --prompt "Once upon a time, ..." [--stream] [--json]
     sonarllm evaluate --model DIR --data held_out.jsonl [--json results.json]
+    sonarllm convert --official PATH [--config JSON] --out DIR   # the paper's checkpoints
     sonarllm prepare ...   # delegated to training.prepare_data.main
     sonarllm train ...     # delegated to training.train.main
     sonarllm compare ...   # delegated to training.compare.main
@@ -168,6 +169,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lang", default=None, help="SONAR language code (default: the model's, eng_Latn)"
     )
+    p.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="check the model's files and its SONAR files against the checksums in its "
+        "bundle.json before loading (default); --no-verify loads changed files anyway",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,6 +305,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the results as JSON to OUT ('-' = stdout, no table)",
     )
 
+    conv = sub.add_parser(
+        "convert",
+        help="convert one of the paper's released checkpoints into a model directory",
+        description="Convert a SONAR-LLM checkpoint of the paper (the GitHub-release .pt file with its "
+        "SonarLLM_*.json, or a Hugging Face directory with config.json and pytorch_model.bin) into a "
+        "model directory for 'sonarllm generate' / 'evaluate': config.json, model.safetensors, "
+        "sonar.json naming the SONAR files, converted.json.",
+    )
+    conv.add_argument("--official", required=True, metavar="PATH", help="release .pt file or Hugging Face directory")
+    conv.add_argument(
+        "--config",
+        metavar="JSON",
+        help="the official SonarLLM_{100M,300M,600M,900M}.json (required for a release file; "
+        "replaces a directory's config.json)",
+    )
+    conv.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output directory: new, empty, or an earlier conversion (replaced); anything else is refused",
+    )
+    conv.add_argument("--sonar-tokenizer", default="sonar_tokenizer", metavar="PATH_OR_ASSET",
+                      help="SONAR tokenizer for sonar.json (default: the released asset sonar_tokenizer)")  # fmt: skip
+    conv.add_argument("--sonar-encoder", default="text_sonar_basic_encoder", metavar="PATH_OR_ASSET",
+                      help="SONAR encoder (default: the released text_sonar_basic_encoder)")  # fmt: skip
+    conv.add_argument("--sonar-decoder", default="text_sonar_basic_decoder", metavar="PATH_OR_ASSET",
+                      help="SONAR decoder (default: the released text_sonar_basic_decoder)")  # fmt: skip
+    conv.add_argument("--lang", default="eng_Latn", help="SONAR language code (default: eng_Latn)")
+    conv.add_argument(
+        "--trust",
+        action="store_true",
+        help="unpickle any object of the checkpoint file (only for files you trust)",
+    )
+
     for name, (module, text) in DELEGATES.items():
         sub.add_parser(
             name, help=f"{text} (runs {module}; see 'sonarllm {name} --help')", add_help=False
@@ -317,7 +359,12 @@ def _read_prompts(args) -> list[str]:
             path = Path(args.prompts_file)
             if not path.is_file():
                 raise FileNotFoundError(f"prompts file not found: {path}")
-            lines = path.read_text(encoding="utf-8").splitlines()
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"--prompts-file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})"
+                ) from None
         prompts += [line for line in lines if line.strip()]
     return prompts
 
@@ -347,7 +394,7 @@ def _load(args):
 
     model_dir = Path(args.model)
     _check_sonar_files(model_dir)
-    return load_bundle(model_dir, device=resolve_device(args.device))
+    return load_bundle(model_dir, device=resolve_device(args.device), verify=args.verify)
 
 
 def cmd_generate(args) -> int:
@@ -411,6 +458,8 @@ def cmd_evaluate(args) -> int:
     data = Path(args.data)
     if not data.exists():
         raise FileNotFoundError(f"evaluation data not found: {data}")
+    if args.json not in (None, "-"):
+        _check_results_path(Path(args.json), data, Path(args.model))
     documents = read_documents(data, text_field=args.text_field)
     first = next(documents, None)  # fail before the model loads
     if first is None:
@@ -418,19 +467,123 @@ def cmd_evaluate(args) -> int:
     bundle = _load(args)
     results = evaluate(bundle.model, bundle.pipeline, itertools.chain([first], documents), options)
     results["model"], results["data"] = str(args.model), str(data)
+    results[RESULTS_KEY] = RESULTS_KIND
     text = json.dumps(results, indent=2)
     if args.json == "-":
         print(text)
         return 0
     print(format_table(results))
     if args.json is not None:
+        from sonarllm.files import write_text_atomic
+
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, out)
+        write_text_atomic(out, text + "\n")
         print(f"results written to {out}")
     return 0
+
+
+CONVERTED_MARK = "converted.json"
+CONVERT_OUTPUTS = {"config.json", "model.safetensors", "sonar.json", "sonar", CONVERTED_MARK}
+
+
+def _check_convert_out(out: Path) -> None:
+    """--out must be new, empty, or an earlier conversion holding nothing else (never lose files)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    if not out.is_dir():
+        return
+    entries = {p.name for p in out.iterdir()}
+    if entries and (CONVERTED_MARK not in entries or entries - CONVERT_OUTPUTS):
+        foreign = sorted(entries - CONVERT_OUTPUTS) if CONVERTED_MARK in entries else sorted(entries)
+        raise UsageError(
+            f"--out {out} is not empty and not an earlier 'sonarllm convert' output (it holds {foreign[:5]}"
+            f"{' ...' if len(foreign) > 5 else ''}); give a new or empty directory"
+        )
+
+
+def _publish_dir(staging: Path, out: Path) -> None:
+    """Rename ``staging`` to ``out``; an earlier conversion at ``out`` is moved aside first and
+    deleted only after the new one is in place."""
+    import secrets
+    import shutil
+
+    old = None
+    if out.is_dir():
+        if any(out.iterdir()):
+            old = out.with_name(f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+            os.replace(out, old)
+        else:
+            out.rmdir()
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def cmd_convert(args) -> int:
+    import secrets
+    import shutil
+
+    from sonarllm.bundle import save_bundle
+    from sonarllm.model import SonarLLM
+    from sonarllm.sonar.pipeline import SonarSpec
+
+    official, out = Path(args.official), Path(args.out)
+    if official.is_file() and args.config is None:
+        raise UsageError(
+            f"--official {official} is a release file, which records no configuration: give --config "
+            "SonarLLM_{100M,300M,600M,900M}.json (the one it was trained with)"
+        )
+    if not official.exists():
+        raise FileNotFoundError(f"--official {official} not found")
+    _check_convert_out(out)
+    model = SonarLLM.from_official(official, args.config, trust=args.trust)
+    spec = SonarSpec(args.sonar_tokenizer, args.sonar_encoder, args.sonar_decoder, lang=args.lang)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.convert-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        save_bundle(staging, model, spec)
+        mark = {"official": str(official.resolve()), "config": None if args.config is None else str(Path(args.config).resolve()),
+                "add_begin": model.config.add_begin}  # fmt: skip
+        (staging / CONVERTED_MARK).write_text(json.dumps(mark, indent=2) + "\n")
+        _publish_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    cfg = model.config
+    print(f"converted {official} -> {out}: {cfg.num_layers} layers, model_dim {cfg.model_dim}, "
+          f"{model.num_trainable_parameters():,} parameters, add_begin {str(cfg.add_begin).lower()}")  # fmt: skip
+    return 0
+
+
+RESULTS_KEY, RESULTS_KIND = "sonarllm", "evaluate results"  # marks a JSON file evaluate --json wrote
+
+
+def _is_results_file(path: Path) -> bool:
+    """Whether ``path`` holds results ``evaluate --json`` wrote: marked with RESULTS_KEY, or (an
+    older sonarllm's, before the mark) an object with all of its keys."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(obj, dict):
+        return False
+    older = {"documents", "cross_entropy", "cosine", "options", "model", "data"}
+    return obj.get(RESULTS_KEY) == RESULTS_KIND or older <= obj.keys()
+
+
+def _check_results_path(out: Path, data: Path, model: Path) -> None:
+    """``--json OUT`` must not replace an input (the --data file or a file under it, a file of
+    the --model directory) nor a file evaluate did not write (UsageError, before the model
+    loads)."""
+    from sonarllm.files import output_file_problem
+
+    problem = output_file_problem(out, inputs=[data, model], is_ours=_is_results_file)
+    if problem:
+        raise UsageError(
+            f"--json {out} {problem}; results only replace an earlier evaluate --json file: "
+            "choose another path"
+        )
 
 
 def _checkout_module(name: str, module_name: str):
@@ -493,7 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
-        run = {"generate": cmd_generate, "evaluate": cmd_evaluate}[args.command]
+        run = {"generate": cmd_generate, "evaluate": cmd_evaluate, "convert": cmd_convert}[args.command]
         return run(args)
     except UsageError as exc:
         _error(command, exc)

@@ -39,7 +39,7 @@ from typing import Any
 
 from sonarllm_kernels._dispatch import check_impl_name
 
-OBJECTIVES = ("sonar", "mse")
+OBJECTIVES = ("sonar", "mse", "sonar+mse")
 ROPE_SCALING_KEYS = (
     "rope_type",
     "factor",
@@ -109,10 +109,17 @@ class SonarLLMConfig:
     objective: str = "sonar"
     """Training objective, read by the trainer (the network is the same): "sonar" = token
     cross-entropy of the next sentence through the frozen SONAR decoder (sonarllm/loss.py);
-    "mse" = the LCM baseline's next-embedding MSE (sonarllm/mse_loss.py)."""
+    "mse" = the LCM baseline's next-embedding MSE (sonarllm/mse_loss.py); "sonar+mse" = their
+    weighted sum (LCM's decoder backprop idea; sonarllm.loss.SonarMSELoss)."""
     kernel_impl: str = "auto"
     """``impl`` passed to every kernel call (attention, projections): "auto", "triton", "torch"
     or "reference" (see sonarllm_kernels/_dispatch.py)."""
+    add_begin: bool = False
+    """Generation puts the sentence "Begin of text." (``sonarllm.text.BEGIN_SENTENCE``) before
+    every prompt, as the paper's ``generate.py --add_begin_text`` and the Hugging Face
+    checkpoints' ``add_begin`` do; it is context only (never emitted, not counted in
+    ``max_sentences``). Set by ``SonarLLM.from_official`` from the checkpoint's config; the
+    trainer does not add the sentence to training documents."""
 
     def __post_init__(self) -> None:
         for name in ("sonar_dim", "model_dim", "num_layers", "num_heads", "ffn_dim", "max_seq_len"):
@@ -147,6 +154,8 @@ class SonarLLMConfig:
                 f"SonarLLMConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}"
             )
         check_impl_name(self.kernel_impl, source="SonarLLMConfig.kernel_impl")
+        if not isinstance(self.add_begin, bool):
+            raise ValueError(f"SonarLLMConfig.add_begin must be a bool, got {self.add_begin!r}")
 
     @staticmethod
     def _checked_rope_scaling(value: Any) -> dict[str, Any] | None:

@@ -18,6 +18,11 @@ sentences never exceed ``max_sentences``; a prompt that already has that many ge
 reference loop ``while len(sents) <= 32`` lets a document reach 33 sentences; we use the paper's
 "32 sentences" and the training data's cap.)
 
+Begin sentence: a model with ``config.add_begin`` (the Hugging Face checkpoints' ``add_begin``,
+the paper's ``--add_begin_text``) gets "Begin of text." before every prompt in its context. It is
+never emitted, is not part of ``GeneratedText.prompt_sentences`` and does not count towards
+``max_sentences``.
+
 Noise (``temperature`` T >= 0, default 0 = deterministic): before decoding, each predicted
 embedding p [E] becomes ``p + T * rms(p) * z`` with ``rms(p) = sqrt(mean_i p_i^2)`` and
 ``z ~ N(0, I_E)`` (float32), so T is the noise-to-signal ratio per dimension (the noise norm is
@@ -55,7 +60,7 @@ import torch.nn.functional as F
 from sonarllm.model import KVCache, SonarLLM
 from sonarllm.sonar.generation import BeamSearchOptions
 from sonarllm.sonar.pipeline import SonarPipeline
-from sonarllm.text import EOS_SENTENCE, MAX_SENTENCES, split_sentences
+from sonarllm.text import BEGIN_SENTENCE, EOS_SENTENCE, MAX_SENTENCES, split_sentences
 
 STOP_EOS = "eos"
 STOP_MAX_SENTENCES = "max_sentences"
@@ -346,12 +351,19 @@ def check_inputs(model, pipeline, options, options_type: type, task: str) -> Non
         raise ValueError(f"{task} needs a pipeline with both a SONAR encoder and a decoder")
 
 
+def begin_sentences(model: SonarLLM) -> list[str]:
+    """The sentences put before every prompt: ["Begin of text."] for a model with
+    ``config.add_begin`` (the paper's ``--add_begin_text``), else none."""
+    return [BEGIN_SENTENCE] if model.config.add_begin else []
+
+
 def _check(model: SonarLLM, pipeline: SonarPipeline, options: GenerationOptions) -> None:
     check_inputs(model, pipeline, options, GenerationOptions, "generation")
-    if options.max_sentences - 1 > model.config.max_seq_len:
+    context = options.max_sentences - 1 + len(begin_sentences(model))
+    if context > model.config.max_seq_len:
         raise ValueError(
             f"GenerationOptions.max_sentences = {options.max_sentences} needs a context of "
-            f"{options.max_sentences - 1} sentences; the model takes at most "
+            f"{context} sentences; the model takes at most "
             f"config.max_seq_len = {model.config.max_seq_len}"
         )
 
@@ -369,20 +381,22 @@ def _events(model, pipeline, prompt_sentences, offset, options) -> Iterator[tupl
     active = [b for b, n in enumerate(n_prompt) if n < options.max_sentences]
     if not active:
         return
+    begin = begin_sentences(model)  # context only: never emitted, not counted in max_sentences
+    n_context = [len(begin) + n_prompt[b] for b in active]
     with torch.inference_mode():
-        flat = [s for b in active for s in prompt_sentences[b]]
+        flat = [s for b in active for s in (*begin, *prompt_sentences[b])]
         emb = pipeline.encode(flat, options.lang)
         eos_E = pipeline.encode([options.eos_sentence], options.lang)[0]
-        contexts = list(to_model(emb).split([n_prompt[b] for b in active]))
+        contexts = list(to_model(emb).split(n_context))
         if options.recompute:
             pred_BE, cache = predict_recomputed(model, contexts), None
         else:
-            pred_BE, cache = prefill(model, contexts, options.max_sentences - 1)
+            pred_BE, cache = prefill(model, contexts, options.max_sentences - 1 + len(begin))
     generators = noise_generators(options.seed, [offset + b for b in active])
     control = options.no_repeat_sentences > 0
     if control:  # the document's recent sentence embeddings [<= k, E], and the redraws' noise
         k = options.no_repeat_sentences
-        recent = [e[-k:].float() for e in emb.split([n_prompt[b] for b in active])]
+        recent = [e[len(begin):][-k:].float() for e in emb.split(n_context)]
         redraw_gens = noise_generators(
             options.seed, [offset + b for b in active], _REPEAT_SEED_OFFSET
         )

@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,6 +56,7 @@ from torch.utils.checkpoint import checkpoint
 from sonarllm_kernels.attention import attention
 from sonarllm_kernels.embedding_projection import FusedEmbeddingProjection, check_normalizer_values
 from sonarllm.config import SonarLLMConfig
+from sonarllm.files import atomic_write as _atomic_write
 from sonarllm.normalizer import SonarNormalizer
 
 CONFIG_NAME = "config.json"
@@ -334,12 +334,18 @@ class SonarLLM(nn.Module):
         self, center: torch.Tensor | SonarNormalizer, scale: torch.Tensor | None = None
     ) -> None:
         """Install the SONAR normalizer (a fitted ``SonarNormalizer``, or ``center``, ``scale`` [E])
-        in both projections. Needs ``config.use_normalizer``."""
+        in both projections. Needs ``config.use_normalizer``. A normalizer that clips (LCM's
+        ``clip_min`` / ``clip_max``) is refused: the fused projections do not clip."""
         if not self.config.use_normalizer:
             raise ValueError("set_normalizer needs a model built with config.use_normalizer=True")
         if isinstance(center, SonarNormalizer):
             if scale is not None:
                 raise ValueError("scale must be None when center is a SonarNormalizer")
+            if center.clips:
+                raise ValueError(
+                    "center is a SonarNormalizer with clip_min/clip_max (LCM's clip_proba); the model's fused "
+                    "projections apply center and scale only: remove the bounds (set_clip_(None, None)) to use it"
+                )
             center, scale = center.center, center.scale
         if scale is None:
             raise ValueError("scale must be given with a center tensor")
@@ -759,6 +765,73 @@ class SonarLLM(nn.Module):
         model.to(device=device or "cpu", dtype=dtype)
         return model.eval()
 
+    @classmethod
+    def from_official(
+        cls,
+        path: str | os.PathLike,
+        config: Any = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        trust: bool = False,
+        **config_overrides: Any,
+    ) -> SonarLLM:
+        """Load one of the SONAR-LLM paper's released checkpoints, in eval mode (sonarllm/official.py).
+
+        Its predictions equal the official ``reverse_proj(llama(inputs_embeds=forward_proj(e))
+        .hidden_states[-1])``.
+
+        Args:
+            path: the GitHub-release ``torch.save`` file (``model_state_dict`` with
+                ``llama_model.*``, ``forward_proj.linear.*``, ``reverse_proj.linear.*``,
+                ``sonar_decoder.*``), or a Hugging Face directory (``config.json`` with
+                ``llama_config``, ``embed_dim``, ``add_begin``; ``pytorch_model.bin``).
+            config: the official configuration: a path to ``SonarLLM_{100M,...}.json``, a dict
+                (``{"llama_config": {...}}`` or the bare llama config) or a ``LlamaConfig``.
+                Required for a release file; for a directory it replaces its ``config.json``.
+            device: where to put the model (default CPU).
+            dtype: floating dtype of the parameters (default: as stored when all stored tensors
+                share one, else float32).
+            trust: unpickle any object of the file (only for files you trust); by default only
+                tensors, plain containers and NumPy arrays (the release files' RNG states).
+            config_overrides: fields of ``SonarLLMConfig`` to replace, e.g. ``kernel_impl="torch"``.
+
+        Raises:
+            CheckpointError: a missing or unreadable file, a config that is missing, does not
+                fit the weights (layer count, shapes) or asks for something not implemented
+                (grouped-query attention, biases, other activations or RoPE types), unknown
+                keys in the state dict; each named.
+        """
+        from sonarllm.official import (
+            check_official_shapes,
+            locate_official,
+            official_to_config,
+            official_to_state,
+            read_official_state,
+        )
+        from sonarllm.sonar.checkpoint import CheckpointError
+
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a float torch.dtype or None, got {dtype!r}")
+        weights_path, dir_config = locate_official(path)
+        if config is None:
+            if dir_config is None:
+                raise CheckpointError(
+                    f"{path} records no configuration: pass config= (the official SonarLLM_{{100M,300M,600M,900M}}.json "
+                    "that matches it)"
+                )
+            config = dir_config
+        cfg = official_to_config(config, **config_overrides)
+        state = official_to_state(read_official_state(weights_path, trust=trust), cfg, str(weights_path))
+        with torch.device("meta"):
+            model = cls(cfg)
+        check_official_shapes(model, state, str(weights_path))
+        stored = {v.dtype for v in state.values()}
+        target = dtype or (stored.pop() if len(stored) == 1 and next(iter(stored)).is_floating_point else torch.float32)
+        model.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=True, assign=True)
+        model.to(device=device or "cpu")
+        return model.eval()
+
 
 def _check_state_shapes(
     model: SonarLLM, shapes: dict[str, tuple], config_path: Path, weights_path: Path
@@ -800,26 +873,3 @@ def _warn_config_drift(
             RuntimeWarning,
             stacklevel=3,
         )
-
-
-def _atomic_write(final: Path, write) -> None:
-    """``write(tmp_path)`` into a fresh temporary file beside ``final`` (created by ``write``,
-    so with the usual permissions), fsync it, rename it over ``final`` and fsync the directory;
-    the temporary file is removed on failure."""
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(final.parent, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory handles
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

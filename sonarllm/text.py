@@ -24,6 +24,8 @@ import itertools
 from collections.abc import Iterator
 
 EOS_SENTENCE = "End of sequence."
+BEGIN_SENTENCE = "Begin of text."
+"""The prefix sentence of models with ``SonarLLMConfig.add_begin`` (the paper's ``--add_begin_text``)."""
 MAX_SENTENCES = 32
 WINDOW = 4096
 """Characters handed to the segmenter at once."""

@@ -28,12 +28,14 @@ import os
 import random
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from sonarllm.files import size_problem
 from training.shards import sha256_file, write_json_atomic
 
 LATEST = "latest"
@@ -102,6 +104,23 @@ def describe_io_error(exc: BaseException, where: Path) -> str:
         named = exc.filename is not None and Path(exc.filename) != where
         return f"{exc.filename}: {exc.strerror}" if named else exc.strerror
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def read_only_problem(directory: Path) -> str | None:
+    """Why no file can be created in an existing ``directory`` (named as read-only), or None
+    (also when it does not exist). Probed by creating and removing a file: permission bits do not
+    bind root, a read-only mount binds everyone."""
+    if not directory.is_dir():
+        return None
+    try:
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".write-test-")
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"{directory} is read-only ({exc.strerror}); make it writable, or choose another run.output_dir"
+        return None  # anything else is reported by the write that meets it
+    os.close(fd)
+    os.unlink(name)
+    return None
 
 
 def rng_state() -> dict:
@@ -207,7 +226,7 @@ class Checkpointer:
                 shutil.rmtree(staging, ignore_errors=True)
                 staging.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                error = f"{failed}: {describe_io_error(exc, self.root)}"
+                error = f"{failed}: {read_only_problem(self.root) or describe_io_error(exc, self.root)}"
         _raise_if_any(error)
         try:
             try:
@@ -271,13 +290,9 @@ class Checkpointer:
         if damage:
             return None, f"its {MANIFEST} is damaged ({damage})"
         for name, entry in sorted(manifest["files"].items()):
-            file = path / name
-            if not file.is_file():
-                return None, f"{name} is missing"
-            size = file.stat().st_size
-            if size != entry["bytes"]:
-                what = "empty" if size == 0 else "truncated" if size < entry["bytes"] else "larger than written"
-                return None, f"{name} is {what} ({size} bytes, {entry['bytes']} written)"
+            problem = size_problem(path / name, name, entry)
+            if problem:
+                return None, problem
         return manifest, None
 
     def verify(self, path: str | os.PathLike) -> tuple[dict | None, str | None]:

@@ -64,9 +64,11 @@ from dataclasses import asdict, dataclass
 
 from training.config import EXAMPLE_CORPUS, ConfigError, load_config, parse_cli
 from training.held_out import EXAMPLE_TEST_SEED, NoTestDocuments, held_out_documents
+from training.ownership import mark_run_dir, owned
 from training.shards import ShardError, read_manifest
 
-OBJECTIVES = ("sonar", "mse")
+OBJECTIVES = ("sonar", "mse", "sonar+mse")
+DEFAULT_OBJECTIVES = ("sonar", "mse")
 DEFAULT_LR_GRID = (5e-4, 1e-3, 2e-3)
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 MANAGED_KEYS = {  # set by compare for every run, not accepted as pass-through options: the hint
@@ -146,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Any other --section.key value (and --config FILE) goes to every training run: "
                                        "python training/train.py --help lists the keys.")  # fmt: skip
-    p.add_argument("--objectives", type=_objectives, default=list(OBJECTIVES), help="comma-separated (default: sonar,mse)")
+    p.add_argument("--objectives", type=_objectives, default=list(DEFAULT_OBJECTIVES),
+                   help="comma-separated, from sonar, mse, sonar+mse (default: sonar,mse)")  # fmt: skip
     p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per objective, 0 .. N-1 (default: 3)")
     p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps of every run (default: 1000)")
     p.add_argument("--lr", type=_lr_grid, action="append", default=[], metavar="[OBJ=]LIST",
@@ -260,15 +263,17 @@ def check_out(out: Path, test_data: Path | None) -> None:
                            "or choose another --out", 2)  # fmt: skip
     if out.exists() and not out.is_dir():
         raise CompareError(f"--out {out} is not a directory", 2)
-    if not out.is_dir() or (out / STAMP).is_file() or not any(out.iterdir()):
-        return
-    try:
-        earlier = "command" in json.loads((out / "results.json").read_text())
-    except (OSError, ValueError, TypeError):
-        earlier = False
-    if not earlier:
+    if not owned(out, STAMP, _earlier_comparison):
         raise CompareError(f"--out {out} is not empty and holds no earlier comparison (no {STAMP} file); "
                            "choose a new or empty directory", 2)  # fmt: skip
+
+
+def _earlier_comparison(out: Path) -> bool:
+    """An --out of a comparison made before STAMP existed: its results.json records the command."""
+    try:
+        return "command" in json.loads((out / "results.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def check_test_data(path: Path, text_field: str) -> None:
@@ -414,7 +419,7 @@ def train(plan: Plan, objective: str, lr: float, seed: int, role: str, label: st
     else:
         record["status"] = "resumed" if (run_dir / "checkpoints").is_dir() else "trained"
         print(f"{label} {name}: training ({plan.steps} steps, log {run_dir / 'train.log'})", flush=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        mark_run_dir(run_dir)  # the trainer's marker, before train.log: the directory is the run's
         t0 = time.perf_counter()
         status, interrupted = _child(train_command(plan, run_overrides(plan, objective, lr, seed)), run_dir / "train.log")
         seconds = time.perf_counter() - t0

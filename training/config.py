@@ -58,6 +58,10 @@ class DataConfig:
     duplicate_eos: bool = True
     """Labels [lang, tokens, </s>, </s>] as the paper's code (True) or without the extra </s>."""
     verify_checksums: bool = True
+    """Check every shard's SHA-256 against the prepared manifest at start-up."""
+    verify_sonar: bool = True
+    """Check the SONAR tokenizer, encoder and decoder files against the SHA-256 the prepared
+    manifest recorded, at start-up and on resume (false: use changed SONAR files anyway)."""
 
 
 @dataclass
@@ -68,7 +72,15 @@ class ModelConfig:
     """SonarLLMConfig fields to change, e.g. {"num_layers": 4}; on the command line either
     ``--model.overrides '{"num_layers": 4}'`` or one field at a time, ``--model.overrides.num_layers 4``."""
     objective: str = "sonar"
-    """"sonar" (token cross-entropy through the frozen decoder) or "mse" (the LCM baseline)."""
+    """"sonar" (token cross-entropy through the frozen decoder), "mse" (the LCM baseline) or
+    "sonar+mse" (the token cross-entropy plus mse_weight x the MSE: LCM's decoder backprop)."""
+    mse_weight: float = 1.0
+    """Weight of the MSE term of objective "sonar+mse" (unused by the others)."""
+    normalizer: str = ""
+    """A SONAR normalizer file (LCM's format or a bare center/scale state dict, docs/lcm.md) to use
+    instead of fitting one on the training data; implies a normalizer (use_normalizer). Its width
+    must be the model's sonar_dim; clipping bounds are refused (the fused projections do not clip).
+    Read at the start of a fresh run only: a resumed run keeps the checkpoint's normalizer."""
     kernel_impl: str = "auto"
     gradient_checkpointing: bool = False
 
@@ -228,7 +240,12 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.data.lang in NLLB_LANGS, "data.lang", "must be a SONAR language code such as eng_Latn")
     need(cfg.data.eval_documents >= 1, "data.eval_documents", "must be >= 1")
     need(cfg.model.preset in SONARLLM_CONFIGS, "model.preset", f"must be one of {sorted(SONARLLM_CONFIGS)}")
-    need(cfg.model.objective in ("sonar", "mse"), "model.objective", "must be 'sonar' or 'mse'")
+    need(cfg.model.objective in ("sonar", "mse", "sonar+mse"), "model.objective", "must be 'sonar', 'mse' or 'sonar+mse'")
+    need(0 <= cfg.model.mse_weight < float("inf"), "model.mse_weight", "must be a finite number >= 0")
+    need(not cfg.model.normalizer or os.path.isfile(cfg.model.normalizer), "model.normalizer",
+         "must be empty or the path of a normalizer file")  # fmt: skip
+    need(not cfg.model.normalizer or cfg.model.overrides.get("use_normalizer", True) is not False, "model.normalizer",
+         "is set but model.overrides.use_normalizer is false; drop one of them")  # fmt: skip
     need(cfg.model.kernel_impl in ("auto", "triton", "torch", "reference"), "model.kernel_impl",
          "must be auto, triton, torch or reference")  # fmt: skip
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")

@@ -23,8 +23,10 @@ def run_identity(cfg: TrainConfig, data_options: dict, model_config: dict, world
     loop = cfg.loop
     return {
         "data": {k: v for k, v in data_options.items() if k not in ("source", "shard_documents")},
-        "model": {k: v for k, v in model_config.items() if k not in ("kernel_impl", "objective")},
+        # kernel_impl and add_begin (a generation-time prefix) do not change what is trained
+        "model": {k: v for k, v in model_config.items() if k not in ("kernel_impl", "objective", "add_begin")},
         "model.objective": cfg.model.objective,
+        **({"model.mse_weight": cfg.model.mse_weight} if cfg.model.objective == "sonar+mse" else {}),
         "data.duplicate_eos": cfg.data.duplicate_eos,
         "run.seed": cfg.run.seed,
         "global batch": loop.micro_batch_documents * loop.grad_accum_steps * world,

@@ -2,24 +2,48 @@
 
     python training/prepare_data.py --source corpus.jsonl --out data/mycorpus [--sonar toy|basic|sonar.json]
     sonarllm prepare ...                                       # the same
+    torchrun --nproc_per_node N training/prepare_data.py ...   # N processes (and GPUs); add --nnodes for nodes
 
-Each document becomes at most ``--max-sentences`` sentences plus "End of sequence." (documents
-with fewer than two items are dropped). Sentences are embedded with the SONAR encoder (batched,
-with a progress bar) and tokenised in SONAR's target mode (``[</s>, lang, pieces, </s>]``, cut to
+The corpus is any format ``sonarllm.corpus`` reads (text or JSONL, optionally gzip/zstd,
+Parquet, a Hugging Face ``datasets`` directory), the text in ``--text-field``. Each document
+becomes at most ``--max-sentences`` sentences plus "End of sequence." Sentences are embedded
+with the SONAR encoder (a shard at a time, batched by length, ``--max-tokens`` per batch) and
+tokenised in SONAR's target mode (``[</s>, lang, pieces, </s>]``, cut to
 ``--max-target-tokens``). The last ``--eval-documents`` documents form the held-out split.
+Pre-split, pre-embedded documents (``--embedding-field``: a Parquet or datasets column of SONAR
+vectors beside the ``--text-field`` column of sentences, as LCM's pipeline writes) are used
+without re-encoding, checked for dtype and the encoder's dimension; only the end sentence is
+encoded.
+
+The corpus is streamed, never held in memory: a first pass counts the documents (to place the
+eval split), the toy SONAR (if built) learns from the first 200,000 training sentences, and
+the encoding pass holds one shard's documents at a time.
 
 ``--sonar toy`` (the default) trains a small SentencePiece model on the corpus and writes a
 seeded random toy SONAR encoder/decoder; ``--sonar basic`` uses the released SONAR files
 (downloaded to the cache); a path to a ``sonar.json`` uses the files it names.
 
-Re-running resumes: shards already written are verified against their SHA-256 and kept; a
-missing or corrupted shard (reported by name) is rebuilt. Changing an option that alters the
-data of an existing directory is refused before anything is written (a toy SONAR that must be
-rebuilt is built in a scratch directory and installed only once the options check passed). Two
-preparations of one directory run one after the other: the second waits for the first's lock
-(``prepare.lock``, named holder) and then reuses its shards.
-Sentence splitting reads only what ``--max-sentences`` needs of each document (sonarllm/text.py),
-so preparation time is linear in the corpus size, and a progress bar counts the documents.
+``--out`` must be new, empty or a preparation (its ``prepare.lock``, created first, or its
+manifest): a directory a user made is refused untouched (exit 2; under torchrun rank 0 checks it
+before anything is written). The manifest records the SHA-256 of the SONAR files and the corpus'
+size and modification time (training checks both).
+
+Under torchrun every rank reads the corpus; rank 0 checks the options and builds the toy SONAR
+(once, for all), rank r encodes shards r, r + N, r + 2N, ... (on GPU ``LOCAL_RANK`` where there
+is one), and rank 0 writes the manifest once every shard verifies. A shard is encoded in one
+piece whatever N, so the shards and the manifest are byte for byte those of one process (the
+encoder's floats depend on how sentences are batched, so batches never span ranks). The output
+directory must be on a filesystem every rank sees.
+
+Re-running resumes (with any number of processes): shards already written are verified against
+their SHA-256 and kept (each rank records the shards it finished in ``prepare.progress/`` until
+the manifest is written); a missing or corrupted shard (reported by name) is rebuilt, and so
+is a toy SONAR whose files no longer match the manifest. Changing an option that alters the data of an existing directory is refused before anything is written (a
+toy SONAR that must be rebuilt is built in a scratch directory and installed only once the
+options check passed). Two preparations of one directory run one after the other: the second
+waits for the first's lock (``prepare.lock``, named holder, held by rank 0) and then reuses its
+shards. Sentence splitting reads only what ``--max-sentences`` needs of each document
+(sonarllm/text.py), so preparation time is linear in the corpus size.
 """
 
 from __future__ import annotations
@@ -35,16 +59,22 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
 import shlex
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
-from sonarllm.corpus import read_documents
+from sonarllm.corpus import read_documents, read_embedded_documents
+from sonarllm.files import cached_sha256
 from sonarllm.sonar.checkpoint import checkpoint_config
 from sonarllm.sonar.config import SONAR_CONFIGS
 from sonarllm.sonar.pipeline import SonarPipeline, SonarSpec
@@ -54,6 +84,7 @@ from sonarllm.text import EOS_SENTENCE, document_sentences
 from training.shards import (
     FORMAT_VERSION,
     MANIFEST,
+    SONAR_FIELDS,
     ShardError,
     read_manifest,
     sha256_file,
@@ -68,9 +99,22 @@ LOCK_NAME = "prepare.lock"
 BASIC_SONAR = SonarSpec("sonar_tokenizer", "text_sonar_basic_encoder", "text_sonar_basic_decoder")
 
 
+class ForeignOutError(ValueError):
+    """``--out`` is a directory with files that no preparation made (exit status 2)."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sonarllm prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", default=str(DEFAULT_SOURCE), help="corpus: .txt, .jsonl (optionally .gz) or a directory of .txt files")
+    p.add_argument("--source", default=str(DEFAULT_SOURCE),
+                   help="corpus: .txt or .jsonl (optionally .gz or .zst), .parquet, a directory of .parquet or .txt "
+                        "files, or a Hugging Face datasets directory (save_to_disk)")
+    p.add_argument("--text-field", default="text",
+                   help="the document's field (JSONL) or column (Parquet, datasets); with --embedding-field the "
+                        "column of each document's sentences")
+    p.add_argument("--embedding-field", default=None,
+                   help="pre-embedded input: the column of each document's SONAR vectors (list<list<float>>, as LCM's "
+                        "pipeline writes), used without re-encoding; needs --sonar naming the SONAR that made them")
+    p.add_argument("--split", default="train", help="the split to read from a datasets DatasetDict directory")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--sonar", default="toy", help="'toy', 'basic' or a path to a sonar.json")
     p.add_argument("--lang", default="eng_Latn", help="SONAR language code of the corpus")
@@ -97,12 +141,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--eval-documents must be >= 1 (the trainer evaluates on held-out documents)")
     if args.toy_train_steps < 0:
         p.error("--toy-train-steps must be >= 0")
+    if args.embedding_field and args.sonar == "toy":
+        p.error("--embedding-field needs --sonar basic or a sonar.json naming the SONAR that made the embeddings "
+                "(the toy SONAR is trained on the corpus and cannot match them)")
     if args.max_target_tokens < 4:
         p.error("--max-target-tokens must be >= 4 (</s>, language tag, a piece, </s>)")
     return args
 
 
-def _source_digest(source: Path) -> str:
+def corpus_digest(source: Path) -> str:
     """SHA-256 over the corpus file(s), so a changed corpus is noticed."""
     if source.is_file():
         return sha256_file(source)
@@ -113,12 +160,23 @@ def _source_digest(source: Path) -> str:
     return h.hexdigest()
 
 
-def load_documents(source: Path, max_sentences: int, max_docs: int | None, *, progress: bool = False) -> list[list[str]]:
-    """Sentence lists (with the end sentence) of every document with at least two items."""
+def source_stat(source: Path) -> dict:
+    """Size and newest modification time of the corpus file(s): recorded in the manifest, so that
+    a corpus edited after its preparation is noticed cheaply (the trainer says so)."""
+    files = [source] if source.is_file() else [p for p in source.rglob("*") if p.is_file()]
+    stats = [f.stat() for f in files]
+    return {"bytes": sum(s.st_size for s in stats), "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
+
+
+def load_documents(source: Path, max_sentences: int, max_docs: int | None, *, progress: bool = False,
+                   text_field: str = "text", split: str = "train") -> list[list[str]]:  # fmt: skip
+    """Sentence lists (with the end sentence) of every document with at least two items (all
+    in memory: preparation itself streams, see ``_stream``)."""
     from tqdm.auto import tqdm
 
     docs = []
-    for text in tqdm(read_documents(source), desc="split", unit="doc", disable=not progress, dynamic_ncols=True):
+    for text in tqdm(read_documents(source, text_field=text_field, split=split), desc="split", unit="doc",
+                     disable=not progress, dynamic_ncols=True):  # fmt: skip
         sentences = document_sentences(text, max_sentences=max_sentences)
         if len(sentences) >= 2:
             docs.append(sentences)
@@ -127,6 +185,45 @@ def load_documents(source: Path, max_sentences: int, max_docs: int | None, *, pr
     if not docs:
         raise ValueError(f"{source} holds no document with at least one sentence")
     return docs
+
+
+def _stream(args, dim: int | None = None) -> Iterator:
+    """The corpus documents, in order and at most ``--max-docs``: texts, or (sentences,
+    embeddings_SD) pairs with ``--embedding-field`` (checked against the encoder's ``dim``).
+    Read anew by every pass, so that memory does not grow with the corpus."""
+    source = Path(args.source)
+    if args.embedding_field:
+        docs = read_embedded_documents(source, text_field=args.text_field, embedding_field=args.embedding_field,
+                                       dim=dim, split=args.split)  # fmt: skip
+    else:
+        docs = read_documents(source, text_field=args.text_field, split=args.split)
+    return itertools.islice(docs, args.max_docs)
+
+
+def _split_document(doc, max_sentences: int, index: int):
+    """What a shard stores of one corpus document: its sentences (first ``max_sentences``, then
+    the end sentence), with their given embeddings for a pre-embedded document."""
+    if isinstance(doc, str):
+        sentences = document_sentences(doc, max_sentences=max_sentences)
+        if len(sentences) < 2:  # read_documents yields only non-blank texts, which have a sentence
+            raise ValueError(f"document {index} of the corpus has no sentence")
+        return sentences
+    sentences, emb_SD = doc
+    return sentences[:max_sentences] + [EOS_SENTENCE], emb_SD[:max_sentences]
+
+
+TOY_SENTENCES = 200_000
+"""Training sentences (the first ones) the toy SONAR's tokenizer and autoencoder learn from."""
+
+
+def _toy_sentences(args, n_train: int) -> list[str]:
+    """The first ``TOY_SENTENCES`` sentences (end sentences included) of the training documents."""
+    sentences: list[str] = []
+    for k, doc in enumerate(_stream(args)):
+        if k >= n_train or len(sentences) >= TOY_SENTENCES:
+            break
+        sentences += _split_document(doc, args.max_sentences, k)
+    return sentences[:TOY_SENTENCES]
 
 
 TOY_FILES = ("toy_spm.model", "toy_encoder.pt", "toy_decoder.pt")
@@ -148,17 +245,31 @@ def _read_toy_marker(folder: Path) -> dict | None:
         return None  # absent or half-written
 
 
-def _build_toy_sonar(args, folder: Path, scratch: Path, train_docs: list[list[str]], source_digest: str) -> Path:
+def _toy_files_match(folder: Path, recorded: dict | None) -> bool:
+    """Whether the toy SONAR files in ``folder`` have the SHA-256 the manifest recorded
+    (``recorded``: its options' ``sonar``; None when there is no manifest yet)."""
+    if recorded is None:
+        return True
+    return all(cached_sha256(folder / f) == recorded.get(field) for field, f in zip(SONAR_FIELDS, TOY_FILES, strict=True))
+
+
+def _build_toy_sonar(args, folder: Path, scratch: Path, toy_sentences: Callable[[], list[str]], source_digest: str,
+                     recorded: dict | None = None) -> Path:  # fmt: skip
     """Where the toy SONAR of these options is: ``folder`` if its ``toy.json`` says it was built
-    with them, else ``scratch``, where it is built (and trained) now; ``_install_toy_sonar``
-    moves it into place once the options check has passed."""
+    with them and its files match the SHA-256 the manifest recorded (``recorded``), else
+    ``scratch``, where it is built (and trained) now, deterministically from the seed and the
+    ``toy_sentences()`` (read only then); ``_install_toy_sonar`` moves it into place once the
+    options check has passed."""
     wanted = _toy_options(args, source_digest)
     if _read_toy_marker(folder) == wanted and all((folder / f).is_file() for f in TOY_FILES):
-        return folder
+        if _toy_files_match(folder, recorded):
+            return folder
+        log.warning("the toy SONAR in %s does not match the SHA-256 recorded in %s (a file changed or is corrupted); "
+                    "rebuilding it", folder, MANIFEST)  # fmt: skip
     folder = scratch
     marker = folder / TOY_MARKER
-    sentences = [s for doc in train_docs for s in doc]
-    spm_path = train_toy_tokenizer(sentences[:200_000], folder / "toy_spm.model", vocab_size=args.toy_vocab_size)
+    sentences = toy_sentences()
+    spm_path = train_toy_tokenizer(sentences, folder / "toy_spm.model", vocab_size=args.toy_vocab_size)
     tokenizer = SonarTokenizer(spm_path)
     enc, dec = build_toy_sonar(tokenizer, folder, seed=args.toy_seed)
     if args.toy_train_steps:
@@ -182,20 +293,25 @@ def _install_toy_sonar(built: Path, folder: Path) -> None:
         os.replace(tmp, folder / name)
 
 
-def resolve_sonar(args, out: Path, scratch: Path, train_docs: list[list[str]], source_digest: str) -> tuple[SonarSpec, SonarSpec]:
+def resolve_sonar(args, out: Path, scratch: Path, toy_sentences: Callable[[], list[str]],
+                  source_digest: str, recorded: dict | None = None) -> tuple[SonarSpec, SonarSpec]:  # fmt: skip
     """The SONAR to use: (where its files are now, what ``sonar.json`` in ``out`` will say).
-    A toy SONAR that is not built yet is built (deterministically) in ``scratch``; nothing is
-    written to ``out``."""
+    A toy SONAR that is not built yet, or whose files do not match the SHA-256 the manifest
+    recorded (``recorded``), is built (deterministically) in ``scratch``; nothing is written to
+    ``out``."""
     if args.sonar == "toy":
-        built = _build_toy_sonar(args, out / "sonar", scratch, train_docs, source_digest)
+        built = _build_toy_sonar(args, out / "sonar", scratch, toy_sentences, source_digest, recorded)
         now = SonarSpec(*(str((built / f).resolve()) for f in TOY_FILES), args.lang)
         return now, SonarSpec(*(f"sonar/{f}" for f in TOY_FILES), args.lang)
-    if args.sonar == "basic":
-        spec = SonarSpec(BASIC_SONAR.tokenizer, BASIC_SONAR.encoder, BASIC_SONAR.decoder, args.lang)
-    else:
-        spec = SonarSpec.load(args.sonar)
-        spec = dataclasses.replace(spec, lang=args.lang)  # its encoder/decoder configs kept
+    spec = named_sonar(args)
     return spec, spec
+
+
+def named_sonar(args) -> SonarSpec:
+    """The SONAR ``--sonar basic`` or ``--sonar path/sonar.json`` names (not the toy)."""
+    if args.sonar == "basic":
+        return SonarSpec(BASIC_SONAR.tokenizer, BASIC_SONAR.encoder, BASIC_SONAR.decoder, args.lang)
+    return dataclasses.replace(SonarSpec.load(args.sonar), lang=args.lang)  # its encoder/decoder configs kept
 
 
 def decoder_positions(spec: SonarSpec) -> int:
@@ -208,28 +324,160 @@ def decoder_positions(spec: SonarSpec) -> int:
     return SONAR_CONFIGS["basic"].max_seq_len
 
 
+def encoder_dim(spec: SonarSpec) -> int:
+    """The embedding dimension of the SONAR encoder ``spec`` names (resolved as loading does);
+    an asset name is the released encoder, 1024."""
+    if spec.encoder and os.path.isfile(spec.encoder):
+        return checkpoint_config(spec.encoder, "encoder", config=spec.encoder_config).model_dim
+    return SONAR_CONFIGS["basic"].model_dim
+
+
 def _identity(spec: SonarSpec) -> dict:
     """What identifies the SONAR that made the data: file digests, or asset names."""
     ident = {}
-    for field in ("tokenizer", "encoder", "decoder"):
+    for field in SONAR_FIELDS:
         value = getattr(spec, field)
-        ident[field] = sha256_file(value) if value and os.path.isfile(value) else value
+        ident[field] = cached_sha256(value) if value and os.path.isfile(value) else value
     return ident
 
 
-def _encode_shard(pipe: SonarPipeline, docs: list[list[str]], lang: str, max_target: int, dtype, max_tokens, progress):
-    sentences = [s for doc in docs for s in doc]
-    emb = pipe.encode(sentences, lang=lang, max_tokens=max_tokens, progress=progress).to(dtype).cpu()
+def _encode_shard(pipe: SonarPipeline, docs: list, lang: str, max_target: int, dtype, max_tokens, progress,
+                  eos_emb_1D: torch.Tensor | None = None):  # fmt: skip
+    """The tensors of one shard. Text documents (sentence lists) are encoded here, in one call
+    whatever the number of processes, so a shard's encoder batches (sentences sorted by length,
+    ``max_tokens`` each) and hence its bytes never depend on the ranks: the encoder's float
+    results do depend on a batch's composition. Pre-embedded documents ((sentences, embeddings_SD)
+    pairs) keep their vectors; their end sentence gets ``eos_emb_1D``."""
+    embedded = bool(docs) and isinstance(docs[0], tuple)
+    sentence_docs = [sentences for sentences, _ in docs] if embedded else docs
+    sentences = [s for doc in sentence_docs for s in doc]
+    if embedded:
+        emb = torch.cat([t for _, emb_SD in docs for t in (torch.tensor(emb_SD, dtype=torch.float32), eos_emb_1D[None])])
+        emb = emb.to(dtype)
+    else:
+        emb = pipe.encode(sentences, lang=lang, max_tokens=max_tokens, progress=progress).to(dtype).cpu()
     seqs = pipe.tokenizer.encode(sentences, lang=lang, mode="target")
     eos = pipe.tokenizer.eos_idx
     seqs = [s if len(s) <= max_target else s[: max_target - 1] + [eos] for s in seqs]
     sentence_offsets = [0]
-    for doc in docs:
+    for doc in sentence_docs:
         sentence_offsets.append(sentence_offsets[-1] + len(doc))
     token_offsets = [0]
     for s in seqs:
         token_offsets.append(token_offsets[-1] + len(s))
     return emb, sentence_offsets, [t for s in seqs for t in s], token_offsets
+
+
+class Ranks:
+    """The processes that prepare one directory together (``torchrun --nproc_per_node N``, over
+    one or several nodes), or this process alone. Every collective step runs through ``run``, so
+    that an error on one rank stops the others with a line naming it instead of leaving them
+    waiting."""
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, group=None):
+        self.rank, self.world, self.local_rank, self.group = rank, world, local_rank, group
+
+    @classmethod
+    def from_env(cls) -> Ranks:
+        """The ranks torchrun describes in the environment (gloo: only flags travel between
+        them, the shards go through the shared filesystem). Waits have no practical timeout:
+        a rank may encode for hours before the others need it; a rank that dies ends the job."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", timeout=timedelta(days=7))
+        return cls(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")), dist.group.WORLD)
+
+    def run(self, fn: Callable, *, rank0_only: bool = False):
+        """``fn()`` on every rank (or rank 0 only), then agree: if any rank failed, every other
+        one raises a ShardError naming it (the failing rank raises its own error)."""
+        error, result = None, None
+        if self.rank == 0 or not rank0_only:
+            try:
+                result = fn()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the others learnt of it
+                error = exc
+        if self.world > 1:
+            import torch.distributed as dist
+
+            failed = torch.tensor([0 if error is None else self.rank + 1])
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
+            if error is None and failed.item():
+                raise ShardError(f"rank {failed.item() - 1} failed (its error is in its output); rank {self.rank} stops too")
+        if error is not None:
+            raise error
+        return result
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+class PlannedShard(NamedTuple):
+    """One shard of the plan: documents ``[start, start + documents)`` of the corpus."""
+
+    index: int
+    name: str
+    split: str
+    start: int
+    documents: int
+
+
+def plan_shards(n_train: int, n_eval: int, shard_documents: int) -> list[PlannedShard]:
+    """Training shards, then eval shards, each of ``shard_documents`` consecutive documents."""
+    plan = []
+    for split, first, total in (("train", 0, n_train), ("eval", n_train, n_eval)):
+        for i, start in enumerate(range(0, total, shard_documents)):
+            plan.append(PlannedShard(len(plan), f"{split}-{i:05d}.safetensors", split, first + start,
+                                     min(shard_documents, total - start)))  # fmt: skip
+    return plan
+
+
+PROGRESS = "prepare.progress"
+"""Directory of one record per shard written by an unfinished preparation (every rank writes
+its own shards' records; rank 0 folds them into the manifest and removes the directory)."""
+
+
+def _options_digest(options: dict) -> str:
+    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
+
+
+def _progress_entries(out: Path, options: dict) -> dict[str, dict]:
+    """The shard entries an unfinished preparation with these options recorded."""
+    found, want = {}, _options_digest(options)
+    folder = out / PROGRESS
+    for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            record = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue  # half-written: the shard is verified or rebuilt like a missing one
+        if isinstance(record, dict) and record.get("options_sha256") == want:
+            found[record["entry"]["name"]] = record["entry"]
+    return found
+
+
+def _is_preparation(out: Path) -> bool:
+    """Whether ``out`` holds a preparation: its ``prepare.lock`` (created before anything else is
+    written there) or a manifest of ours."""
+    if (out / LOCK_NAME).is_file():
+        return True
+    try:
+        read_manifest(out)
+    except (ShardError, OSError, ValueError):
+        return False
+    return True
+
+
+def check_out(out: Path) -> None:
+    """Refuse to write into a directory a user made: ``out`` must be new, empty or a preparation
+    (ForeignOutError, nothing written)."""
+    if out.is_dir() and any(out.iterdir()) and not _is_preparation(out):
+        raise ForeignOutError(f"{out} is not empty and holds no preparation ({LOCK_NAME} or {MANIFEST}); "
+                              "choose a new or empty directory")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -253,46 +501,78 @@ def _locked(out: Path):
         os.close(fd)  # drops the lock
 
 
-def prepare(args: argparse.Namespace) -> dict:
-    """Run (or resume) preparation; returns the manifest."""
+def prepare(args: argparse.Namespace, ranks: Ranks | None = None) -> dict:
+    """Run (or resume) preparation; returns the manifest. With several ``ranks`` (torchrun),
+    shard i is encoded by rank i mod N and rank 0 writes the manifest once every shard verifies;
+    the result is byte for byte that of one process. ``--out`` must be new, empty or a
+    preparation: rank 0 checks it before anything is written (ForeignOutError)."""
+    ranks = ranks or Ranks()
     source, out = Path(args.source), Path(args.out)
     if out.exists() and not out.is_dir():
         raise ShardError(f"--out {out} is a file, not a directory")
-    docs = load_documents(source, args.max_sentences, args.max_docs, progress=not args.quiet)
-    if len(docs) < 2:
-        within = f" within --max-docs {args.max_docs}" if args.max_docs is not None else ""
-        raise ValueError(f"{source} holds only {len(docs)} usable document{within}; at least 2 are needed, one for "
-                         "training and one held out for evaluation (the trainer evaluates on it)")  # fmt: skip
-    n_eval = min(args.eval_documents, len(docs) // 2)
-    if n_eval < args.eval_documents:
+    ranks.run(lambda: check_out(out), rank0_only=True)
+    dim = encoder_dim(named_sonar(args)) if args.embedding_field else None
+    n_docs = ranks.run(lambda: _count_documents(args, dim))
+    n_eval = min(args.eval_documents, n_docs // 2)
+    if n_eval < args.eval_documents and ranks.rank == 0:
         log.warning("--eval-documents %d capped to %d: the corpus has %d usable document(s) and at least half are "
-                    "kept for training", args.eval_documents, n_eval, len(docs))  # fmt: skip
-    train_docs, eval_docs = docs[: len(docs) - n_eval], docs[len(docs) - n_eval :]
-    with _locked(out):
-        return _prepare_locked(args, source, out, train_docs, eval_docs)
+                    "kept for training", args.eval_documents, n_eval, n_docs)  # fmt: skip
+    plan = plan_shards(n_docs - n_eval, n_eval, args.shard_documents)
+    with _locked(out) if ranks.rank == 0 else contextlib.nullcontext():
+        stat = ranks.run(lambda: _set_up(args, source, out, n_docs - n_eval, n_eval), rank0_only=True)  # rank 0's
+        manifest = read_manifest(out)  # the options, as rank 0 settled them
+        ranks.run(lambda: _encode_shards(args, out, manifest, plan, dim, ranks))
+        return ranks.run(lambda: _finish(args, out, manifest, plan, stat) if ranks.rank == 0 else None) or \
+            read_manifest(out)
 
 
-def _prepare_locked(args, source: Path, out: Path, train_docs: list[list[str]], eval_docs: list[list[str]]) -> dict:
-    """``prepare`` once the documents are read and ``out`` is locked."""
+def _count_documents(args, dim: int | None) -> int:
+    """How many documents preparation uses (a first, cheap pass: nothing is split or encoded)."""
+    from tqdm.auto import tqdm
+
+    source = Path(args.source)
+    n = sum(1 for _ in tqdm(_stream(args, dim), desc="read", unit="doc", disable=args.quiet, dynamic_ncols=True))
+    if n == 0:
+        raise ValueError(f"{source} holds no document with at least one sentence")
+    if n < 2:
+        within = f" within --max-docs {args.max_docs}" if args.max_docs is not None else ""
+        raise ValueError(f"{source} holds only {n} usable document{within}; at least 2 are needed, one for "
+                         "training and one held out for evaluation (the trainer evaluates on it)")  # fmt: skip
+    return n
+
+
+def _set_up(args, source: Path, out: Path, n_train: int, n_eval: int) -> dict:
+    """Rank 0, with ``out`` locked: check the options against an earlier preparation (refusing
+    before anything is written), build the toy SONAR if needed (or rebuild it if its files no
+    longer match the SHA-256 the manifest recorded), and write ``sonar.json`` and an unfinished
+    manifest holding the options the other ranks then read. Returns the corpus' ``source_stat``
+    (taken before its digest: a corpus edited meanwhile is then noticed by the trainer)."""
     manifest_path = out / MANIFEST
     manifest = read_manifest(out) if manifest_path.exists() else None
-    digest = _source_digest(source)
+    stat = source_stat(source)
+    digest = corpus_digest(source)
     marker, wanted = _read_toy_marker(out / "sonar"), _toy_options(args, digest)
     if manifest is not None and args.sonar == "toy" and marker is not None and marker != wanted:
         built = ", ".join(f"{TOY_FLAGS.get(k, k)} {v}" for k, v in marker.items() if wanted.get(k) != v)
         raise ShardError(f"{out} was prepared with different options (sonar); its toy SONAR was built with {built}; "
                          f"use a new --out directory or delete {manifest_path}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="sonarllm-toy-") as scratch:
-        spec, saved_spec = resolve_sonar(args, out, Path(scratch), train_docs, digest)
+        recorded = manifest["options"].get("sonar") if manifest is not None else None
+        spec, saved_spec = resolve_sonar(args, out, Path(scratch), lambda: _toy_sentences(args, n_train), digest,
+                                         recorded)  # fmt: skip
         max_target = min(args.max_target_tokens, decoder_positions(spec))  # decoder inputs must fit
         options = {
             "source": str(source.resolve()), "source_sha256": digest, "lang": args.lang,
             "max_sentences": args.max_sentences, "max_target_tokens": max_target,
-            "eval_documents": len(eval_docs), "shard_documents": args.shard_documents, "max_docs": args.max_docs,
+            "eval_documents": n_eval, "shard_documents": args.shard_documents, "max_docs": args.max_docs,
             "embedding_dtype": args.embedding_dtype, "eos_sentence": EOS_SENTENCE, "sonar": _identity(spec),
         }  # fmt: skip
+        reading = {"text_field": args.text_field, "embedding_field": args.embedding_field, "split": args.split}
+        if reading != READING_DEFAULTS:  # recorded only when not the defaults: older preparations stay valid
+            options["reading"] = reading
         if manifest is not None and manifest["options"] != options:
-            changed = sorted(k for k in options if manifest["options"].get(k) != options[k])
+            changed = sorted(k for k in options.keys() | manifest["options"].keys()
+                             if manifest["options"].get(k) != options.get(k))  # fmt: skip
             raise ShardError(
                 f"{out} was prepared with different options ({', '.join(changed)}); use a new --out directory "
                 f"or delete {manifest_path}"
@@ -300,46 +580,98 @@ def _prepare_locked(args, source: Path, out: Path, train_docs: list[list[str]], 
         if args.sonar == "toy":
             _install_toy_sonar(Path(spec.tokenizer).parent, out / "sonar")
         saved_spec.save(out / "sonar.json")
-    spec = SonarSpec.load(out / "sonar.json")
-    done = {s["name"]: s for s in manifest["shards"]} if manifest else {}
-    plan = []
-    for split, split_docs in (("train", train_docs), ("eval", eval_docs)):
-        for i, start in enumerate(range(0, len(split_docs), args.shard_documents)):
-            plan.append((f"{split}-{i:05d}.safetensors", split, split_docs[start : start + args.shard_documents]))
+        dim = encoder_dim(spec)  # while a toy SONAR's scratch files exist
+    if manifest is None:  # records of a preparation whose manifest was deleted describe other options
+        shutil.rmtree(out / PROGRESS, ignore_errors=True)
+    if manifest is None or not manifest["complete"]:
+        shards = manifest["shards"] if manifest else []
+        write_json_atomic(manifest_path, _manifest(options, shards, dim, _command(args), stat))
+    return stat
 
-    command = "sonarllm prepare " + " ".join(shlex.quote(a) for a in _argv(args))
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    pipe = None
-    shards = []
-    for name, split, shard_docs in plan:
-        path = out / name
-        entry = done.get(name)
+
+READING_DEFAULTS = {"text_field": "text", "embedding_field": None, "split": "train"}
+
+
+def _device(args, ranks: Ranks) -> str:
+    """``--device``; ``auto`` is this rank's GPU (local rank) where there is one, else the CPU."""
+    if args.device != "auto":
+        return args.device
+    return f"cuda:{ranks.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+
+
+def _encode_shards(args, out: Path, manifest: dict, plan: list[PlannedShard], dim: int | None, ranks: Ranks) -> None:
+    """Write this rank's shards (plan index mod world == rank) that are not already there and
+    verified, reading the corpus once more and splitting only their documents; each shard is
+    followed by its record in ``prepare.progress/``."""
+    options = manifest["options"]
+    known = {s["name"]: s for s in manifest["shards"]} | _progress_entries(out, options)
+    todo = []
+    for shard in plan[ranks.rank :: ranks.world]:
+        path, entry = out / shard.name, known.get(shard.name)
         if entry is not None and path.is_file():
             if sha256_file(path) == entry["sha256"]:
-                log.info("shard %s verified, kept", name)
-                shards.append(entry)
+                log.info("shard %s verified, kept", shard.name)
                 continue
-            log.warning("shard %s failed its checksum; rebuilding it", name)
-        if pipe is None:
-            pipe = SonarPipeline.from_spec(spec, decoder=False, device=device)
-        emb, so, tokens, to = _encode_shard(pipe, shard_docs, args.lang, max_target,
-                                            getattr(torch, args.embedding_dtype), args.max_tokens, not args.quiet)  # fmt: skip
+            log.warning("shard %s failed its checksum; rebuilding it", shard.name)
+        todo.append(shard)
+    if not todo:
+        return
+    spec = SonarSpec.load(out / "sonar.json")
+    pipe = SonarPipeline.from_spec(spec, decoder=False, device=_device(args, ranks))
+    eos_emb = pipe.encode([EOS_SENTENCE], lang=args.lang)[0].cpu() if args.embedding_field else None
+    (out / PROGRESS).mkdir(exist_ok=True)
+    pending, docs = iter(todo), []
+    shard = next(pending)
+    for k, doc in enumerate(_stream(args, dim)):
+        if k < shard.start:
+            continue  # another rank's document, or one of a shard already written
+        docs.append(_split_document(doc, args.max_sentences, k))
+        if len(docs) < shard.documents:
+            continue
+        emb, so, tokens, to = _encode_shard(pipe, docs, args.lang, options["max_target_tokens"],
+                                            getattr(torch, args.embedding_dtype), args.max_tokens, not args.quiet,
+                                            eos_emb)  # fmt: skip
+        path = out / shard.name
         digest = write_shard(path, emb, so, tokens, to)
-        shards.append({"name": name, "split": split, "documents": len(shard_docs), "sentences": so[-1],
-                       "tokens": len(tokens), "sha256": digest, "bytes": path.stat().st_size})  # fmt: skip
-        log.info("shard %s written (%d documents)", name, len(shard_docs))
-        write_json_atomic(manifest_path, _manifest(options, shards, emb.shape[1], command))
-    embedding_dim = pipe.encoder.config.model_dim if pipe else (manifest or {}).get("embedding_dim")
-    manifest = _manifest(options, shards, embedding_dim, command, complete=True)
-    write_json_atomic(manifest_path, manifest)
+        entry = {"name": shard.name, "split": shard.split, "documents": len(docs), "sentences": so[-1],
+                 "tokens": len(tokens), "sha256": digest, "bytes": path.stat().st_size}  # fmt: skip
+        write_json_atomic(out / PROGRESS / (shard.name + ".json"), {"options_sha256": _options_digest(options), "entry": entry})
+        log.info("shard %s written (%d documents)", shard.name, len(docs))
+        docs, shard = [], next(pending, None)
+        if shard is None:
+            return
+    raise ShardError(f"{args.source} ended before document {shard.start + len(docs)} of shard {shard.name}: "
+                     "the corpus changed during preparation")  # fmt: skip
+
+
+def _finish(args, out: Path, manifest: dict, plan: list[PlannedShard], stat: dict) -> dict:
+    """Rank 0, once every rank is done: verify every shard against its record and write the
+    complete manifest with the corpus' ``stat`` (then drop the records)."""
+    known = {s["name"]: s for s in manifest["shards"]} | _progress_entries(out, manifest["options"])
+    shards = []
+    for shard in plan:
+        entry = known.get(shard.name)
+        if entry is None or not (out / shard.name).is_file() or sha256_file(out / shard.name) != entry["sha256"]:
+            raise ShardError(f"shard {shard.name} is missing or failed its checksum after encoding; run the "
+                             "preparation again to rebuild it")  # fmt: skip
+        shards.append(entry)
+    manifest = _manifest(manifest["options"], shards, manifest["embedding_dim"], _command(args), stat, complete=True)
+    write_json_atomic(out / MANIFEST, manifest)
+    shutil.rmtree(out / PROGRESS, ignore_errors=True)
     return manifest
 
 
-def _manifest(options: dict, shards: list[dict], embedding_dim: int, command: str, complete: bool = False) -> dict:
+def _command(args) -> str:
+    return "sonarllm prepare " + " ".join(shlex.quote(a) for a in _argv(args))
+
+
+def _manifest(options: dict, shards: list[dict], embedding_dim: int, command: str, source_stat: dict,
+              complete: bool = False) -> dict:  # fmt: skip
     totals = {split: {k: sum(s[k] for s in shards if s["split"] == split) for k in ("documents", "sentences", "tokens")}
               for split in ("train", "eval")}  # fmt: skip
     return {"format_version": FORMAT_VERSION, "complete": complete, "embedding_dim": embedding_dim,
-            "options": options, "command": command, "totals": totals, "shards": shards}  # fmt: skip
+            "options": options, "source_stat": source_stat, "command": command, "totals": totals,
+            "shards": shards}  # fmt: skip
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
@@ -348,18 +680,30 @@ def _argv(args: argparse.Namespace) -> list[str]:
     for key, value in vars(args).items():
         if key in ("quiet", "device", "max_tokens") or value is None:
             continue
+        if key in READING_DEFAULTS and value == READING_DEFAULTS[key]:
+            continue  # the default way of reading the corpus
         out += [f"--{key.replace('_', '-')}", str(value)]
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    ranks = Ranks.from_env()  # several under torchrun
+    quiet = args.quiet or ranks.rank > 0
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(message)s" if ranks.world == 1 else f"[rank {ranks.rank}] %(message)s")  # fmt: skip
     try:
-        manifest = prepare(args)
-    except (ShardError, ValueError, FileNotFoundError, OSError) as exc:
+        manifest = prepare(args, ranks)
+    except ForeignOutError as exc:
+        print(f"sonarllm prepare: error: --out {exc}", file=sys.stderr)
+        return 2
+    except (ShardError, ValueError, FileNotFoundError, OSError, ImportError) as exc:
         print(f"sonarllm prepare: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        ranks.close()
+    if ranks.rank > 0:
+        return 0
     t = manifest["totals"]
     print(f"prepared {args.out}: train {t['train']['documents']} documents / {t['train']['sentences']} sentences / "
           f"{t['train']['tokens']} tokens; eval {t['eval']['documents']} documents")  # fmt: skip

@@ -6,6 +6,7 @@ A prepared directory holds::
     sonar.json               the SonarSpec of the tokenizer/encoder/decoder used
     sonar/                   the toy SONAR files, when the toy SONAR was built
     prepare.lock             held by a preparation while it writes here (a second one waits)
+    prepare.progress/        while a preparation is unfinished: one record per shard written
     train-00000.safetensors  ...  eval-00000.safetensors
 
 Each shard (safetensors) holds, for its documents::
@@ -22,7 +23,6 @@ manifest before use; a mismatch names the shard.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -31,30 +31,14 @@ from pathlib import Path
 
 import torch
 
+from sonarllm.files import sha256_file, write_json_atomic  # noqa: F401 (re-exported: training imports them from here)
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
 class ShardError(ValueError):
     """Prepared data that is missing, corrupted or inconsistent."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
@@ -117,6 +101,44 @@ def verify_shards(directory: str | os.PathLike, manifest: dict | None = None) ->
                 f"shard {entry['name']} failed its checksum (the file changed or is corrupted); "
                 f"rebuild it with: {rebuild}"
             )
+
+
+SONAR_FIELDS = ("tokenizer", "encoder", "decoder")
+
+
+def is_digest(value) -> bool:
+    """Whether a recorded SONAR identity is a SHA-256 (a local file), not an asset name."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def verify_sonar(directory: str | os.PathLike, manifest: dict | None = None, fields=SONAR_FIELDS) -> None:
+    """Check the SONAR files ``sonar.json`` names (``fields`` of tokenizer, encoder, decoder: the
+    ones the caller uses) against the SHA-256 the manifest recorded when the data was prepared:
+    data embedded by one encoder and trained through another decoder trains silently on garbage.
+    Each file is hashed once per process (sonarllm.files.cached_sha256). Released SONAR assets
+    (recorded by name) are verified by sonarllm.sonar.download when fetched. The error names the
+    file and the remedy."""
+    from sonarllm.files import cached_sha256
+    from sonarllm.sonar.pipeline import SonarSpec
+
+    directory = Path(directory)
+    manifest = manifest or read_manifest(directory)
+    recorded = manifest["options"].get("sonar") or {}
+    spec = SonarSpec.load(directory / "sonar.json")  # FileNotFoundError naming a missing file
+    for field in fields:
+        want, path = recorded.get(field), getattr(spec, field)
+        if not is_digest(want) or path is None or not os.path.isfile(path):
+            continue
+        if cached_sha256(path) == want:
+            continue
+        if Path(path).resolve().is_relative_to((directory / "sonar").resolve()):  # the toy SONAR, rebuilt by prepare
+            remedy = f"rebuild it with: {rebuild_command(manifest, directory)}"
+        else:
+            remedy = "put the original file back, or prepare the corpus with this SONAR into a new data.prepared_dir"
+        raise ShardError(
+            f"SONAR {field} {path} does not match the SHA-256 recorded when {directory} was prepared (the file "
+            f"changed or is corrupted); {remedy}; or set data.verify_sonar false to train with it anyway"
+        )
 
 
 @dataclass

@@ -13,7 +13,10 @@ number of label tokens of the whole optimizer step over all ranks, so gradient a
 data parallelism average exactly like one big batch. SIGINT/SIGTERM stop at the next step with
 a checkpoint.
 
-A run holds an exclusive lock on its output directory (training/runlock.py). Resuming verifies
+The trainer writes only into a new or empty output directory or one of its runs (marked by
+``.sonarllm-run``, training/ownership.py), and holds an exclusive lock on it
+(training/runlock.py). The SONAR files it uses are checked against the prepared manifest's
+SHA-256 (``data.verify_sonar``). Resuming verifies
 the checkpoint's files and that it belongs to the same run (training/identity.py); a training
 loss or parameters that become NaN/inf stop the run without writing a checkpoint from that
 state. Every error ends in one line (exit status 2 for a bad configuration, 1 otherwise).
@@ -92,16 +95,30 @@ def _same_setting(configured, prepared) -> bool:
         os.path.samefile(configured, prepared)
 
 
+def changed_corpus_note(manifest: dict, prepared_dir) -> str | None:
+    """A complete preparation is used as it is: if its corpus was edited since (its size or
+    modification time differ from the manifest's record, and so does its content), the line
+    that says so, rather than training silently on the old version; else None."""
+    from training.prepare_data import corpus_digest, source_stat
+
+    source, recorded = Path(manifest["options"].get("source", "")), manifest.get("source_stat")
+    if recorded is None or not source.exists():
+        return None
+    if source_stat(source) == recorded or corpus_digest(source) == manifest["options"].get("source_sha256"):
+        return None
+    return (f"the corpus {source} changed after data.prepared_dir {prepared_dir} was prepared from it; training on "
+            "the prepared data (prepare it again into a new data.prepared_dir to train on the new version)")
+
+
 class Trainer:
     """One training run (every rank builds one)."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device, explicit: frozenset[str] = frozenset()):
         """``explicit``: the configuration keys the config file or the command line set."""
         from sonarllm.config import SonarLLMConfig
-        from sonarllm.loss import SonarTokenLoss
+        from sonarllm.loss import SonarMSELoss, SonarTokenLoss
         from sonarllm.model import SonarLLM
         from sonarllm.mse_loss import NextSentenceMSELoss
-        from sonarllm.normalizer import SonarNormalizer
         from sonarllm.sonar.pipeline import SonarPipeline, SonarSpec
         from training.checkpoint import Checkpointer
         from training.compile import compile_for_training, wanted
@@ -135,6 +152,8 @@ class Trainer:
 
         mcfg = SonarLLMConfig.from_name(cfg.model.preset, **cfg.model.overrides)
         mcfg = mcfg.replace(objective=cfg.model.objective, kernel_impl=cfg.model.kernel_impl)
+        if cfg.model.normalizer:
+            mcfg = mcfg.replace(use_normalizer=True)
         for what, width in (("the prepared embeddings", self.train_docs.embedding_dim),
                             ("the SONAR decoder", decoder.config.model_dim)):  # fmt: skip
             if width != mcfg.sonar_dim:
@@ -149,20 +168,41 @@ class Trainer:
         model = SonarLLM(mcfg)
         model.gradient_checkpointing = cfg.model.gradient_checkpointing
         if mcfg.use_normalizer:
-            sample = torch.cat([self.train_docs[d].embeddings for d in range(min(len(self.train_docs), 2000))])
-            model.set_normalizer(SonarNormalizer(mcfg.sonar_dim).fit(sample.float()))
+            model.set_normalizer(self._normalizer(mcfg.sonar_dim))
         self.engine = build_engine(model, cfg, self.world)
         if wanted(cfg.system.compile, device):
             what = compile_for_training(self.engine.module, self.token_loss, cfg.system.zero_stage)
             if self.rank == 0:
                 print(f"system.compile: compiling {what} at the first step", flush=True)
-        self.mse_loss = NextSentenceMSELoss.for_model(self.engine.module) if cfg.model.objective == "mse" else None
+        self.mse_loss = NextSentenceMSELoss.for_model(self.engine.module) if "mse" in cfg.model.objective else None
+        self.combined = SonarMSELoss(self.token_loss, self.mse_loss, cfg.model.mse_weight) if cfg.model.objective == "sonar+mse" else None
         self.schedule = StepSchedule(self.train_docs, micro=cfg.loop.micro_batch_documents, accum=cfg.loop.grad_accum_steps,
                                      world=self.world, seed=cfg.run.seed, duplicate_eos=cfg.data.duplicate_eos)  # fmt: skip
         self.metrics = MetricsLog(self.run_dir, enabled=self.rank == 0)
         self.stop_requested = False
 
     # --- set-up -------------------------------------------------------------------------------
+
+    def _normalizer(self, dim: int):
+        """The SONAR normalizer of a fresh run: model.normalizer's file when set (checked for its
+        width and for clipping, which the fused projections cannot apply), else a robust fit on
+        (up to) the first 2000 training documents (nothing is fitted at preparation)."""
+        from sonarllm.normalizer import SonarNormalizer
+
+        path = self.cfg.model.normalizer
+        if not path:
+            sample = torch.cat([self.train_docs[d].embeddings for d in range(min(len(self.train_docs), 2000))])
+            return SonarNormalizer(dim).fit(sample.float())
+        try:
+            norm = SonarNormalizer.load(path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model.normalizer: {exc}") from None
+        if norm.dim != dim:
+            raise ConfigError(f"model.normalizer {path} is {norm.dim}-d but the model works in {dim}-d SONAR space")
+        if norm.clips:
+            raise ConfigError(f"model.normalizer {path} has clip_min/clip_max (LCM's clip_proba), which the model's "
+                              f"fused projections do not apply; use a file without them")  # fmt: skip
+        return norm
 
     def _ensure_prepared(self) -> Path:
         """Prepare the data once (global rank 0), unless a complete preparation is already there;
@@ -172,7 +212,7 @@ class Trainer:
         from sonarllm.sonar.download import ASSETS, fetch
         from sonarllm.sonar.pipeline import SonarSpec
         from training import prepare_data
-        from training.shards import MANIFEST, read_manifest, rebuild_command, verify_shards
+        from training.shards import MANIFEST, read_manifest, rebuild_command, verify_shards, verify_sonar
 
         wait = dist.new_group(backend="gloo", timeout=timedelta(days=7))
         prepared = Path(self.cfg.data.prepared_dir)
@@ -198,6 +238,8 @@ class Trainer:
             ] + ([] if self.cfg.system.progress else ["--quiet"]))  # fmt: skip
             try:
                 prepare_data.prepare(args)
+            except prepare_data.ForeignOutError as exc:
+                raise ConfigError(f"data.prepared_dir {exc}") from None
             except (ValueError, OSError) as exc:
                 raise ShardError(f"cannot prepare data.prepared_dir {prepared}: {exc}") from exc
         dist.barrier(group=wait)
@@ -208,6 +250,10 @@ class Trainer:
                     fetch(name)  # into this node's cache, once, before every rank loads it
             if self.cfg.data.verify_checksums:
                 verify_shards(prepared)
+            if self.cfg.data.verify_sonar:  # the files training uses (not the encoder)
+                verify_sonar(prepared, fields=("tokenizer", "decoder"))
+        if complete and self.rank == 0 and (note := changed_corpus_note(existing, prepared)):
+            print(f"train.py: note: {note}", file=sys.stderr, flush=True)
         dist.barrier(group=wait)
         return prepared
 
@@ -363,12 +409,16 @@ class Trainer:
 
     # --- one optimizer step -----------------------------------------------------------------------
 
-    def _loss(self, batch, num_items) -> torch.Tensor:
+    def _loss(self, batch, labels, sentences) -> torch.Tensor:
+        """The objective of one micro-batch, each mean over the step's global count (labels for
+        the token cross-entropy, sentences for the MSE)."""
         pred_TE = self.engine(batch.embeds_TE, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
         pred_NE = pred_TE[batch.pred_index_N]
+        if self.combined is not None:
+            return self.combined(pred_NE, batch.targets, batch.target_embeds_NE, num_tokens=labels, num_sentences=sentences)
         if self.mse_loss is not None:
-            return self.mse_loss(pred_NE, batch.target_embeds_NE, num_items=num_items)
-        return self.token_loss(pred_NE, batch.targets, num_items=num_items)
+            return self.mse_loss(pred_NE, batch.target_embeds_NE, num_items=sentences)
+        return self.token_loss(pred_NE, batch.targets, num_items=labels)
 
     def _batch(self, doc_ids):
         from training.data import collate
@@ -379,11 +429,10 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         self.engine.train()
         labels, sentences = self.schedule.step_counts(step)
-        num_items = sentences if self.mse_loss is not None else labels
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for m in range(self.cfg.loop.grad_accum_steps):
             batch = self._batch(self.schedule.micro_documents(step, m, self.rank))
-            loss = self._loss(batch, num_items)
+            loss = self._loss(batch, labels, sentences)
             # DeepSpeed averages gradients over ranks; the loss is already a global mean: undo it.
             self.engine.backward(loss * self.world, scale_wrt_gas=False)
             self.engine.step()
@@ -411,15 +460,13 @@ class Trainer:
                             duplicate_eos=self.cfg.data.duplicate_eos).to(self.device, self.dtype)  # fmt: skip
             pred_NE = self.engine(batch.embeds_TE, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)[batch.pred_index_N]
             token_ce = self.token_loss(pred_NE, batch.targets, num_items=1).double().item()
-            if self.mse_loss is None:
-                loss, count = token_ce, batch.targets.num_tokens
-            else:
-                loss = self.mse_loss(pred_NE, batch.target_embeds_NE, num_items=1).double().item()
-                count = batch.pred_index_N.numel()
-            sums += torch.tensor([loss, count, token_ce, batch.targets.num_tokens], device=self.device,
+            mse = 0.0 if self.mse_loss is None else self.mse_loss(pred_NE, batch.target_embeds_NE, num_items=1).double().item()
+            sums += torch.tensor([mse, batch.pred_index_N.numel(), token_ce, batch.targets.num_tokens], device=self.device,
                                  dtype=torch.float64) * weight  # fmt: skip
         dist.all_reduce(sums)
-        return {"eval_loss": (sums[0] / sums[1]).item(), "eval_token_ce": (sums[2] / sums[3]).item()}
+        mse, token_ce = (sums[0] / sums[1]).item(), (sums[2] / sums[3]).item()
+        loss = {"sonar": token_ce, "mse": mse, "sonar+mse": token_ce + self.cfg.model.mse_weight * mse}[self.cfg.model.objective]
+        return {"eval_loss": loss, "eval_token_ce": token_ce}
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -631,24 +678,33 @@ def _fail(error, code: int) -> int:
 
 
 def _lock_run(cfg: TrainConfig, lock) -> None:
-    """Global rank 0 creates the output directory and locks it; every rank raises if it cannot."""
-    from training.checkpoint import broadcast_object, describe_io_error
+    """Global rank 0 checks that the output directory is new, empty or a run's (else ConfigError,
+    untouched: training/ownership.py), marks it, locks it and checks that its checkpoints/ can be
+    written; every rank raises if it cannot."""
+    from training.checkpoint import broadcast_object, describe_io_error, read_only_problem
+    from training.ownership import check_run_dir, mark_run_dir
     from training.runlock import describe_holder
 
     out = Path(cfg.run.output_dir)
-    error = None
+    error, refused = None, None
     if dist.get_rank() == 0:
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            check_run_dir(out)  # before anything is written: a directory that is not a run is left untouched
+            mark_run_dir(out)
             stale = lock.acquire()
             if stale:
                 print(f"train.py: note: {out} was locked by a run that ended without releasing it "
                       f"({describe_holder(stale)}); taking it over", file=sys.stderr, flush=True)  # fmt: skip
+            error = read_only_problem(out / "checkpoints")
+        except ValueError as exc:
+            refused = str(exc)
         except RunLockedError as exc:
             error = str(exc)
         except OSError as exc:
             error = f"cannot use run.output_dir {out}: {describe_io_error(exc, out)}"
-    error = broadcast_object(error)
+    error, refused = broadcast_object((error, refused))
+    if refused:
+        raise ConfigError(refused)
     if error:
         raise RunLockedError(error)
 

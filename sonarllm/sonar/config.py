@@ -79,6 +79,24 @@ def _fs2_value(config, name: str, kind: str, default=_MISSING):
     return value
 
 
+def _check_config_kind(config, kind: str, *, has_pooling: bool) -> None:
+    """ValueError unless ``config`` is a fairseq2 config of ``kind``: by its class name when it is
+    a ``SonarText{Decoder,Encoder}Config``, else by the encoder-only ``pooling`` field."""
+    name = type(config).__name__
+    if name in ("SonarTextDecoderConfig", "SonarTextEncoderConfig"):
+        actual = "decoder" if name == "SonarTextDecoderConfig" else "encoder"
+        why = f"a {name}"
+    else:
+        actual = "encoder" if has_pooling else "decoder"
+        why = "it has a 'pooling' field, as encoder configs do" if has_pooling else \
+            "it has no 'pooling' field, which every encoder config has"
+    if actual != kind:
+        raise ValueError(
+            f"from_fairseq2_config(config, {kind!r}) got a fairseq2 {actual} config ({why}); "
+            f"pass kind={actual!r}, or the {kind} config"
+        )
+
+
 def from_fairseq2_config(config, kind: str, *, after_factory: bool = False) -> SonarTextConfig:
     """Our config from a sonar/fairseq2 ``SonarTextDecoderConfig`` / ``SonarTextEncoderConfig``:
     the dataclass itself or a dict of its fields (``vocab_info`` a ``VocabularyInfo`` or a dict).
@@ -96,11 +114,14 @@ def from_fairseq2_config(config, kind: str, *, after_factory: bool = False) -> S
             (its model then has ``max_seq_len`` positions). The config does not record that;
             ``encoder_from_fairseq2(model)`` reads the lengths off the model instead.
 
-    Raises ValueError naming a field whose value these models do not implement.
+    Raises ValueError naming a field whose value these models do not implement, and for a config
+    of the other kind: an encoder config has a ``pooling`` field, a decoder config has none (the
+    two share every other size field, and their ``max_seq_len`` counts differently).
     """
     if kind not in ("decoder", "encoder"):
         raise ValueError(f"kind must be 'decoder' or 'encoder', got {kind!r}")
     get = lambda name, default=_MISSING: _fs2_value(config, name, kind, default)  # noqa: E731
+    _check_config_kind(config, kind, has_pooling=get("pooling", None) is not None)
     vocab = get("vocab_info")
     vocab_get = lambda name: _fs2_value(vocab, name, kind)  # noqa: E731
     model_dim, pad_idx = get("model_dim"), vocab_get("pad_idx")

@@ -110,10 +110,13 @@ def train_toy_sonar(tokenizer: SonarTokenizer, encoder_path: str | os.PathLike, 
     )
     g = torch.Generator().manual_seed(seed)
     losses = []
-    # Some CPU backward kernels accumulate in a thread-dependent order; the prepared data's
-    # identity hashes these weights, so a rebuild must reproduce them bit for bit.
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    # Some CPU backward kernels accumulate in a thread-dependent order (even with deterministic
+    # algorithms: the reductions are split by thread); the prepared data's identity hashes these
+    # weights, so a rebuild, and a preparation by several processes (torchrun gives each one
+    # thread), must reproduce them bit for bit: one thread, whatever the machine.
+    was_deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
     try:
         for _ in tqdm(range(steps), disable=not progress, desc="toy SONAR", unit="step"):
             idx = torch.randint(len(sentences), (batch_size,), generator=g).tolist()
@@ -129,6 +132,7 @@ def train_toy_sonar(tokenizer: SonarTokenizer, encoder_path: str | os.PathLike, 
             losses.append(loss.item())
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(threads)
     for model, path in ((encoder, encoder_path), (decoder, decoder_path)):
         model.requires_grad_(False).eval()
         tmp = Path(str(path) + ".tmp")

@@ -61,9 +61,10 @@ def test_encoder_config_changed_in_place_by_fairseq2s_factory():
     assert from_fairseq2_config(plain, "encoder").max_seq_len == 62  # 64 positions in all
 
 
-def test_wrapped_fairseq2_decoder_gives_fairseq2s_logits_and_shares_its_weights():
+@pytest.mark.parametrize("generation", fs2.GENERATIONS)
+def test_wrapped_fairseq2_decoder_gives_fairseq2s_logits_and_shares_its_weights(generation):
     fx = load("decoder")
-    model = fs2.build("decoder", fx["config"], fx["state_dict"])
+    model = fs2.build("decoder", fx["config"], fx["state_dict"], generation)
     ours = decoder_from_fairseq2(model, kernel_impl="torch")
     assert ours.config == DECODER
     assert ours.output_weight.data_ptr() == model.decoder_frontend.embed.weight.data_ptr()
@@ -71,12 +72,13 @@ def test_wrapped_fairseq2_decoder_gives_fairseq2s_logits_and_shares_its_weights(
     torch.testing.assert_close(ours.logits(h), torch.cat(unpadded(fx["logits"], fx["seq_lens"])), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("generation", fs2.GENERATIONS)
 @pytest.mark.parametrize("kind", ["decoder", "encoder"])
-def test_wrapped_model_reads_the_pad_index_off_the_fairseq2_model(kind):
+def test_wrapped_model_reads_the_pad_index_off_the_fairseq2_model(kind, generation):
     """With pad index 0 fairseq2's positions start at step 1; assuming 1 put the logits off by 0.78."""
     fx = load(kind)
     config = _with_pad(fx["config"], 0)
-    model = fs2.build(kind, config, fx["state_dict"])
+    model = fs2.build(kind, config, fx["state_dict"], generation)
     ours = (decoder_from_fairseq2 if kind == "decoder" else encoder_from_fairseq2)(model, kernel_impl="torch")
     assert ours.config == dataclasses.replace(DECODER, legacy_pad_idx=0) == from_fairseq2_config(config, kind)
     frontend = getattr(ours, f"{kind}_frontend")
@@ -85,15 +87,80 @@ def test_wrapped_model_reads_the_pad_index_off_the_fairseq2_model(kind):
     torch.testing.assert_close(frontend(tokens, torch.arange(tokens.shape[1]).expand_as(tokens)), want)
 
 
-def test_wrapped_fairseq2_encoder_gives_fairseq2s_embeddings_and_shares_its_weights():
+@pytest.mark.parametrize("generation", fs2.GENERATIONS)
+def test_wrapped_fairseq2_encoder_gives_fairseq2s_embeddings_and_shares_its_weights(generation):
     fx = load("encoder")
     cfg = fs2.config_from_dict(fx["config"], fs2.SonarTextEncoderConfig)
-    model = fs2.build("encoder", cfg, fx["state_dict"])
+    model = fs2.build("encoder", cfg, fx["state_dict"], generation)
     ours = encoder_from_fairseq2(model, kernel_impl="torch")
     assert ours.config == ENCODER and ours.max_len == fx["effective_max_seq_len"] == 66
     assert ours.encoder_frontend.embed.weight.data_ptr() == model.encoder_frontend.embed.weight.data_ptr()
     emb, _ = ours(packed(fx["tokens"], fx["seq_lens"]))
     torch.testing.assert_close(emb, fx["sentence_embeddings"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_the_two_fairseq2_generations_name_the_position_offset_differently(kind):
+    """fairseq2 0.3/0.4 (the official SONAR-LLM code, LCM) keep it in ``_sin_offset``; >= 0.5 in
+    ``sin_offset``. Both wrap to the same model."""
+    fx = load(kind)
+    old, new = (fs2.build(kind, fx["config"], fx["state_dict"], g) for g in ("0.4", "0.5"))
+    old_pos, new_pos = old.get_submodule(f"{kind}_frontend.pos_encoder"), new.get_submodule(f"{kind}_frontend.pos_encoder")
+    assert not hasattr(old_pos, "sin_offset") and old_pos._sin_offset == 2
+    assert not hasattr(new_pos, "_sin_offset") and new_pos.sin_offset == 2
+    wrap = decoder_from_fairseq2 if kind == "decoder" else encoder_from_fairseq2
+    assert wrap(old).config == wrap(new).config == DECODER
+
+
+@pytest.mark.parametrize("generation", fs2.GENERATIONS)
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_dropout_is_the_attention_dropout_from_a_model_as_from_a_config(kind, generation):
+    """SONAR's released configs set every rate to 0.1; when they differ, a wrapped model and its
+    config both take attention_dropout_p (not the embedding dropout)."""
+    fx = load(kind)
+    config = fx["config"] | {"emb_dropout_p": 0.3, "attention_dropout_p": 0.1, "activation_dropout_p": 0.2}
+    model = fs2.build(kind, config, fx["state_dict"], generation)
+    assert model.get_submodule(f"{kind}_frontend").dropout.p == 0.3  # the embedding dropout is there
+    wrap = decoder_from_fairseq2 if kind == "decoder" else encoder_from_fairseq2
+    assert wrap(model).config.dropout_p == 0.1 == from_fairseq2_config(config, kind).dropout_p
+
+
+def test_a_config_of_the_other_kind_is_refused():
+    """A decoder config read as an encoder's (or the reverse) would give the wrong max_seq_len."""
+    dec, enc = load("decoder")["config"], load("encoder")["config"]
+    with pytest.raises(ValueError, match="got a fairseq2 decoder config.*'pooling'.*kind='decoder'"):
+        from_fairseq2_config(dec, "encoder")
+    with pytest.raises(ValueError, match="got a fairseq2 encoder config.*'pooling'.*kind='encoder'"):
+        from_fairseq2_config(enc, "decoder")
+    with pytest.raises(ValueError, match="got a fairseq2 decoder config \\(a SonarTextDecoderConfig\\)"):
+        from_fairseq2_config(fs2.config_from_dict(dec, fs2.SonarTextDecoderConfig), "encoder")
+    with pytest.raises(ValueError, match="got a fairseq2 encoder config \\(a SonarTextEncoderConfig\\)"):
+        from_fairseq2_config(fs2.config_from_dict(enc, fs2.SonarTextEncoderConfig), "decoder")
+
+
+@pytest.mark.parametrize("generation", fs2.GENERATIONS)
+def test_the_wrong_model_raises_a_type_error_naming_what_was_expected(generation):
+    dec = fs2.build("decoder", load("decoder")["config"], generation=generation)
+    enc = fs2.build("encoder", load("encoder")["config"], generation=generation)
+    with pytest.raises(TypeError, match="ConditionalTransformerDecoderModel.*SonarTextTransformerEncoderModel.*use encoder_from_fairseq2"):
+        decoder_from_fairseq2(enc)
+    with pytest.raises(TypeError, match="SonarTextTransformerEncoderModel.*ConditionalTransformerDecoderModel.*use decoder_from_fairseq2"):
+        encoder_from_fairseq2(dec)
+    for wrong in (torch.nn.Linear(2, 2), "text_sonar_basic_decoder", None):
+        with pytest.raises(TypeError, match="model must be a loaded fairseq2/sonar ConditionalTransformerDecoderModel"):
+            decoder_from_fairseq2(wrong)
+
+
+@pytest.mark.parametrize("generation", fs2.GENERATIONS)
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_a_model_without_a_pad_index_is_refused_naming_the_pad_index(kind, generation):
+    config = _with_pad(load(kind)["config"], 3)  # = eos: VocabularyInfo drops it, as fairseq2's does
+    if kind == "encoder":
+        config["_from_fairseq"] = False  # sonar's factory asserts a pad index when it is set
+    model = fs2.build(kind, config, generation=generation)
+    wrap = decoder_from_fairseq2 if kind == "decoder" else encoder_from_fairseq2
+    with pytest.raises(CheckpointError, match=r"no pad index \(vocab_info.pad_idx None"):
+        wrap(model)
 
 
 def test_what_sonarllm_does_not_implement_is_refused():

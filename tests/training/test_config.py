@@ -31,7 +31,9 @@ def test_toml_then_overrides(tmp_path):
         ("system.precision", "fp8", "system.precision must be fp32, bf16 or fp16"),
         ("system.zero_stage", "4", "system.zero_stage must be 0, 1, 2 or 3"),
         ("model.preset", "7B", "model.preset must be one of"),
-        ("model.objective", "diffusion", "model.objective must be 'sonar' or 'mse'"),
+        ("model.objective", "diffusion", r"model.objective must be 'sonar', 'mse' or 'sonar\+mse'"),
+        ("model.mse_weight", "-1", "model.mse_weight must be a finite number >= 0"),
+        ("model.normalizer", "/nonexistent/norm.pt", "model.normalizer must be empty or the path of a normalizer file"),
         ("model.overrides", '{"num_layers": -1}', "model.overrides"),
         ("run.resume", "/nonexistent/ckpt", "run.resume must be"),
         ("optim.beta2", "1.0", r"optim.beta2 must be in \[0, 1\)"),
@@ -130,3 +132,38 @@ def test_an_output_dir_that_is_a_file_is_a_configuration_error(tmp_path, capsys)
     assert main(["--run.output_dir", str(tmp_path / "taken")]) == 2  # before any process group starts
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "run.output_dir must be a directory" in err and str(tmp_path / "taken") in err
+
+
+def test_model_normalizer_conflicting_with_use_normalizer_false_is_refused(tmp_path):
+    path = tmp_path / "norm.pt"
+    path.write_bytes(b"")
+    with pytest.raises(ConfigError, match="model.normalizer is set but model.overrides.use_normalizer is false"):
+        load_config(None, {"model.normalizer": str(path), "model.overrides.use_normalizer": "false"})
+    assert load_config(None, {"model.normalizer": str(path), "model.objective": "sonar+mse"}).model.normalizer == str(path)
+
+
+def test_the_trainer_reads_model_normalizer_checking_width_and_clipping(tmp_path):
+    """Trainer._normalizer on its own (no run): the file's values, or a ConfigError naming the key."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sonarllm.normalizer import SonarNormalizer
+    from training.train import Trainer
+
+    def read(path, dim):
+        cfg = load_config(None, {"model.normalizer": str(path)})
+        return Trainer._normalizer(SimpleNamespace(cfg=cfg, train_docs=None), dim)
+
+    center, scale = torch.randn(16) * 1e-3, torch.rand(16) * 0.01 + 1e-3
+    torch.save({"model": {"center": center, "scale": scale}, "dataset_mixture": ["a:1"]}, tmp_path / "lcm.pt")
+    norm = read(tmp_path / "lcm.pt", 16)
+    assert torch.equal(norm.center, center) and torch.equal(norm.scale, scale)
+    with pytest.raises(ConfigError, match=r"model.normalizer .*lcm\.pt is 16-d but the model works in 32-d"):
+        read(tmp_path / "lcm.pt", 32)
+    SonarNormalizer(16).fit(torch.randn(100, 16), clip_proba=0.01).save(tmp_path / "clip.pt")
+    with pytest.raises(ConfigError, match="has clip_min/clip_max"):
+        read(tmp_path / "clip.pt", 16)
+    (tmp_path / "bad.pt").write_text("x")
+    with pytest.raises(ConfigError, match=r"model.normalizer: .*bad\.pt is not a readable torch normalizer file"):
+        read(tmp_path / "bad.pt", 16)

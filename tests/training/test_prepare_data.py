@@ -33,6 +33,7 @@ def test_prepared_data_matches_the_sonar_it_names(prepared):
     assert text == EOS_SENTENCE  # every document ends with the end sentence
     sentences = [pipe.tokenizer.decode(t) for t in doc.tokens]
     torch.testing.assert_close(doc.embeddings, pipe.encode(sentences), atol=1e-5, rtol=1e-5)
+    assert manifest["embedding_dim"] == docs.embedding_dim == doc.embeddings.shape[1] == pipe.encoder.config.model_dim
     assert all(t[0] == pipe.tokenizer.eos_idx and t[1] == pipe.tokenizer.lang_id("eng_Latn") for t in doc.tokens)
     assert docs.sentence_token_counts(3) == [len(t) for t in doc.tokens]
 

@@ -232,3 +232,26 @@ def test_killed_and_stopped_runs_resume_from_a_loadable_checkpoint(tmp_path, pre
     stopped = int(out.split("stopped at step ")[1].split(";")[0])
     again = train(run, prepared, "--loop.max_steps", str(stopped + 1), *args[2:])
     assert f"(step {stopped})" in again.stdout and (run / "final" / "model.safetensors").exists()
+
+
+def test_sonar_plus_mse_with_an_external_normalizer_trains(tmp_path, prepared):
+    """model.objective = "sonar+mse" (token CE + mse_weight x MSE) with model.normalizer = an LCM
+    file: the run trains, its eval_loss is the token CE plus the weighted (positive) MSE, and the
+    exported model carries the file's normalizer, not one fitted on the data."""
+    from sonarllm.model import SonarLLM
+
+    dim = 64  # the toy SONAR's width
+    g = torch.Generator().manual_seed(3)
+    center, scale = torch.randn(dim, generator=g) * 1e-3, torch.rand(dim, generator=g) * 0.02 + 0.01
+    torch.save({"model": {"center": center, "scale": scale}}, tmp_path / "norm.pt")
+    run = tmp_path / "run"
+    train(run, prepared, "--loop.max_steps", "3", "--loop.eval_every", "3", "--model.objective", "sonar+mse",
+          "--model.mse_weight", "0.01", "--model.normalizer", str(tmp_path / "norm.pt"))  # fmt: skip
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    (ev,) = [r for r in records if "eval_loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert ev["eval_loss"] > ev["eval_token_ce"] > 0  # the MSE term is there
+    assert losses[0] > 3.0  # about ln(vocabulary) plus the MSE term at the start
+    norm = SonarLLM.from_pretrained(run / "final").get_normalizer()
+    assert torch.equal(norm.center, center) and torch.equal(norm.scale, scale)
