@@ -484,7 +484,7 @@ def cmd_evaluate(args) -> int:
 
 
 CONVERTED_MARK = "converted.json"
-CONVERT_OUTPUTS = {"config.json", "model.safetensors", "sonar.json", "sonar", CONVERTED_MARK}
+CONVERT_OUTPUTS = {"bundle.json", "config.json", "model.safetensors", "sonar.json", "sonar", CONVERTED_MARK}  # save_bundle + the mark
 
 
 def _check_convert_out(out: Path) -> None:

@@ -264,7 +264,7 @@ def test_convert_writes_a_model_directory_that_generate_and_load_bundle_accept(t
     code, stdout, err = _cli(capsys, "convert", "--official", str(hf), "--out", str(out), *sonar)
     assert code == 0, err
     assert "add_begin true" in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "converted.json", "model.safetensors", "sonar", "sonar.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["bundle.json", "config.json", "converted.json", "model.safetensors", "sonar", "sonar.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging directory left
     bundle = load_bundle(out, kernel_impl="torch")
     assert bundle.model.config.add_begin is True
