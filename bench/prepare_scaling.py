@@ -18,10 +18,8 @@ import dataclasses
 import gzip
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]

@@ -70,7 +70,6 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from sonarllm.corpus import read_documents, read_embedded_documents

@@ -524,7 +524,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_interrupted_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
-    import sonarllm.model as model_mod
+    from sonarllm.model import io as model_mod
 
     old = toy()
     old.save_pretrained(tmp_path)

@@ -27,9 +27,9 @@ Incremental generation keeps a ``KVCache``: per layer a fixed-capacity key and v
 appends one per document; both attend through varlen attention reading the buffers in place
 (see ``KVCache``). They are inference-only (``torch.no_grad``).
 
-Checkpoints (``save_pretrained`` / ``from_pretrained``): a directory with ``config.json`` and
-``model.safetensors`` (whose metadata repeats the config), each written to a temporary file
-and renamed into place.
+Checkpoints (``save_pretrained`` / ``from_pretrained`` / ``from_official``): sonarllm/model/io.py.
+The package splits the model into rope.py (positions), blocks.py (layers), kv_cache.py
+(incremental generation), io.py (checkpoints) and this file (the model).
 
 Shape legend: B documents, S sentences per document, E SONAR dim, D model dim, H heads,
 K head dim, F FFN dim, T packed positions, C cache capacity (sentences per document).
@@ -37,239 +37,22 @@ K head dim, F FFN dim, T packed positions, C cache capacity (sentences per docum
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sonarllm_kernels.attention import attention
-from sonarllm_kernels.embedding_projection import FusedEmbeddingProjection, check_normalizer_values
 from sonarllm.config import SonarLLMConfig
-from sonarllm.files import atomic_write as _atomic_write
+from sonarllm.model import io
+from sonarllm.model.blocks import Block, RMSNorm
+from sonarllm.model.kv_cache import KVCache, _cache_layout
+from sonarllm.model.rope import rope_inv_freq, rope_tables
 from sonarllm.normalizer import SonarNormalizer
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-_METADATA_KEY = "sonarllm_config"
-
-# ---------------------------------------------------------------------------------------------
-# Rotary position embedding
-
-
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
-    """Inverse frequencies [K/2] (float32, CPU): plain RoPE, then llama3 scaling if given.
-
-    llama3 keeps high frequencies (wavelength < original_max / high_freq_factor), divides low
-    ones (wavelength > original_max / low_freq_factor) by ``factor`` and interpolates in
-    between; the float32 operations follow transformers' ``_compute_llama3_parameters``.
-    """
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
-    inv_freq = 1.0 / (theta**exponent)
-    if scaling is None:
-        return inv_freq
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_len = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
-    return torch.where(medium, smoothed, scaled)
-
-
-def rope_tables(
-    inv_freq: torch.Tensor, num_positions: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [num_positions, K] (float32), halves repeated as in HF's Llama."""
-    inv_freq = inv_freq.to(device)
-    freqs_SK2 = (
-        torch.arange(num_positions, device=device).to(torch.float32)[:, None] * inv_freq[None, :]
-    )
-    emb_SK = torch.cat((freqs_SK2, freqs_SK2), dim=-1)
-    return emb_SK.cos(), emb_SK.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [..., H, K] by angles whose cos/sin [..., 1, K] broadcast over the heads."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-# ---------------------------------------------------------------------------------------------
-# Blocks
-
-
-class RMSNorm(nn.Module):
-    """HF LlamaRMSNorm: normalized in float32, cast back, times ``weight`` (init 1)."""
-
-    def __init__(self, dim: int, eps: float, device=None, dtype=None):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with RoPE; q/k/v/o projections without bias."""
-
-    def __init__(self, cfg: SonarLLMConfig, device=None, dtype=None):
-        super().__init__()
-        f = {"bias": False, "device": device, "dtype": dtype}
-        self.num_heads, self.head_dim, self.impl = cfg.num_heads, cfg.head_dim, cfg.kernel_impl
-        self.q_proj = nn.Linear(cfg.model_dim, cfg.attn_dim, **f)
-        self.k_proj = nn.Linear(cfg.model_dim, cfg.attn_dim, **f)
-        self.v_proj = nn.Linear(cfg.model_dim, cfg.attn_dim, **f)
-        self.o_proj = nn.Linear(cfg.attn_dim, cfg.model_dim, **f)
-
-    def forward(self, x, cos, sin, attn_args: dict, kv: tuple | None = None) -> torch.Tensor:
-        """x [B, S, D] or [T, D]; cos/sin broadcastable to [..., 1, K]; ``kv`` = (k cache
-        [B*C, H, K], v cache [B*C, H, K], slot [T]) writes this call's keys/values into the
-        cache at ``slot`` and attends over the cache."""
-        heads = (self.num_heads, self.head_dim)
-        q, k, v = (proj(x).unflatten(-1, heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # q's dtype: x's, or autocast's
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is None:
-            o = attention(q, k, v, causal=True, impl=self.impl, **attn_args)
-        else:
-            k_cache, v_cache, slot_T = kv
-            k_cache.index_copy_(0, slot_T, k.to(k_cache.dtype))
-            v_cache.index_copy_(0, slot_T, v.to(v_cache.dtype))
-            o = attention(
-                q.to(k_cache.dtype), k_cache, v_cache, causal=True, impl=self.impl, **attn_args
-            )
-        return self.o_proj(o.to(q.dtype).flatten(-2))
-
-
-class SwiGLU(nn.Module):
-    """``down(silu(gate(x)) * up(x))``, no biases (HF LlamaMLP)."""
-
-    def __init__(self, cfg: SonarLLMConfig, device=None, dtype=None):
-        super().__init__()
-        f = {"bias": False, "device": device, "dtype": dtype}
-        self.gate_proj = nn.Linear(cfg.model_dim, cfg.ffn_dim, **f)
-        self.up_proj = nn.Linear(cfg.model_dim, cfg.ffn_dim, **f)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.model_dim, **f)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Block(nn.Module):
-    """Pre-norm residual block (HF LlamaDecoderLayer; the parameter names match it)."""
-
-    def __init__(self, cfg: SonarLLMConfig, device=None, dtype=None):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.model_dim, cfg.rms_norm_eps, device, dtype)
-        self.self_attn = Attention(cfg, device, dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.model_dim, cfg.rms_norm_eps, device, dtype)
-        self.mlp = SwiGLU(cfg, device, dtype)
-
-    def forward(self, x, cos, sin, attn_args: dict, kv: tuple | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_args, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-# ---------------------------------------------------------------------------------------------
-# KV cache
-
-
-@dataclass
-class KVCache:
-    """Keys and values of B documents of different lengths, for ``SonarLLM.prefill`` / ``step``.
-
-    Document b's first ``lengths_B[b]`` sentences occupy slots ``[0, lengths_B[b])`` of row b
-    of every buffer; new sentences are written from ``lengths_B[b]`` on. Attention reads the
-    buffers in place: the flattened [B*C, H, K] buffer is described to varlen attention as 2B
-    segments, document b's cached keys ``[b*C, b*C + lengths_B[b])`` (after the write) and the
-    unused gap up to ``(b+1)*C``; the new queries belong to the document segments, the gap
-    segments get none. Bottom-right causal alignment lets each new sentence see its document's
-    whole cache and the new sentences before it. Nothing is gathered or repacked per step.
-
-    Attributes:
-        keys, values: num_layers x [B, C, H, K] buffers (C = capacity).
-        lengths_B: int64 [B] cached sentences per document (on the buffers' device).
-        host_lengths: the same as a list of ints (capacity checks without a device sync).
-    """
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    lengths_B: torch.Tensor
-    host_lengths: list[int]
-
-    @property
-    def batch_size(self) -> int:
-        return self.keys[0].shape[0]
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.keys[0].device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.keys[0].dtype
-
-    def select(self, index: torch.Tensor | Sequence[int]) -> KVCache:
-        """A new cache holding the documents at ``index`` (a 1-d index, in that order), e.g. the
-        unfinished documents of a batch. Copies the buffers."""
-        index_B = torch.as_tensor(index, dtype=torch.int64, device=self.device)
-        if index_B.dim() != 1 or index_B.numel() == 0:
-            raise ValueError(f"index must be 1-d and non-empty, got shape {tuple(index_B.shape)}")
-        host = index_B.tolist()
-        if any(not 0 <= i < self.batch_size for i in host):
-            raise ValueError(f"index values must be in [0, {self.batch_size}), got {host}")
-        return KVCache(
-            [k.index_select(0, index_B) for k in self.keys],
-            [v.index_select(0, index_B) for v in self.values],
-            self.lengths_B.index_select(0, index_B),
-            [self.host_lengths[i] for i in host],
-        )
-
-
-def _cache_layout(cache: KVCache, n_host: list[int]) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Attention arguments, positions [T] and cache slots [T] for appending n_host[b] new
-    sentences to document b (the new sentences are packed [T, ...] document by document)."""
-    dev, n_doc, cap = cache.device, cache.batch_size, cache.capacity
-    n_B = torch.tensor(n_host, dtype=torch.int64, device=dev)
-    cu_new = F.pad(torch.cumsum(n_B, 0), (1, 0))  # [B + 1]
-    t_T = torch.arange(sum(n_host), device=dev)
-    doc_T = torch.searchsorted(cu_new[1:], t_T, right=True)
-    pos_T = cache.lengths_B[doc_T] + (t_T - cu_new[doc_T])
-    slot_T = doc_T * cap + pos_T
-    start_B = torch.arange(n_doc, device=dev) * cap
-    end = torch.full((1,), n_doc * cap, dtype=torch.int64, device=dev)
-    cu_k = torch.cat([torch.stack([start_B, start_B + cache.lengths_B + n_B], 1).flatten(), end])
-    cu_q = torch.cat([torch.stack([cu_new[:-1], cu_new[1:]], 1).flatten(), cu_new[-1:]])
-    args = dict(
-        cu_seqlens_q=cu_q.to(torch.int32),
-        cu_seqlens_k=cu_k.to(torch.int32),
-        max_seqlen_q=max(n_host, default=0),
-        max_seqlen_k=cap,  # a gap segment may span a whole row
-    )
-    return args, pos_T, slot_T
-
-
-# ---------------------------------------------------------------------------------------------
-# The model
+from sonarllm_kernels.embedding_projection import FusedEmbeddingProjection
 
 
 class SonarLLM(nn.Module):
@@ -658,218 +441,25 @@ class SonarLLM(nn.Module):
         self._check_cache(cache, x.shape[0], x.device)
         return self._extend(x, cache, [1] * x.shape[0])
 
-    # -- checkpoints ---------------------------------------------------------------------------
+    # -- checkpoints (sonarllm/model/io.py) ------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed).
-
-        Each file is written to a temporary file in the same directory, flushed to disk and
-        renamed over the old one (``os.replace``), so an interrupted save never leaves a
-        half-written file; the weights' metadata repeats the config, so ``from_pretrained``
-        notices a config.json from another save. Returns the directory.
-        """
-        path = Path(directory)
-        if self.input_proj.weight.device.type == "meta":
-            raise ValueError("cannot save a model on the meta device (it has no weights)")
-        path.mkdir(parents=True, exist_ok=True)
-        config_json = json.dumps(self.config.to_dict(), indent=2, sort_keys=True)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        metadata = {"format": "pt", _METADATA_KEY: config_json}
-        _atomic_write(
-            path / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata=metadata)
-        )
-        _atomic_write(path / CONFIG_NAME, lambda tmp: tmp.write_text(config_json + "\n"))
-        return path
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``, each atomically;
+        returns the directory (see ``sonarllm.model.io.save_pretrained``)."""
+        return io.save_pretrained(self, directory)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        directory: str | os.PathLike,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        **config_overrides: Any,
-    ) -> SonarLLM:
-        """Load a ``save_pretrained`` directory, in eval mode.
-
-        Args:
-            directory: holds ``config.json`` and ``model.safetensors``.
-            device: where to put the model (default CPU).
-            dtype: cast floating parameters to it (default: as stored); the normalizer stays float32.
-            config_overrides: fields replaced in the loaded config, e.g. ``kernel_impl="torch"``.
-
-        Raises:
-            FileNotFoundError: the directory or one of its files is missing.
-            ValueError: config.json is unreadable or invalid, the weights file is corrupted, or the
-                config does not match the weights (missing / unexpected keys, shape mismatches are
-                named).
-        """
-        path = Path(directory)
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"checkpoint directory {str(path)!r} does not exist (or is not a directory)"
-            )
-        config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-        for p in (config_path, weights_path):
-            if not p.is_file():
-                raise FileNotFoundError(
-                    f"checkpoint file {str(p)!r} is missing (a save_pretrained directory holds {CONFIG_NAME} and {WEIGHTS_NAME})"
-                )
-        if dtype is not None and (
-            not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
-        ):
-            raise TypeError(f"dtype must be a float torch.dtype or None, got {dtype!r}")
-        try:
-            values = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{config_path} is not valid JSON: {exc}") from exc
-        if not isinstance(values, dict):
-            raise ValueError(f"{config_path} must hold a JSON object, got {type(values).__name__}")
-        try:
-            config = SonarLLMConfig.from_dict({**values, **config_overrides})
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{config_path} (with overrides {config_overrides}): {exc}") from exc
-
-        def corrupted(exc: Exception) -> ValueError:
-            return ValueError(
-                f"{weights_path} is corrupted or not a safetensors file: {type(exc).__name__}: {exc}"
-            )
-
-        try:  # safetensors raises its own SafetensorError (neither OSError nor ValueError)
-            handle = safe_open(str(weights_path), framework="pt", device="cpu")
-        except Exception as exc:
-            raise corrupted(exc) from exc
-        with handle as f:
-            try:
-                metadata = f.metadata() or {}
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            except Exception as exc:
-                raise corrupted(exc) from exc
-            with torch.device("meta"):
-                model = cls(config)
-            _check_state_shapes(model, shapes, config_path, weights_path)
-            try:
-                state = {k: f.get_tensor(k) for k in shapes}
-            except Exception as exc:
-                raise corrupted(exc) from exc
-        saved = {k: v for k, v in config.to_dict().items() if k not in config_overrides}
-        _warn_config_drift(metadata.get(_METADATA_KEY), saved, config_path, weights_path)
-        model.load_state_dict(state, strict=True, assign=True)
-        for p in (model.input_proj, model.output_proj):
-            if p.center is not None:
-                try:
-                    check_normalizer_values(p.center, p.scale)
-                except ValueError as exc:
-                    raise ValueError(
-                        f"{weights_path}: normalizer of {'input_proj' if p is model.input_proj else 'output_proj'}: {exc}"
-                    ) from exc
-        model.to(device=device or "cpu", dtype=dtype)
-        return model.eval()
+    def from_pretrained(cls, directory: str | os.PathLike, device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None, **config_overrides: Any) -> SonarLLM:  # fmt: skip
+        """Load a ``save_pretrained`` directory, in eval mode; ``config_overrides`` replace fields
+        of its config (e.g. ``kernel_impl="torch"``). Errors and details:
+        ``sonarllm.model.io.load_pretrained``."""
+        return io.load_pretrained(cls, directory, device, dtype, **config_overrides)
 
     @classmethod
-    def from_official(
-        cls,
-        path: str | os.PathLike,
-        config: Any = None,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        trust: bool = False,
-        **config_overrides: Any,
-    ) -> SonarLLM:
-        """Load one of the SONAR-LLM paper's released checkpoints, in eval mode (sonarllm/official.py).
-
-        Its predictions equal the official ``reverse_proj(llama(inputs_embeds=forward_proj(e))
-        .hidden_states[-1])``.
-
-        Args:
-            path: the GitHub-release ``torch.save`` file (``model_state_dict`` with
-                ``llama_model.*``, ``forward_proj.linear.*``, ``reverse_proj.linear.*``,
-                ``sonar_decoder.*``), or a Hugging Face directory (``config.json`` with
-                ``llama_config``, ``embed_dim``, ``add_begin``; ``pytorch_model.bin``).
-            config: the official configuration: a path to ``SonarLLM_{100M,...}.json``, a dict
-                (``{"llama_config": {...}}`` or the bare llama config) or a ``LlamaConfig``.
-                Required for a release file; for a directory it replaces its ``config.json``.
-            device: where to put the model (default CPU).
-            dtype: floating dtype of the parameters (default: as stored when all stored tensors
-                share one, else float32).
-            trust: unpickle any object of the file (only for files you trust); by default only
-                tensors, plain containers and NumPy arrays (the release files' RNG states).
-            config_overrides: fields of ``SonarLLMConfig`` to replace, e.g. ``kernel_impl="torch"``.
-
-        Raises:
-            CheckpointError: a missing or unreadable file, a config that is missing, does not
-                fit the weights (layer count, shapes) or asks for something not implemented
-                (grouped-query attention, biases, other activations or RoPE types), unknown
-                keys in the state dict; each named.
-        """
-        from sonarllm.official import (
-            check_official_shapes,
-            locate_official,
-            official_to_config,
-            official_to_state,
-            read_official_state,
-        )
-        from sonarllm.sonar.checkpoint import CheckpointError
-
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise TypeError(f"dtype must be a float torch.dtype or None, got {dtype!r}")
-        weights_path, dir_config = locate_official(path)
-        if config is None:
-            if dir_config is None:
-                raise CheckpointError(
-                    f"{path} records no configuration: pass config= (the official SonarLLM_{{100M,300M,600M,900M}}.json "
-                    "that matches it)"
-                )
-            config = dir_config
-        cfg = official_to_config(config, **config_overrides)
-        state = official_to_state(read_official_state(weights_path, trust=trust), cfg, str(weights_path))
-        with torch.device("meta"):
-            model = cls(cfg)
-        check_official_shapes(model, state, str(weights_path))
-        stored = {v.dtype for v in state.values()}
-        target = dtype or (stored.pop() if len(stored) == 1 and next(iter(stored)).is_floating_point else torch.float32)
-        model.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=True, assign=True)
-        model.to(device=device or "cpu")
-        return model.eval()
-
-
-def _check_state_shapes(
-    model: SonarLLM, shapes: dict[str, tuple], config_path: Path, weights_path: Path
-) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = [
-        f"{k}: {shapes[k]} in the file, {expected[k]} for the config"
-        for k in sorted(set(expected) & set(shapes))
-        if shapes[k] != expected[k]
-    ]
-    if missing or unexpected or wrong:
-        show = lambda items: f"{len(items)}: {items[:6]}{' ...' if len(items) > 6 else ''}"
-        parts = [f"missing keys ({show(missing)})"] if missing else []
-        parts += [f"unexpected keys ({show(unexpected)})"] if unexpected else []
-        parts += [f"shape mismatches ({show(wrong)})"] if wrong else []
-        raise ValueError(
-            f"{config_path} does not match the weights in {weights_path}: " + "; ".join(parts)
-        )
-
-
-def _warn_config_drift(
-    saved_json: str | None, loaded: dict, config_path: Path, weights_path: Path
-) -> None:
-    """Warn when config.json differs from the config saved with the weights (edited, or a
-    config.json from another save: save_pretrained renames the weights first). ``loaded`` is
-    the resolved config minus the caller's overrides; kernel_impl is not compared."""
-    if saved_json is None:
-        return
-    try:
-        saved = SonarLLMConfig.from_dict(json.loads(saved_json)).to_dict()
-    except (json.JSONDecodeError, TypeError, ValueError):
-        return
-    differ = sorted(k for k in loaded if k != "kernel_impl" and saved.get(k) != loaded[k])
-    if differ:
-        warnings.warn(
-            f"{config_path} differs from the config saved with {weights_path} in {differ}; using {config_path}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    def from_official(cls, path: str | os.PathLike, config: Any = None, *, device: torch.device | str | None = None,
+                      dtype: torch.dtype | None = None, trust: bool = False, **config_overrides: Any) -> SonarLLM:  # fmt: skip
+        """Load one of the SONAR-LLM paper's released checkpoints (the GitHub-release file with its
+        official JSON config, or a Hugging Face directory), in eval mode, with predictions equal to
+        the official formulation. Arguments and errors: ``sonarllm.model.io.load_official``."""
+        return io.load_official(cls, path, config, device=device, dtype=dtype, trust=trust, **config_overrides)
