@@ -34,6 +34,7 @@ from training.shards import sha256_file, write_json_atomic
 UNIVERSAL = "universal"
 CONVERTIBLE_STAGES = (1, 2, 3)
 LOG = "conversion.log"
+LAYOUT = 1  # of what _stage_agnostic writes; a conversion of another layout (or DeepSpeed) is made again
 # What each ZeRO stage's engine reads first from a universal checkpoint: stage 3 the model state
 # of data-parallel rank 0 under its ZeRO-3 name, stages 1-2 the plain one (engine._get_ckpt_name).
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
@@ -75,6 +76,7 @@ def _run_ds_to_universal(checkpoint: Path, out: Path) -> None:
     out.mkdir(parents=True)
     with open(out / LOG, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         ds_to_universal.main(args)
+    _stage_agnostic(out)
     for name in MODEL_STATES:  # readable by every ZeRO stage, whichever wrote the checkpoint
         if not (out / name).exists():
             source = next(out / other for other in MODEL_STATES if (out / other).exists())
@@ -82,15 +84,69 @@ def _run_ds_to_universal(checkpoint: Path, out: Path) -> None:
     (out.parent / "latest_universal").unlink(missing_ok=True)  # the converter's pointer, beside `out`
 
 
+def _stage_agnostic(out: Path) -> None:
+    """Make a conversion loadable by every ZeRO stage 1-3, whichever stage wrote the checkpoint.
+
+    DeepSpeed 0.19.8 writes ``zero/optimizer_state.pt`` in the layout of the source stage and
+    each stage's loader reads only its own: stage 3 reads the Adam step from
+    ``optimizer_state_dict.state[0]`` and the hyperparameters from its ``param_groups``; stages 1-2
+    read ``param_groups`` and ``ds_version`` at the top and each parameter's ``step.pt``, which a
+    stage-3 conversion does not write (Adam would restart its bias correction), and expect each
+    state as ``{"param": tensor}`` in the parameter's shape, where a stage-3 conversion saves a flat
+    tensor. Both layouts are written here; the rank-0 partitions a stage-3 conversion copies into
+    the file are dropped (the per-parameter files hold the full tensors)."""
+    import deepspeed
+    import torch
+    from deepspeed.checkpoint.constants import PARAM
+
+    path = out / "zero" / "optimizer_state.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    nested = state.get("optimizer_state_dict")
+    params = [d for d in sorted((out / "zero").iterdir()) if d.is_dir()]
+    if nested is not None:  # written from a stage-3 checkpoint
+        step = nested["state"][0]["step"]
+        shapes = _stage3_param_shapes(out)
+        for folder in params:
+            if not (folder / "step.pt").exists():
+                torch.save(step, folder / "step.pt")
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):
+                saved = torch.load(folder / f"{key}.pt", map_location="cpu", weights_only=False)
+                if torch.is_tensor(saved):
+                    torch.save({PARAM: saved.reshape(shapes[folder.name])}, folder / f"{key}.pt")
+    else:
+        step = torch.load(params[0] / "step.pt", map_location="cpu", weights_only=False)
+    common = {k: v for k, v in state.items() if k not in ("optimizer_state_dict", "fp32_flat_groups")}
+    common.setdefault("ds_version", deepspeed.__version__)
+    common["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": state["param_groups"]}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(common, tmp)
+    os.replace(tmp, path)
+
+
+def _stage3_param_shapes(out: Path) -> dict:
+    """Each parameter's shape, from the model state of a stage-3 checkpoint's rank 0."""
+    import torch
+
+    states = torch.load(out / MODEL_STATES[1], map_location="cpu", weights_only=False)
+    return {name: shape for group in states["param_shapes"] for name, shape in group.items()}
+
+
+def _provenance(checkpoint: Path) -> dict:
+    """What a conversion was made from and by: the checkpoint's checkpoint.json (which holds
+    every file's digest), DeepSpeed's version and the layout version of _stage_agnostic."""
+    import deepspeed
+
+    return {"source_checkpoint_json_sha256": _source_digest(checkpoint), "deepspeed": deepspeed.__version__,
+            "layout": LAYOUT}  # fmt: skip
+
+
 def _write_manifest(out: Path, checkpoint: Path, manifest: dict) -> None:
     names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     files = {name: {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size} for name in names}
-    import deepspeed
-
     write_json_atomic(out / MANIFEST, {
         "format_version": manifest["format_version"], "step": manifest["step"], "files": files,
         "run": manifest.get("run") or {},
-        "universal": {"source_checkpoint_json_sha256": _source_digest(checkpoint), "deepspeed": deepspeed.__version__},
+        "universal": _provenance(checkpoint),
     })  # fmt: skip
 
 
@@ -116,9 +172,14 @@ def _usable(ckpt, converted: Path, checkpoint: Path) -> str | None:
     manifest, why = ckpt.verify(converted)
     if why is not None:
         return why
-    made_from = (manifest.get("universal") or {}).get("source_checkpoint_json_sha256")
-    digest = broadcast_object(_source_digest(checkpoint) if ckpt.rank == 0 else None)
-    return None if made_from == digest else f"it was made from other files than {checkpoint.name} now holds"
+    made = manifest.get("universal") or {}
+    wanted = broadcast_object(_provenance(checkpoint) if ckpt.rank == 0 else None)
+    if made.get("source_checkpoint_json_sha256") != wanted["source_checkpoint_json_sha256"]:
+        return f"it was made from other files than {checkpoint.name} now holds"
+    if made != wanted:
+        return (f"it was made by DeepSpeed {made.get('deepspeed')} in layout {made.get('layout')}, not "
+                f"{wanted['deepspeed']} in layout {LAYOUT}")
+    return None
 
 
 def _set_aside(ckpt, converted: Path) -> Path:
