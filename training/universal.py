@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import os
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 from training.checkpoint import MANIFEST, REJECTED, STAGING, CheckpointError, broadcast_object
@@ -193,6 +194,20 @@ def _set_aside(ckpt, converted: Path) -> Path:
     return target
 
 
+def _on_rank0(rank: int, work):
+    """Collective: ``work()`` on global rank 0, its result on every rank. The others wait on a
+    gloo group without the default collective timeout: converting a large checkpoint can take
+    longer than that."""
+    import torch.distributed as dist
+
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    wait = dist.new_group(backend="gloo", timeout=timedelta(days=1)) if several else None  # all ranks, first
+    result = work() if rank == 0 else None
+    if several:
+        dist.barrier(group=wait)
+    return broadcast_object(result)
+
+
 def universal_checkpoint(ckpt, checkpoint: Path, manifest: dict) -> tuple[Path, list[str]]:
     """Collective: the universal conversion of a verified checkpoint (``manifest``: its
     checkpoint.json), made now or reused; and what happened, in words, for the console.
@@ -206,7 +221,7 @@ def universal_checkpoint(ckpt, checkpoint: Path, manifest: dict) -> tuple[Path, 
             return converted, [f"its conversion {checkpoint.name}/{UNIVERSAL}, made earlier, verified"]
         moved = broadcast_object(_set_aside(ckpt, converted) if ckpt.rank == 0 else None)
         notes.append(f"its earlier conversion is unusable ({why}; moved to {moved})")
-    error = broadcast_object(_convert(ckpt, checkpoint, manifest) if ckpt.rank == 0 else None)
+    error = _on_rank0(ckpt.rank, lambda: _convert(ckpt, checkpoint, manifest))
     if error is not None:
         raise CheckpointError(f"cannot convert checkpoint {checkpoint} to a DeepSpeed universal checkpoint: {error}")
     manifest, why = ckpt.verify(converted)

@@ -148,3 +148,21 @@ def test_universal_resume_reuses_its_conversion_refuses_what_cannot_change(tmp_p
             f"{moved}); converted now into {STEP3}/universal") in out.stderr  # fmt: skip
     assert (moved / "zero" / "input_proj.weight" / "exp_avg.pt").read_bytes() == damaged_bytes  # kept as it was
     assert Checkpointer(run, keep=2).verify(step / "universal")[1] is None
+
+
+def test_a_checkpoint_deepspeed_cannot_convert_is_named_in_one_error(tmp_path):
+    """DeepSpeed's converter failing (here: no ZeRO optimizer files) ends in a CheckpointError
+    naming the checkpoint and DeepSpeed's reason; nothing is left beside it or in staging."""
+    from training.checkpoint import CheckpointError
+    from training.universal import universal_checkpoint
+
+    step = tmp_path / "checkpoints" / STEP3
+    step.mkdir(parents=True)
+    (step / "mp_rank_00_model_states.pt").write_bytes(b"not a checkpoint")
+    manifest = {"format_version": 1, "step": 3, "files": {}, "run": {}}
+    (step / "checkpoint.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=f"cannot convert checkpoint {step} to a DeepSpeed universal checkpoint: "
+                                              "can't find \\*_optim_states.pt files"):  # fmt: skip
+        universal_checkpoint(Checkpointer(tmp_path, keep=2), step, manifest)
+    assert sorted(p.name for p in step.iterdir()) == ["checkpoint.json", "mp_rank_00_model_states.pt"]
+    assert list((tmp_path / "checkpoints" / ".staging").iterdir()) == []
