@@ -18,15 +18,21 @@ STEP3 = "step-00000003"
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
-def _two_nodes(run_dir, prepared, cwds, *args):
-    """One training run as two torchrun "nodes" of one process each, rendezvous on 127.0.0.1;
-    node k runs in directory cwds[k]. Returns each node's CompletedProcess-like (rc, output)."""
+def _two_nodes(launcher, run_dir, prepared, cwds, *args):
+    """One training run as two "nodes" of one process each, started by ``launcher`` (torchrun, or
+    DeepSpeed's with a hostfile and --no_ssh) with the rendezvous on 127.0.0.1; node k runs in
+    directory cwds[k]. Returns each node's output."""
     port = _port()
     common = _command(run_dir, prepared, *args)[2:]  # the configuration, without "python train.py"
+    hostfile = cwds[0].parent / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     procs = []
     for node, cwd in enumerate(cwds):
-        cmd = [str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
-               "--master_addr", "127.0.0.1", "--master_port", str(port), SCRIPT, *common]  # fmt: skip
+        if launcher == "torchrun":
+            cmd = [str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1"]
+        else:
+            cmd = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node)]
+        cmd += ["--master_addr", "127.0.0.1", "--master_port", str(port), SCRIPT, *common]
         # one thread each: both "nodes" share this machine's cores
         env = _env() | {"OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -36,19 +42,27 @@ def _two_nodes(run_dir, prepared, cwds, *args):
     return outs
 
 
-def test_two_nodes_over_loopback_agree_with_one_process(tmp_path, prepared):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, prepared):
+    """3 steps of 8 documents on 1 process (2 accumulation steps): the losses."""
+    run = tmp_path_factory.mktemp("one") / "run"
+    train(run, prepared, "--loop.max_steps", "3", "--loop.grad_accum_steps", "2")
+    return read_losses(run)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_two_nodes_over_loopback_agree_with_one_process(tmp_path, prepared, one_process, launcher):
     """2 nodes x 1 process (global batch 2 x 4 documents) give the losses of 1 process with 2
     accumulation steps. Every process has LOCAL_RANK 0, so anything that took the local rank for
     "rank 0 writes" would write twice: the metrics hold each step once, only global rank 0 prints
     the summary, the checkpoint holds both ranks' ZeRO-2 optimizer partitions, and nothing lands in
     the nodes' working directories."""
-    one, two = tmp_path / "one", tmp_path / "two"
+    two = tmp_path / "two"
     cwds = [tmp_path / "node0", tmp_path / "node1"]
     for cwd in cwds:
         cwd.mkdir()
-    train(one, prepared, "--loop.max_steps", "3", "--loop.grad_accum_steps", "2")
-    outs = _two_nodes(two, prepared, cwds, "--loop.max_steps", "3", "--loop.grad_accum_steps", "1")
-    torch.testing.assert_close(torch.tensor(read_losses(two)), torch.tensor(read_losses(one)), **TOL)
+    outs = _two_nodes(launcher, two, prepared, cwds, "--loop.max_steps", "3", "--loop.grad_accum_steps", "1")
+    torch.testing.assert_close(torch.tensor(read_losses(two)), torch.tensor(one_process), **TOL)
     records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert "done: 3 steps" in outs[0] and "done: 3 steps" not in outs[1]
