@@ -14,7 +14,9 @@ data parallelism average exactly like one big batch. SIGINT/SIGTERM stop at the 
 a checkpoint.
 
 A run holds an exclusive lock on its output directory (training/runlock.py). Resuming verifies
-the checkpoint's files and that it belongs to the same run (training/identity.py); a training
+the checkpoint's files and that it belongs to the same run (training/identity.py); one written by
+another number of processes or ZeRO stage is resumed through a DeepSpeed universal checkpoint
+conversion (training/universal.py); a training
 loss or parameters that become NaN/inf stop the run without writing a checkpoint from that
 state. Every error ends in one line (exit status 2 for a bad configuration, 1 otherwise).
 """
@@ -256,7 +258,9 @@ class Trainer:
     def _checkpoint_to_resume(self) -> Path | None:
         """The checkpoint run.resume asks for, verified and of this run (None: start fresh).
         With "auto", the newest one that verifies; those newer that do not are named and moved
-        aside once a good one is found (if none verifies, nothing is moved and the run stops)."""
+        aside once a good one is found (if none verifies, nothing is moved and the run stops).
+        A checkpoint of another number of processes or ZeRO stage (1-3) resumes through its
+        universal conversion (returned instead, with self.load_universal set)."""
         from training.identity import compare
         from training.universal import UNIVERSAL, universal_changes, universal_checkpoint
 
