@@ -111,11 +111,14 @@ def _stage_agnostic(out: Path) -> None:
             if not (folder / "step.pt").exists():
                 torch.save(step, folder / "step.pt")
             for key in ("fp32", "exp_avg", "exp_avg_sq"):
+                if not (folder / f"{key}.pt").exists():
+                    continue
                 saved = torch.load(folder / f"{key}.pt", map_location="cpu", weights_only=False)
                 if torch.is_tensor(saved):
                     torch.save({PARAM: saved.reshape(shapes[folder.name])}, folder / f"{key}.pt")
     else:
-        step = torch.load(params[0] / "step.pt", map_location="cpu", weights_only=False)
+        first = next(d / "step.pt" for d in params if (d / "step.pt").exists())  # a parameter with optimizer state
+        step = torch.load(first, map_location="cpu", weights_only=False)
     common = {k: v for k, v in state.items() if k not in ("optimizer_state_dict", "fp32_flat_groups")}
     common.setdefault("ds_version", deepspeed.__version__)
     common["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": state["param_groups"]}
