@@ -102,7 +102,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int, *, l
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    config = build_ds_config(cfg, world_size, load_universal=load_universal)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           model_parameters=params,
-                                           config=build_ds_config(cfg, world_size, load_universal=load_universal))  # fmt: skip
+                                           model_parameters=params, config=config)  # fmt: skip
     return engine
