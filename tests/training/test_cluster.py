@@ -182,3 +182,16 @@ def test_a_checkpoint_deepspeed_cannot_convert_is_named_in_one_error(tmp_path):
         universal_checkpoint(Checkpointer(tmp_path, keep=2), step, manifest)
     assert sorted(p.name for p in step.iterdir()) == ["checkpoint.json", "mp_rank_00_model_states.pt"]
     assert list((tmp_path / "checkpoints" / ".staging").iterdir()) == []
+
+
+def test_the_trainer_decides_whether_deepspeed_loads_a_universal_checkpoint(tmp_path):
+    """checkpoint.load_universal is set only for a universal conversion, whatever the template
+    says (a template's true would make DeepSpeed misread every ordinary checkpoint)."""
+    from training.config import load_config
+    from training.engine import CONFIG_DIR, build_ds_config
+
+    template = json.loads((CONFIG_DIR / "zero2.json").read_text()) | {"checkpoint": {"load_universal": True}}
+    (tmp_path / "ds.json").write_text(json.dumps(template))
+    cfg = load_config(None, {"system.deepspeed_config": str(tmp_path / "ds.json")})
+    assert build_ds_config(cfg, 1)["checkpoint"] == {"load_universal": False}
+    assert build_ds_config(cfg, 1, load_universal=True)["checkpoint"] == {"load_universal": True}
