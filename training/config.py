@@ -37,6 +37,10 @@ class RunConfig:
     resume: str = "auto"
     """"auto": continue from the newest complete checkpoint in output_dir if there is one;
     "never": start fresh (refuses a directory that already holds checkpoints); or a checkpoint path."""
+    resume_universal: bool = True
+    """Resume a checkpoint written by another number of processes or ZeRO stage (1-3) through
+    DeepSpeed's universal checkpoint conversion, kept in its ``universal/`` folder (one line says
+    so); false refuses it."""
     stop_after: int = 0
     """Stop after this many steps of this invocation, with a checkpoint (for time-limited jobs;
     the next invocation resumes). 0 runs to loop.max_steps."""

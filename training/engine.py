@@ -32,8 +32,9 @@ def _find_auto(obj, path=""):
         yield path
 
 
-def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
-    """The full DeepSpeed configuration: ZeRO settings from the JSON template, the rest from cfg."""
+def build_ds_config(cfg: TrainConfig, world_size: int, *, load_universal: bool = False) -> dict:
+    """The full DeepSpeed configuration: ZeRO settings from the JSON template, the rest from cfg.
+    ``load_universal``: the checkpoint to load is a universal one (training/universal.py)."""
     template = Path(cfg.system.deepspeed_config or CONFIG_DIR / f"zero{cfg.system.zero_stage}.json")
     try:
         ds = json.loads(template.read_text())
@@ -58,6 +59,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     })  # fmt: skip
+    ds.setdefault("checkpoint", {})["load_universal"] = load_universal  # the trainer decides, not the template
     return ds
 
 
@@ -91,14 +93,16 @@ def lr_lambda(cfg: TrainConfig):
     return factor
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
-    """deepspeed.initialize with the trainable parameters, AdamW and the schedule."""
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int, *, load_universal: bool = False):
+    """deepspeed.initialize with the trainable parameters, AdamW and the schedule; ``load_universal``:
+    the engine will load a universal checkpoint."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    config = build_ds_config(cfg, world_size, load_universal=load_universal)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           model_parameters=params, config=build_ds_config(cfg, world_size))  # fmt: skip
+                                           model_parameters=params, config=config)  # fmt: skip
     return engine

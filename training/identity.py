@@ -3,10 +3,11 @@
 A resumed run must continue the same run: the same data (the prepared manifest's options: the
 corpus digest, the SONAR tokenizer/encoder/decoder identity, the sentence and token limits), the
 same model, objective and label convention, the same data order (seed and global batch), and an
-optimizer state DeepSpeed can load (the same ZeRO stage and precision). The number of processes
-may change only under ZeRO stage 0 in fp32, where every process holds the whole optimizer state
-and the data order depends on the global batch alone; otherwise DeepSpeed's optimizer-state
-partitions are per process. Everything else (max_steps, evaluation, logging, checkpoint cadence,
+optimizer state DeepSpeed can load (the same precision). The data order depends on the global
+batch alone, so the number of processes may change with it kept: freely under ZeRO stage 0 in
+fp32, where every process holds the whole optimizer state, and between ZeRO stages 1-3 (where
+DeepSpeed splits it per process) through a universal checkpoint conversion (training/universal.py),
+which also lets the ZeRO stage change. Everything else (max_steps, evaluation, logging, checkpoint cadence,
 kernels, the device) may change between invocations.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 from training.config import TrainConfig
 
 PROCESSES = "processes"
+ZERO_STAGE = "system.zero_stage"
 
 
 def run_identity(cfg: TrainConfig, data_options: dict, model_config: dict, world: int) -> dict:
@@ -30,7 +32,7 @@ def run_identity(cfg: TrainConfig, data_options: dict, model_config: dict, world
         "data.duplicate_eos": cfg.data.duplicate_eos,
         "run.seed": cfg.run.seed,
         "global batch": loop.micro_batch_documents * loop.grad_accum_steps * world,
-        "system.zero_stage": cfg.system.zero_stage,
+        ZERO_STAGE: cfg.system.zero_stage,
         "system.precision": cfg.system.precision,
         PROCESSES: world,
     }
@@ -42,12 +44,18 @@ def _changed(was: dict, now: dict) -> list[str]:
 
 def _unpartitioned(identity: dict) -> bool:
     """Whether every process holds the whole optimizer state (ZeRO stage 0 in fp32)."""
-    return identity.get("system.zero_stage") == 0 and identity.get("system.precision") == "fp32"
+    return identity.get(ZERO_STAGE) == 0 and identity.get("system.precision") == "fp32"
 
 
-def compare(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+def compare(saved: dict, current: dict, *, universal: bool = False) -> tuple[list[str], list[str]]:
     """(what forbids resuming a checkpoint of identity ``saved`` in a run of identity
-    ``current``, what differs but is resumed correctly), in words."""
+    ``current``, what differs but is resumed correctly), in words. ``universal``: whether a
+    universal checkpoint conversion may resolve a change of the number of processes or of the ZeRO
+    stage (then neither is listed: training/universal.py says what it converts)."""
+    from training.universal import universal_changes
+
+    convertible = bool(universal_changes(saved, current))
+    hint = " (run.resume_universal true would convert it through a DeepSpeed universal checkpoint)"
     refused, allowed = [], []
     for key, now in current.items():
         was = saved.get(key)
@@ -63,9 +71,19 @@ def compare(saved: dict, current: dict) -> tuple[list[str], list[str]]:
         elif key == PROCESSES and _unpartitioned(saved) and _unpartitioned(current):
             allowed.append(f"the number of processes {was} -> {now} (ZeRO stage 0: every process holds the whole "
                            "optimizer state; the global batch and data order are unchanged)")  # fmt: skip
+        elif key in (PROCESSES, ZERO_STAGE) and convertible and universal:
+            continue
+        elif key == PROCESSES and convertible:
+            refused.append(f"the number of processes {was} -> {now}{hint}")
         elif key == PROCESSES:
             refused.append(f"the number of processes {was} -> {now} (DeepSpeed splits the optimizer state per process "
-                           "except under ZeRO stage 0 in fp32)")  # fmt: skip
+                           "except under ZeRO stage 0 in fp32, and converts it to another number of processes only "
+                           "between ZeRO stages 1-3)")  # fmt: skip
+        elif key == ZERO_STAGE and convertible:
+            refused.append(f"{key} {was!r} -> {now!r}{hint}")
+        elif key == ZERO_STAGE:
+            refused.append(f"{key} {was!r} -> {now!r} (DeepSpeed converts the optimizer state only between ZeRO "
+                           "stages 1-3)")  # fmt: skip
         else:
             refused.append(f"{key} {was!r} -> {now!r}")
     return refused, allowed

@@ -16,8 +16,9 @@ a checkpoint.
 The trainer writes only into a new or empty output directory or one of its runs (marked by
 ``.sonarllm-run``, training/ownership.py), and holds an exclusive lock on it
 (training/runlock.py). The SONAR files it uses are checked against the prepared manifest's
-SHA-256 (``data.verify_sonar``). Resuming verifies
-the checkpoint's files and that it belongs to the same run (training/identity.py); a training
+SHA-256 (``data.verify_sonar``). Resuming verifies the checkpoint's files and that it belongs to
+the same run (training/identity.py); one written by another number of processes or ZeRO stage is
+resumed through a DeepSpeed universal checkpoint conversion (training/universal.py); a training
 loss or parameters that become NaN/inf stop the run without writing a checkpoint from that
 state. Every error ends in one line (exit status 2 for a bad configuration, 1 otherwise).
 """
@@ -163,13 +164,14 @@ class Trainer:
                 )
         self.identity = run_identity(cfg, self.train_docs.manifest["options"], mcfg.to_dict(), self.world)
         self.ckpt = Checkpointer(self.run_dir, cfg.loop.keep_checkpoints, rank=self.rank, world=self.world)
+        self.load_universal = False  # set by _checkpoint_to_resume when it resumes a universal conversion
         self.resume_from = self._checkpoint_to_resume()  # before the costly part: a refusal comes quickly
         torch.manual_seed(cfg.run.seed)
         model = SonarLLM(mcfg)
         model.gradient_checkpointing = cfg.model.gradient_checkpointing
         if mcfg.use_normalizer:
             model.set_normalizer(self._normalizer(mcfg.sonar_dim))
-        self.engine = build_engine(model, cfg, self.world)
+        self.engine = build_engine(model, cfg, self.world, load_universal=self.load_universal)
         if wanted(cfg.system.compile, device):
             what = compile_for_training(self.engine.module, self.token_loss, cfg.system.zero_stage)
             if self.rank == 0:
@@ -301,8 +303,11 @@ class Trainer:
     def _checkpoint_to_resume(self) -> Path | None:
         """The checkpoint run.resume asks for, verified and of this run (None: start fresh).
         With "auto", the newest one that verifies; those newer that do not are named and moved
-        aside once a good one is found (if none verifies, nothing is moved and the run stops)."""
+        aside once a good one is found (if none verifies, nothing is moved and the run stops).
+        A checkpoint of another number of processes or ZeRO stage (1-3) resumes through its
+        universal conversion (returned instead, with self.load_universal set)."""
         from training.identity import compare
+        from training.universal import UNIVERSAL, universal_changes, universal_checkpoint
 
         choice = self.cfg.run.resume
         if choice == "never":
@@ -325,6 +330,11 @@ class Trainer:
                 )
         else:
             path, rejected = Path(choice), []
+            if path.name == UNIVERSAL and CHECKPOINT_NAME.fullmatch(path.resolve().parent.name):
+                raise ConfigError(
+                    f"run.resume {path} is the universal conversion of a checkpoint; name the checkpoint itself "
+                    f"({path.parent}): it is converted, or its conversion reused, when this run needs it"
+                )
             if not any(path.glob("*mp_rank_*_model_states.pt")):
                 raise ConfigError(
                     f"run.resume {path} is not a checkpoint (it holds no DeepSpeed *mp_rank_*_model_states.pt); "
@@ -343,7 +353,8 @@ class Trainer:
                 raise CheckpointError(f"run.resume {path} cannot be used: {why}")
         if path is None:
             return None
-        refused, allowed = compare(manifest.get("run") or {}, self.identity)
+        saved = manifest.get("run") or {}
+        refused, allowed = compare(saved, self.identity, universal=self.cfg.run.resume_universal)
         if refused:
             raise ConfigError(
                 f"cannot resume from {path}: this run differs from it in {'; '.join(refused)}; resume with the "
@@ -351,6 +362,16 @@ class Trainer:
             )
         if allowed and self.rank == 0:
             print(f"train.py: note: resuming {path.name} with {'; '.join(allowed)}", file=sys.stderr, flush=True)
+        changes = universal_changes(saved, self.identity) if self.cfg.run.resume_universal else []
+        if changes:
+            checkpoint = path
+            path, notes = universal_checkpoint(self.ckpt, checkpoint, manifest)
+            self.load_universal = True
+            if self.rank == 0:
+                print(f"train.py: note: resuming {checkpoint.name} with {' and '.join(changes)} through a DeepSpeed "
+                      f"universal checkpoint (the optimizer state is split per process and laid out per ZeRO stage): "
+                      f"{'; '.join(notes)}; the global batch and data order are unchanged", file=sys.stderr,
+                      flush=True)  # fmt: skip
         for bad, why in rejected:
             moved = self.ckpt.reject(bad)
             if self.rank == 0:

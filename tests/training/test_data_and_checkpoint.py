@@ -15,6 +15,7 @@ from training import checkpoint
 from training.checkpoint import Checkpointer, CheckpointError, nonfinite_parameters
 from training.data import StepSchedule, collate
 from training.identity import compare
+from training.universal import universal_changes
 from training.runlock import RunLock, RunLockedError
 from training.shards import ShardedDocuments
 
@@ -229,7 +230,19 @@ def test_resume_compares_what_defines_the_run():
                                                   model={"num_layers": 3}, **{"model.objective": "mse"}))  # fmt: skip
     assert refused == ["the prepared data (sonar differ)", "the model (num_layers 2 -> 3)", "model.objective 'sonar' -> 'mse'"]
     refused, _ = compare(_identity(), _identity(processes=2, **{"global batch": 16}))
-    assert refused[0].startswith("the global batch") and refused[1].startswith("the number of processes 1 -> 2 (DeepSpeed")
+    assert refused[0].startswith("the global batch")
+    assert refused[1] == ("the number of processes 1 -> 2 (run.resume_universal true would convert it through a "
+                          "DeepSpeed universal checkpoint)")  # fmt: skip
+    # between ZeRO stages 1-3 a universal checkpoint conversion resolves the process count and the stage
+    two_zero3 = _identity(processes=2, **{"system.zero_stage": 3})
+    assert compare(_identity(), two_zero3, universal=True) == ([], [])
+    assert universal_changes(_identity(), two_zero3) == ["the number of processes 1 -> 2", "ZeRO stage 2 -> 3"]
+    assert compare(_identity(), two_zero3)[0][0].startswith("system.zero_stage 2 -> 3 (run.resume_universal true")
+    refused, _ = compare(_identity(), _identity(processes=2, **{"global batch": 16}), universal=True)
+    assert [r.split(" (")[0] for r in refused] == ["the global batch"]  # the global batch still cannot change
+    refused, _ = compare(_identity(), _identity(**{"system.zero_stage": 0}), universal=True)
+    assert refused == ["system.zero_stage 2 -> 0 (DeepSpeed converts the optimizer state only between ZeRO stages 1-3)"]
+    assert universal_changes(_identity(**{"system.zero_stage": 0}), _identity(processes=2)) == []
     # ZeRO stage 0 in fp32 keeps the whole optimizer state in every process: resumable
     zero0 = {"system.zero_stage": 0}
     refused, allowed = compare(_identity(**zero0), _identity(processes=2, **zero0))
