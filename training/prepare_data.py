@@ -99,6 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--toy-train-steps must be >= 0")
     if args.max_target_tokens < 4:
         p.error("--max-target-tokens must be >= 4 (</s>, language tag, a piece, </s>)")
+    from sonarllm.sonar.langs import NLLB_LANGS
+
+    if args.lang not in NLLB_LANGS:
+        p.error(f"--lang must be a SONAR language code such as eng_Latn, got {args.lang!r}")
     return args
 
 
@@ -268,8 +272,26 @@ def prepare(args: argparse.Namespace) -> dict:
         log.warning("--eval-documents %d capped to %d: the corpus has %d usable document(s) and at least half are "
                     "kept for training", args.eval_documents, n_eval, len(docs))  # fmt: skip
     train_docs, eval_docs = docs[: len(docs) - n_eval], docs[len(docs) - n_eval :]
-    with _locked(out):
+    with _sigterm_interrupts(), _locked(out):
         return _prepare_locked(args, source, out, train_docs, eval_docs)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt while preparing, as SIGINT does, so that the scratch
+    directory of a toy SONAR build and the lock are cleaned up on the way out (the default
+    action would end the process on the spot). Only where handlers can be set (main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _prepare_locked(args, source: Path, out: Path, train_docs: list[list[str]], eval_docs: list[list[str]]) -> dict:
@@ -360,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ShardError, ValueError, FileNotFoundError, OSError) as exc:
         print(f"sonarllm prepare: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"sonarllm prepare: interrupted; run the same command again to resume preparing {args.out}",
+              file=sys.stderr)  # fmt: skip
+        return 130
     t = manifest["totals"]
     print(f"prepared {args.out}: train {t['train']['documents']} documents / {t['train']['sentences']} sentences / "
           f"{t['train']['tokens']} tokens; eval {t['eval']['documents']} documents")  # fmt: skip

@@ -175,7 +175,7 @@ def test_a_diverging_sweep_rate_loses_and_is_not_trained_again(tmp_path, prepare
 def test_every_rate_diverging_fails(tmp_path, prepared, test_corpus, capsys, monkeypatch):
     def diverge(cmd, log_path):
         log_path.write_text("train.py: error: the training loss became inf at step 2; stopped\n")
-        return 1, False
+        return 1, False, None
 
     monkeypatch.setattr(compare, "_child", diverge)
     argv = _argv(prepared, tmp_path / "out", test_corpus, "--objectives", "sonar", "--seeds", "1", "--steps", "2",
@@ -376,7 +376,7 @@ def test_stop_after_from_a_config_file_is_overridden(tmp_path, prepared, test_co
 
 
 def test_a_run_that_stops_early_says_so(tmp_path, prepared, test_corpus, capsys, monkeypatch):
-    monkeypatch.setattr(compare, "_child", lambda cmd, log_path: (log_path.write_text("stopped\n"), (0, False))[1])
+    monkeypatch.setattr(compare, "_child", lambda cmd, log_path: (log_path.write_text("stopped\n"), (0, False, None))[1])
     argv = _argv(prepared, tmp_path / "out", test_corpus, "--objectives", "sonar", "--seeds", "1", "--steps", "2", "--lr", "1e-3")
     assert compare.main(argv) == 1
     err = capsys.readouterr().err
