@@ -40,8 +40,11 @@ Resumable: a finished run (its ``final/`` model exported) is reused, a half-fini
 from its own checkpoints (the trainer's ``run.resume auto``), and a test evaluation of the same
 model on the same documents with the same options is reused. A run directory trained with a
 different configuration is refused, never overwritten. SIGINT/SIGTERM reach the running trainer,
-which stops with a checkpoint. Exit status 0; 2 for a bad command line or configuration; 1 for
-a failed run; 130 when interrupted. Errors are reported in one line.
+which stops with a checkpoint; on Linux the trainer also gets SIGTERM if compare dies (even by
+SIGKILL). Exit status 0; 2 for a bad command line or configuration (the trainer's refusals
+included); 1 for a failed run; 130 when interrupted. Errors are reported in one line: a failed
+run's is the trainer's own, which it also writes to a file compare names (torchrun's exit
+status and closing lines would hide it).
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ missing or corrupted shard (reported by name) is rebuilt. Changing an option tha
 data of an existing directory is refused before anything is written (a toy SONAR that must be
 rebuilt is built in a scratch directory and installed only once the options check passed). Two
 preparations of one directory run one after the other: the second waits for the first's lock
-(``prepare.lock``, named holder) and then reuses its shards.
+(``prepare.lock``, named holder) and then reuses its shards. SIGINT or SIGTERM ends a preparation
+in one line (exit status 130) after removing its scratch directory; re-running resumes it.
 Sentence splitting reads only what ``--max-sentences`` needs of each document (sonarllm/text.py),
 so preparation time is linear in the corpus size, and a progress bar counts the documents.
 """

@@ -11,12 +11,16 @@ Also runnable as ``torchrun --nproc_per_node N training/train.py`` or ``python t
 On CPU it uses gloo, on CUDA NCCL. Each micro-batch's loss is its token sum divided by the
 number of label tokens of the whole optimizer step over all ranks, so gradient accumulation and
 data parallelism average exactly like one big batch. SIGINT/SIGTERM stop at the next step with
-a checkpoint.
+a checkpoint; a second signal (or one during the data preparation) interrupts at once, in one
+line, exit status 130.
 
 A run holds an exclusive lock on its output directory (training/runlock.py). Resuming verifies
 the checkpoint's files and that it belongs to the same run (training/identity.py); a training
 loss or parameters that become NaN/inf stop the run without writing a checkpoint from that
-state. Every error ends in one line (exit status 2 for a bad configuration, 1 otherwise).
+state. Start-up refuses, before anything costly, a training split smaller than one optimizer
+step, documents longer than the model's positions and a model whose state cannot fit in memory
+(training/memory.py). Every error ends in one line (exit status 2 for a bad configuration, 1
+otherwise), also written to the file SONARLLM_TRAIN_REPORT names, if set (for compare).
 """
 
 from __future__ import annotations
