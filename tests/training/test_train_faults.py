@@ -408,3 +408,33 @@ def test_sigterm_during_first_use_preparation_leaves_no_scratch(tmp_path):
     assert proc.returncode == 130, err[-3000:]
     _one_line(err, "interrupted; no checkpoint was written")
     assert not list(scratch_root.glob("sonarllm-toy-*"))
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total capacity)"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 4398046511104 bytes. Error code 12 (Cannot allocate memory)"),
+])  # fmt: skip
+def test_an_allocation_failure_ends_in_one_line(tmp_path, prepared, capsys, monkeypatch, error):
+    """What the estimate cannot foresee (activations, fragmentation) fails in one line, exit 1;
+    another RuntimeError is not disguised as one."""
+    import training.train as train_module
+
+    def build(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(train_module, "Trainer", build)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from tests.training.test_train import _port
+
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(_port()), "OMP_NUM_THREADS": "1"}.items():  # a world of one, undone after
+        monkeypatch.setenv(key, value)
+    argv = ["--run.output_dir", str(tmp_path / "run"), "--data.prepared_dir", str(prepared), "--system.progress", "false"]
+    assert train_module.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"train.py: error: out of memory: {str(error).splitlines()[0]}")
+
+    monkeypatch.setattr(train_module, "Trainer", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        train_module.main(argv)
