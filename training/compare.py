@@ -40,8 +40,11 @@ Resumable: a finished run (its ``final/`` model exported) is reused, a half-fini
 from its own checkpoints (the trainer's ``run.resume auto``), and a test evaluation of the same
 model on the same documents with the same options is reused. A run directory trained with a
 different configuration is refused, never overwritten. SIGINT/SIGTERM reach the running trainer,
-which stops with a checkpoint. Exit status 0; 2 for a bad command line or configuration; 1 for
-a failed run; 130 when interrupted. Errors are reported in one line.
+which stops with a checkpoint; on Linux the trainer also gets SIGTERM if compare dies (even by
+SIGKILL). Exit status 0; 2 for a bad command line or configuration (the trainer's refusals
+included); 1 for a failed run; 130 when interrupted. Errors are reported in one line: a failed
+run's is the trainer's own, which it also writes to a file compare names (torchrun's exit
+status and closing lines would hide it).
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ import os
 import shlex
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -374,15 +378,40 @@ def validation_curve(run_dir: Path) -> list[list[float]]:
     return [[r["step"], r["eval_token_ce"]] for r in records if "eval_token_ce" in r]
 
 
-def _child(cmd: list[str], log_path: Path) -> tuple[int, bool]:
+def _die_with_parent(parent: int):
+    """A ``preexec_fn`` for the trainer: on Linux the kernel sends it SIGTERM when compare dies,
+    even by SIGKILL (``PR_SET_PDEATHSIG``), so that no trainer goes on unattended (it stops with a
+    checkpoint; torchrun passes the signal to its workers). Elsewhere: None (not available)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # compare died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def _child(cmd: list[str], log_path: Path) -> tuple[int, bool, str | None]:
     """Run the trainer with its output appended to ``log_path``; SIGINT/SIGTERM received meanwhile
-    are passed on (it then stops with a checkpoint). Returns (exit status, interrupted)."""
+    are passed on (it then stops with a checkpoint). Returns (exit status, interrupted, the
+    trainer's error line or None). The status and error are those the trainer reports through
+    train.py's REPORT_ENV file, where it wrote one: torchrun's own exit status and closing lines
+    hide them."""
+    from training.train import REPORT_ENV
+
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     received = []
-    with open(log_path, "a") as log:
+    with tempfile.TemporaryDirectory(prefix="sonarllm-compare-") as scratch, open(log_path, "a") as log:
+        report = Path(scratch) / "report.json"
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env | {REPORT_ENV: str(report)},
+                                start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))  # fmt: skip
 
         def forward(signum, _frame):
             received.append(signum)
@@ -394,7 +423,12 @@ def _child(cmd: list[str], log_path: Path) -> tuple[int, bool]:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-    return status, bool(received)
+        try:
+            reported = json.loads(report.read_text())
+            status, error = int(reported["status"]), str(reported["error"])
+        except (OSError, ValueError, TypeError, KeyError):
+            error = None  # no report (a crash, an older trainer): the exit status and the log tell
+    return status, bool(received), error
 
 
 def _last_error(log_path: Path) -> str:
@@ -421,19 +455,19 @@ def train(plan: Plan, objective: str, lr: float, seed: int, role: str, label: st
         print(f"{label} {name}: training ({plan.steps} steps, log {run_dir / 'train.log'})", flush=True)
         mark_run_dir(run_dir)  # the trainer's marker, before train.log: the directory is the run's
         t0 = time.perf_counter()
-        status, interrupted = _child(train_command(plan, run_overrides(plan, objective, lr, seed)), run_dir / "train.log")
+        status, interrupted, error = _child(train_command(plan, run_overrides(plan, objective, lr, seed)),
+                                            run_dir / "train.log")  # fmt: skip
         seconds = time.perf_counter() - t0
         if interrupted:
             raise CompareError(f"interrupted during {name}; run the same command again to resume", 130)
-        if status == 1 and role == "sweep" and DIVERGED_MESSAGE in _last_error(run_dir / "train.log"):
-            error = _last_error(run_dir / "train.log")
+        error = error or _last_error(run_dir / "train.log")
+        if status == 1 and role == "sweep" and DIVERGED_MESSAGE in error:
             from training.compare_report import write_text_atomic
 
             write_text_atomic(run_dir / DIVERGED, error + "\n")
             return _diverged(record, run_dir, seconds, error, label)
         if status != 0:
-            raise CompareError(f"training {name} failed (exit status {status}): {_last_error(run_dir / 'train.log')}",
-                               2 if status == 2 else 1)  # fmt: skip
+            raise CompareError(f"training {name} failed (exit status {status}): {error}", 2 if status == 2 else 1)
         if not (run_dir / "final" / "sonar.json").is_file():
             raise CompareError(f"training {name} stopped early without exporting final/ (log {run_dir / 'train.log'}); "
                                "run the same command again to resume it")  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -22,6 +23,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 OVERRIDES = "model.overrides"
+SEED_LIMIT = 2**63
+"""run.seed is in [0, SEED_LIMIT): a non-negative 64-bit integer, which torch's generators take."""
+MODEL_KEYS = {"objective": "model.objective", "kernel_impl": "model.kernel_impl"}
+"""SonarLLMConfig fields the trainer sets from these keys, not from model.overrides."""
 EXAMPLE_CORPUS = str(Path(__file__).resolve().parent / "example" / "stories.jsonl.gz")
 
 
@@ -229,9 +234,15 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise ConfigError(f"{key} {what}, got {_get(cfg, key)!r}")
 
+    for section in fields(cfg):  # inf or nan is never a usable setting
+        for f in fields(getattr(cfg, section.name)):
+            key = f"{section.name}.{f.name}"
+            need(not isinstance(_get(cfg, key), float) or math.isfinite(_get(cfg, key)), key, "must be a finite number")
     need(cfg.run.resume in ("auto", "never") or os.path.exists(cfg.run.resume), "run.resume",
          "must be 'auto', 'never' or an existing checkpoint directory")  # fmt: skip
+    need(0 <= cfg.run.seed < SEED_LIMIT, "run.seed", f"must be in [0, 2**63 - 1] (at most {SEED_LIMIT - 1})")
     need(bool(cfg.run.output_dir), "run.output_dir", "must not be empty")
+    _check_no_broken_link(cfg.run.output_dir)
     need(not os.path.exists(cfg.run.output_dir) or os.path.isdir(cfg.run.output_dir), "run.output_dir",
          "must be a directory (or a path to create), but it is a file")  # fmt: skip
     need(cfg.run.stop_after >= 0, "run.stop_after", "must be >= 0")
@@ -267,8 +278,15 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.system.zero_stage in (0, 1, 2, 3), "system.zero_stage", "must be 0, 1, 2 or 3")
     need(not cfg.system.deepspeed_config or os.path.isfile(cfg.system.deepspeed_config), "system.deepspeed_config",
          "must name an existing file")  # fmt: skip
+    if cfg.system.deepspeed_config:
+        from training.engine import load_ds_template
+
+        load_ds_template(cfg)  # its shape, at start-up (DeepSpeed reads it only after preparation)
     need(cfg.system.device in ("auto", "cpu", "cuda"), "system.device", "must be auto, cpu or cuda")
     need(cfg.system.compile in ("auto", "true", "false"), "system.compile", "must be true, false or auto")
+    for name, key in MODEL_KEYS.items():
+        if name in cfg.model.overrides:
+            raise ConfigError(f"model.overrides.{name} is not used: the trainer sets it from {key}; set {key} instead")
     try:
         from sonarllm.config import SonarLLMConfig
 
@@ -277,6 +295,24 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"model.overrides {cfg.model.overrides!r} are invalid: {exc}") from exc
     need(cfg.data.max_sentences + 1 <= mcfg.max_seq_len, "data.max_sentences",
          f"plus the end sentence must fit the model's max_seq_len ({mcfg.max_seq_len})")  # fmt: skip
+
+
+def _check_no_broken_link(path: str) -> None:
+    """Refuse a run.output_dir that is, or lies under, a symbolic link to nowhere (a missing
+    target, or a loop of links), naming the link, instead of mkdir's "File exists"."""
+    for link in (Path(path), *Path(path).parents):
+        if not os.path.islink(link) or os.path.exists(link):
+            continue
+        try:
+            os.stat(link)
+        except OSError as exc:
+            import errno
+
+            if exc.errno == errno.ELOOP:
+                raise ConfigError(f"run.output_dir {path}: {link} is a symbolic link in a loop of links; "
+                                  "remove it or choose another run.output_dir") from None  # fmt: skip
+        raise ConfigError(f"run.output_dir {path}: {link} is a symbolic link to {os.readlink(link)}, which does not "
+                          "exist; create its target, remove the link, or choose another run.output_dir")  # fmt: skip
 
 
 def _get(cfg: TrainConfig, key: str):

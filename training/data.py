@@ -76,7 +76,8 @@ class StepSchedule:
 
     def _order_for(self, epoch: int) -> list[int]:
         if self._order_epoch != epoch:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            # modulo 2**64 (the generators' seed range): the same value for every seed that fitted
+            g = torch.Generator().manual_seed((self.seed * 100_003 + epoch) % 2**64)
             self._order = torch.randperm(len(self.dataset), generator=g).tolist()
             self._order_epoch = epoch
         return self._order

@@ -32,14 +32,43 @@ def _find_auto(obj, path=""):
         yield path
 
 
-def build_ds_config(cfg: TrainConfig, world_size: int, *, load_universal: bool = False) -> dict:
-    """The full DeepSpeed configuration: ZeRO settings from the JSON template, the rest from cfg.
-    ``load_universal``: the checkpoint to load is a universal one (training/universal.py)."""
+OBJECT_SECTIONS = (
+    "zero_optimization", "zero_optimization.offload_optimizer", "zero_optimization.offload_param", "bf16", "fp16",
+    "amp", "optimizer", "optimizer.params", "scheduler", "scheduler.params", "activation_checkpointing",
+    "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger", "aio", "checkpoint",
+    "data_types", "data_efficiency", "compression_training", "autotuning", "elasticity", "nebula", "pipeline",
+)  # fmt: skip
+"""The DeepSpeed configuration's sections that DeepSpeed reads as JSON objects (dotted: nested)."""
+
+
+def _check_shape(ds, template: Path) -> None:
+    """A template DeepSpeed can read: a JSON object whose known sections are objects and whose
+    ZeRO stage is an integer (DeepSpeed's own reading ends in an AttributeError otherwise)."""
+    if not isinstance(ds, dict):
+        raise ConfigError(f"system.deepspeed_config {template} must hold a JSON object ({{...}}), "
+                          f"got a {type(ds).__name__}")  # fmt: skip
+    for dotted in OBJECT_SECTIONS:
+        parent, _, name = dotted.rpartition(".")
+        holder = ds.get(parent) if parent else ds
+        if isinstance(holder, dict) and name in holder and not isinstance(holder[name], dict):
+            raise ConfigError(f"system.deepspeed_config {template}: \"{dotted}\" must be a JSON object ({{...}}), "
+                              f"got {json.dumps(holder[name])}")  # fmt: skip
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if not isinstance(stage, int) or isinstance(stage, bool):
+        raise ConfigError(f"system.deepspeed_config {template}: \"zero_optimization.stage\" must be an integer, "
+                          f"got {json.dumps(stage)}")  # fmt: skip
+
+
+def load_ds_template(cfg: TrainConfig) -> dict:
+    """The DeepSpeed JSON template of ``cfg`` (``system.deepspeed_config``, or the shipped one of
+    its ZeRO stage), checked: readable, of DeepSpeed's shape, no "auto", the configured stage.
+    ConfigError naming system.deepspeed_config otherwise (config validation calls this)."""
     template = Path(cfg.system.deepspeed_config or CONFIG_DIR / f"zero{cfg.system.zero_stage}.json")
     try:
         ds = json.loads(template.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"system.deepspeed_config: cannot read {template}: {exc}") from exc
+    _check_shape(ds, template)
     autos = list(_find_auto(ds))
     if autos:
         raise ConfigError(f"system.deepspeed_config {template} leaves {', '.join(autos)} as \"auto\"; give numbers")
@@ -47,6 +76,13 @@ def build_ds_config(cfg: TrainConfig, world_size: int, *, load_universal: bool =
         stage = ds.get("zero_optimization", {}).get("stage", 0)
         if stage != cfg.system.zero_stage:
             raise ConfigError(f"system.zero_stage is {cfg.system.zero_stage} but {template} sets stage {stage}")
+    return ds
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int, *, load_universal: bool = False) -> dict:
+    """The full DeepSpeed configuration: ZeRO settings from the JSON template, the rest from cfg.
+    ``load_universal``: the checkpoint to load is a universal one (training/universal.py)."""
+    ds = load_ds_template(cfg)
     ds.setdefault("zero_optimization", {})["stage"] = cfg.system.zero_stage
     loop = cfg.loop
     ds.update({
@@ -96,13 +132,13 @@ def lr_lambda(cfg: TrainConfig):
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int, *, load_universal: bool = False):
     """deepspeed.initialize with the trainable parameters, AdamW and the schedule; ``load_universal``:
     the engine will load a universal checkpoint."""
+    config = build_ds_config(cfg, world_size, load_universal=load_universal)
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    config = build_ds_config(cfg, world_size, load_universal=load_universal)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            model_parameters=params, config=config)  # fmt: skip
     return engine

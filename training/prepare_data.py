@@ -43,7 +43,9 @@ toy SONAR that must be rebuilt is built in a scratch directory and installed onl
 options check passed). Two preparations of one directory run one after the other: the second
 waits for the first's lock (``prepare.lock``, named holder, held by rank 0) and then reuses its
 shards. Sentence splitting reads only what ``--max-sentences`` needs of each document
-(sonarllm/text.py), so preparation time is linear in the corpus size.
+(sonarllm/text.py), so preparation time is linear in the corpus size. SIGINT or SIGTERM ends a
+preparation in one line (exit status 130) after removing its scratch directory; re-running
+resumes it.
 """
 
 from __future__ import annotations
@@ -145,6 +147,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "(the toy SONAR is trained on the corpus and cannot match them)")
     if args.max_target_tokens < 4:
         p.error("--max-target-tokens must be >= 4 (</s>, language tag, a piece, </s>)")
+    from sonarllm.sonar.langs import NLLB_LANGS
+
+    if args.lang not in NLLB_LANGS:
+        p.error(f"--lang must be a SONAR language code such as eng_Latn, got {args.lang!r}")
     return args
 
 
@@ -517,12 +523,30 @@ def prepare(args: argparse.Namespace, ranks: Ranks | None = None) -> dict:
         log.warning("--eval-documents %d capped to %d: the corpus has %d usable document(s) and at least half are "
                     "kept for training", args.eval_documents, n_eval, n_docs)  # fmt: skip
     plan = plan_shards(n_docs - n_eval, n_eval, args.shard_documents)
-    with _locked(out) if ranks.rank == 0 else contextlib.nullcontext():
+    with _sigterm_interrupts(), _locked(out) if ranks.rank == 0 else contextlib.nullcontext():
         stat = ranks.run(lambda: _set_up(args, source, out, n_docs - n_eval, n_eval), rank0_only=True)  # rank 0's
         manifest = read_manifest(out)  # the options, as rank 0 settled them
         ranks.run(lambda: _encode_shards(args, out, manifest, plan, dim, ranks))
         return ranks.run(lambda: _finish(args, out, manifest, plan, stat) if ranks.rank == 0 else None) or \
             read_manifest(out)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt while preparing, as SIGINT does, so that the scratch
+    directory of a toy SONAR build and the lock are cleaned up on the way out (the default
+    action would end the process on the spot). Only where handlers can be set (main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _count_documents(args, dim: int | None) -> int:
@@ -699,6 +723,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ShardError, ValueError, FileNotFoundError, OSError, ImportError) as exc:
         print(f"sonarllm prepare: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"sonarllm prepare: interrupted; run the same command again to resume preparing {args.out}",
+              file=sys.stderr)  # fmt: skip
+        return 130
     finally:
         ranks.close()
     if ranks.rank > 0:

@@ -185,6 +185,10 @@ class ShardedDocuments:
     def __len__(self) -> int:
         return len(self._doc_index)
 
+    def longest_document(self) -> int:
+        """The most sentences one document of this split has (the positions a model needs)."""
+        return max(int((o[1:] - o[:-1]).max()) for o in self._sentence_offsets)
+
     def num_sentences(self, doc: int) -> int:
         shard, d = self._doc_index[doc]
         o = self._sentence_offsets[shard]

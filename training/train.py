@@ -11,7 +11,8 @@ Also runnable as ``torchrun --nproc_per_node N training/train.py`` or ``python t
 On CPU it uses gloo, on CUDA NCCL. Each micro-batch's loss is its token sum divided by the
 number of label tokens of the whole optimizer step over all ranks, so gradient accumulation and
 data parallelism average exactly like one big batch. SIGINT/SIGTERM stop at the next step with
-a checkpoint.
+a checkpoint; a second signal (or one during the data preparation) interrupts at once, in one
+line, exit status 130.
 
 The trainer writes only into a new or empty output directory or one of its runs (marked by
 ``.sonarllm-run``, training/ownership.py), and holds an exclusive lock on it
@@ -20,7 +21,10 @@ SHA-256 (``data.verify_sonar``). Resuming verifies the checkpoint's files and th
 the same run (training/identity.py); one written by another number of processes or ZeRO stage is
 resumed through a DeepSpeed universal checkpoint conversion (training/universal.py); a training
 loss or parameters that become NaN/inf stop the run without writing a checkpoint from that
-state. Every error ends in one line (exit status 2 for a bad configuration, 1 otherwise).
+state. Start-up refuses, before anything costly, a training split smaller than one optimizer
+step, documents longer than the model's positions and a model whose state cannot fit in memory
+(training/memory.py). Every error ends in one line (exit status 2 for a bad configuration, 1
+otherwise), also written to the file SONARLLM_TRAIN_REPORT names, if set (for compare).
 """
 
 from __future__ import annotations
@@ -126,6 +130,7 @@ class Trainer:
         from training.data import StepSchedule
         from training.engine import build_engine
         from training.identity import run_identity
+        from training.memory import check_fits
         from training.metrics import MetricsLog
 
         self.cfg, self.device, self.explicit = cfg, device, explicit
@@ -137,6 +142,7 @@ class Trainer:
         self.spec = SonarSpec.load(prepared / "sonar.json")
         self.train_docs = self._open_split(prepared, "train")
         self.eval_docs = self._open_split(prepared, "eval")
+        self._check_one_step_fits(prepared)
 
         pipe = SonarPipeline.from_spec(self.spec, encoder=False, device=device, kernel_impl=cfg.model.kernel_impl)
         self.eos_idx = pipe.tokenizer.eos_idx
@@ -162,6 +168,8 @@ class Trainer:
                     f"model.preset {cfg.model.preset!r} works in {mcfg.sonar_dim}-d SONAR space but {what} "
                     f"is {width}-d; set model.overrides.sonar_dim or use the matching data.sonar"
                 )
+        self._check_documents_fit(prepared, mcfg)
+        check_fits(mcfg, cfg, world=self.world, local_world=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), device=device)
         self.identity = run_identity(cfg, self.train_docs.manifest["options"], mcfg.to_dict(), self.world)
         self.ckpt = Checkpointer(self.run_dir, cfg.loop.keep_checkpoints, rank=self.rank, world=self.world)
         self.load_universal = False  # set by _checkpoint_to_resume when it resumes a universal conversion
@@ -280,6 +288,35 @@ class Trainer:
                 f"{bad} of data.prepared_dir {prepared} cannot be read ({why}); it is truncated or corrupted "
                 f"(data.verify_checksums true checks every shard); rebuild it with: {rebuild_command(manifest, prepared)}"
             ) from None
+
+    def _check_one_step_fits(self, prepared: Path) -> None:
+        """The training split must hold one optimizer step's documents (the last incomplete step of
+        an epoch is dropped): a ConfigError naming the loop keys, before anything costly."""
+        loop = self.cfg.loop
+        needed = loop.micro_batch_documents * loop.grad_accum_steps * self.world
+        if len(self.train_docs) < needed:
+            raise ConfigError(
+                f"the training split of data.prepared_dir {prepared} has {len(self.train_docs)} documents, fewer than "
+                f"one optimizer step takes: loop.micro_batch_documents {loop.micro_batch_documents} x "
+                f"loop.grad_accum_steps {loop.grad_accum_steps} x {self.world} process(es) = {needed}; lower them, "
+                "or prepare a larger corpus"
+            )
+
+    def _check_documents_fit(self, prepared: Path, mcfg) -> None:
+        """Every prepared document (its sentences, end sentence included) must fit the model's
+        positions: a ConfigError naming both settings and the fixes, instead of the first step's
+        traceback. (Config validation checks data.max_sentences, but a complete preparation is
+        used with the max_sentences it was made with.)"""
+        longest = max(self.train_docs.longest_document(), self.eval_docs.longest_document())
+        if longest > mcfg.max_seq_len:
+            made_with = self.train_docs.manifest["options"]["max_sentences"]
+            raise ConfigError(
+                f"data.prepared_dir {prepared} holds documents of up to {longest} sentences (prepared with "
+                f"data.max_sentences {made_with}, plus the end sentence) but the model has max_seq_len "
+                f"{mcfg.max_seq_len} positions (model.preset {self.cfg.model.preset!r}); set "
+                f"model.overrides.max_seq_len {longest}, or prepare the data again in another data.prepared_dir with "
+                f"data.max_sentences {mcfg.max_seq_len - 1}"
+            )
 
     def _check_prepared_matches(self, manifest: dict) -> None:
         """A complete preparation is used as it is: the data options the configuration sets (the
@@ -673,7 +710,17 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(exc, 1)
     except OSError as exc:
         return _fail(describe_io_error(exc, Path(cfg.run.output_dir)), 1)
+    except KeyboardInterrupt:  # a second SIGINT/SIGTERM (the first stops at the end of the step), or one in preparation
+        return _fail(f"interrupted; {_last_checkpoint(Path(cfg.run.output_dir))}", 130)
+    except RuntimeError as exc:
+        if not _out_of_memory(exc):
+            raise
+        return _fail(f"out of memory: {_first_line(exc)}; the model state, activations (loop.micro_batch_documents) "
+                     "or the frozen SONAR decoder do not fit: choose a smaller model or batch, or more processes with "
+                     "system.zero_stage 3", 1)  # fmt: skip
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # during shutdown a signal ends the process at once, silently
+            signal.signal(sig, signal.SIG_DFL)
         lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -691,11 +738,46 @@ def _set_keys(path: str | None, overrides: dict[str, str]) -> frozenset[str]:
     return frozenset(keys)
 
 
+REPORT_ENV = "SONARLLM_TRAIN_REPORT"
+"""If set, the path where a failing trainer (global rank 0) writes {"status", "error"} as JSON:
+what a caller (training/compare.py) reads when a launcher (torchrun) hides the exit status and
+ends the output with its own lines."""
+
+
 def _fail(error, code: int) -> int:
-    """Report an error in one line (once, by global rank 0, when every rank fails alike)."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"train.py: error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+    """Report an error in one line (once, by global rank 0, when every rank fails alike), and in
+    the file REPORT_ENV names."""
+    line = " ".join(str(error).split())
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"train.py: error: {line}", file=sys.stderr, flush=True)
+        if os.environ.get(REPORT_ENV):
+            try:
+                write_json_atomic(Path(os.environ[REPORT_ENV]), {"status": code, "error": f"train.py: error: {line}"})
+            except OSError:
+                pass  # the caller falls back to the output's last error line
     return code
+
+
+def _last_checkpoint(run_dir: Path) -> str:
+    """Where an interrupted run can resume from, in words."""
+    from training.checkpoint import Checkpointer
+
+    try:
+        latest = Checkpointer(run_dir, 1).latest()
+    except (OSError, ValueError, CheckpointError):
+        latest = None
+    return f"the last checkpoint is {latest}" if latest else "no checkpoint was written"
+
+
+def _out_of_memory(exc: RuntimeError) -> bool:
+    """An allocation failure: torch's OutOfMemoryError (CUDA) or a CPU allocator's RuntimeError."""
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _lock_run(cfg: TrainConfig, lock) -> None:

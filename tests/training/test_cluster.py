@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.training.conftest import read_losses
-from tests.training.test_train import BIN, REPO, SCRIPT, _command, _env, _port, train
+from tests.training.test_train import BIN, SCRIPT, _command, _env, _port, train
 from training.checkpoint import Checkpointer
 
 STEP3 = "step-00000003"

@@ -175,7 +175,7 @@ def test_a_diverging_sweep_rate_loses_and_is_not_trained_again(tmp_path, prepare
 def test_every_rate_diverging_fails(tmp_path, prepared, test_corpus, capsys, monkeypatch):
     def diverge(cmd, log_path):
         log_path.write_text("train.py: error: the training loss became inf at step 2; stopped\n")
-        return 1, False
+        return 1, False, None
 
     monkeypatch.setattr(compare, "_child", diverge)
     argv = _argv(prepared, tmp_path / "out", test_corpus, "--objectives", "sonar", "--seeds", "1", "--steps", "2",
@@ -376,7 +376,7 @@ def test_stop_after_from_a_config_file_is_overridden(tmp_path, prepared, test_co
 
 
 def test_a_run_that_stops_early_says_so(tmp_path, prepared, test_corpus, capsys, monkeypatch):
-    monkeypatch.setattr(compare, "_child", lambda cmd, log_path: (log_path.write_text("stopped\n"), (0, False))[1])
+    monkeypatch.setattr(compare, "_child", lambda cmd, log_path: (log_path.write_text("stopped\n"), (0, False, None))[1])
     argv = _argv(prepared, tmp_path / "out", test_corpus, "--objectives", "sonar", "--seeds", "1", "--steps", "2", "--lr", "1e-3")
     assert compare.main(argv) == 1
     err = capsys.readouterr().err
@@ -398,3 +398,60 @@ def test_sonarllm_compare_is_the_same_command(capsys):
 
     assert main(["compare", "--seeds", "0"]) == 2
     assert "compare: error: argument --seeds" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_under_torchrun_the_trainers_refusal_and_divergence_reach_compare(tmp_path, prepared, test_corpus, capsys):
+    """--nproc 2: torchrun exits 1 and ends the log with its own lines; compare reports the
+    trainer's error and status: a configuration refusal exits 2, a diverged rate is recorded as
+    diverged (here every rate diverges, so compare fails saying so)."""
+    argv = _argv(prepared, tmp_path / "refused", test_corpus, "--nproc", "2", "--objectives", "sonar", "--seeds", "1",
+                 "--steps", "2", "--lr", "1e-3", "--loop.micro_batch_documents", str(10**9))  # fmt: skip
+    assert compare.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "training sonar-lr0.001-seed0 failed (exit status 2): train.py: error: the " \
+        f"training split of data.prepared_dir {prepared} has 48 documents" in err  # fmt: skip
+
+    argv = _argv(prepared, tmp_path / "diverged", test_corpus, "--nproc", "2", "--objectives", "sonar", "--seeds", "1",
+                 "--steps", "2", "--eval-every", "1", "--lr", "1e30", "--loop.grad_accum_steps", "1")  # fmt: skip
+    assert compare.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sonar: training diverged at every learning rate of --lr (1e+30)" in err
+    assert "the training loss became nan" in (tmp_path / "diverged" / "runs" / "sonar-lr1e+30-seed0" / "diverged").read_text()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_killed_compare_takes_its_trainer_with_it(tmp_path, prepared, test_corpus):
+    """SIGKILL gives compare no chance to stop its trainer: the kernel sends the trainer SIGTERM,
+    which stops it at the end of its step with a checkpoint."""
+    import signal
+    import time
+
+    import psutil
+
+    from tests.training.test_train import REPO, _env
+
+    out = tmp_path / "out"
+    argv = _argv(prepared, out, test_corpus, "--objectives", "sonar", "--seeds", "1", "--steps", "100000", "--lr", "1e-3")
+    proc = subprocess.Popen([sys.executable, "-m", "training.compare", *argv], cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    run_dir, trainers = out / "runs" / "sonar-lr0.001-seed0", []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            log = run_dir / "train.log"
+            if log.is_file() and "first step done" in log.read_text():
+                trainers = psutil.Process(proc.pid).children(recursive=True)
+                break
+            time.sleep(0.2)
+        assert trainers, "the trainer did not reach its first step"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(trainers, timeout=120)
+        assert not alive, "the trainer went on after compare was killed"
+    finally:
+        for p in trainers:
+            if p.is_running():
+                p.kill()
+        proc.kill()
+    assert list((run_dir / "checkpoints").glob("step-*"))  # it stopped with a checkpoint

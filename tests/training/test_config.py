@@ -44,6 +44,13 @@ def test_toml_then_overrides(tmp_path):
         ("data.sonar", "basci", "data.sonar must be 'toy', 'basic' or the path of a sonar.json"),
         ("data.lang", "english", "data.lang must be a SONAR language code"),
         ("data.max_sentences", "200", "data.max_sentences plus the end sentence must fit"),
+        ("optim.lr", "inf", "optim.lr must be a finite number, got inf"),
+        ("optim.eps", "nan", "optim.eps must be a finite number, got nan"),
+        ("optim.grad_clip", "-inf", "optim.grad_clip must be a finite number"),
+        ("run.seed", str(2**63), r"run.seed must be in \[0, 2\*\*63 - 1\]"),
+        ("run.seed", "-1", r"run.seed must be in \[0, 2\*\*63 - 1\]"),
+        ("model.overrides.objective", "mse", "model.overrides.objective is not used: .*set model.objective instead"),
+        ("model.overrides.kernel_impl", "torch", "model.overrides.kernel_impl is not used: .*set model.kernel_impl"),
     ],
 )
 def test_bad_values_name_their_key(key, value, match):
@@ -167,3 +174,67 @@ def test_the_trainer_reads_model_normalizer_checking_width_and_clipping(tmp_path
     (tmp_path / "bad.pt").write_text("x")
     with pytest.raises(ConfigError, match=r"model.normalizer: .*bad\.pt is not a readable torch normalizer file"):
         read(tmp_path / "bad.pt", 16)
+
+
+def test_non_finite_numbers_in_a_config_file_are_refused(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[optim]\nlr = inf\n")
+    with pytest.raises(ConfigError, match="optim.lr must be a finite number, got inf"):
+        load_config(path)
+
+
+def test_the_largest_seed_trains(prepared):
+    """2**63 - 1 passes validation, and the data order it seeds can be drawn (no overflow)."""
+    from training.data import StepSchedule
+    from training.shards import ShardedDocuments
+
+    cfg = load_config(None, {"run.seed": str(2**63 - 1)})
+    docs = ShardedDocuments(prepared, "train", verify=False)
+    schedule = StepSchedule(docs, micro=4, accum=1, world=1, seed=cfg.run.seed, duplicate_eos=True)
+    for step in (0, schedule.steps_per_epoch):  # epochs 0 and 1
+        ids = schedule.step_documents(step)
+        assert len(ids) == 4 and len(set(ids)) == 4
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop", "dangling parent"])
+def test_an_output_dir_through_a_broken_symlink_is_named(tmp_path, capsys, kind):
+    from training.train import main
+
+    link = tmp_path / "link"
+    if kind == "loop":
+        link.symlink_to(tmp_path / "other")
+        (tmp_path / "other").symlink_to(link)
+    else:
+        link.symlink_to(tmp_path / "missing")
+    out = link / "run" if kind == "dangling parent" else link
+    why = "a symbolic link in a loop of links" if kind == "loop" else f"a symbolic link to {tmp_path / 'missing'}, which does not exist"
+    with pytest.raises(ConfigError, match=f"run.output_dir {out}: {link} is {why}"):
+        load_config(None, {"run.output_dir": str(out)})
+    assert main(["--run.output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{link} is " in err and "File exists" not in err
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("[1, 2]", "must hold a JSON object .*got a list"),
+        ('{"zero_optimization": 3}', '"zero_optimization" must be a JSON object .*got 3'),
+        ('{"zero_optimization": {"stage": 2, "offload_optimizer": "cpu"}}',
+         '"zero_optimization.offload_optimizer" must be a JSON object'),
+        ('{"zero_optimization": {"stage": "2"}}', '"zero_optimization.stage" must be an integer'),
+        ('{"bf16": true}', '"bf16" must be a JSON object'),
+    ],
+)
+def test_a_deepspeed_config_of_another_shape_is_refused_at_start_up(tmp_path, capsys, content, match):
+    from training.train import main
+
+    path = tmp_path / "ds.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=f"system.deepspeed_config {path}.*{match}"):
+        load_config(None, {"system.deepspeed_config": str(path)})
+    assert main(["--system.deepspeed_config", str(path), "--run.output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("train.py: error: system.deepspeed_config")
+    assert not (tmp_path / "run").exists()

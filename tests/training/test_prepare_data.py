@@ -279,3 +279,14 @@ def test_a_corpus_of_one_document_is_refused_before_writing(tmp_path, capsys, co
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds only 1 usable document" in err and "held out for evaluation" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_unknown_lang_is_refused_before_anything_is_built(tmp_path, capsys):
+    corpus = tiny_corpus(tmp_path / "c.jsonl", 12)
+    out = tmp_path / "data"
+    with pytest.raises(SystemExit) as info:
+        prepare_data.main(["--source", str(corpus), "--out", str(out), "--lang", "english", "--quiet"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--lang must be a SONAR language code such as eng_Latn, got 'english'" in err
+    assert not out.exists()  # no toy SONAR, no lock

@@ -17,6 +17,7 @@ import torch
 from tests.training.conftest import read_losses
 from tests.training.test_train import REPO, SCRIPT, _command, _env, train
 from training import prepare_data
+from training.config import EXAMPLE_CORPUS
 from training.shards import sha256_file
 
 CKPT = ("--loop.checkpoint_every", "1", "--loop.keep_checkpoints", "4")
@@ -318,3 +319,124 @@ def test_checkpoints_carry_deepspeeds_recovery_script(four_steps):
     assert (step / "zero_to_fp32.py").is_file()
     assert "zero_to_fp32.py" in json.loads((step / "checkpoint.json").read_text())["files"]
     assert not list((four_steps / "checkpoints" / ".staging").glob("*"))
+
+
+def test_a_training_split_smaller_than_one_step_is_refused_in_one_line(tmp_path, prepared):
+    """48 training documents, one optimizer step of 10**9 x 2: refused at start-up, exit 2."""
+    run = tmp_path / "run"
+    out = train(run, prepared, "--loop.micro_batch_documents", str(10**9), check=False)
+    assert out.returncode == 2
+    _one_line(out.stderr, f"the training split of data.prepared_dir {prepared} has 48 documents",
+              f"loop.micro_batch_documents {10**9} x loop.grad_accum_steps 2 x 1 process(es) = {2 * 10**9}")  # fmt: skip
+    assert not (run / "config.json").exists()
+
+
+def test_documents_longer_than_the_model_are_refused_at_start_up(tmp_path):
+    """Data prepared with 40 sentences per document (41 with the end sentence) for a model of 36
+    positions (data.max_sentences keeps its default, 32, which fits): refused before the first step."""
+    corpus = tmp_path / "long.txt"
+    doc = " ".join(f"Sentence number {i} is about the cat." for i in range(45))
+    corpus.write_text("\n\n".join([doc] * 4) + "\n")
+    data = tmp_path / "data"
+    prepare_data.prepare(prepare_data.parse_args([
+        "--source", str(corpus), "--out", str(data), "--max-sentences", "40", "--eval-documents", "1",
+        "--toy-vocab-size", "100", "--toy-train-steps", "0", "--quiet"]))  # fmt: skip
+    out = train(tmp_path / "run", data, "--model.overrides.max_seq_len", "36", "--loop.micro_batch_documents", "1",
+                "--loop.grad_accum_steps", "1", check=False)
+    assert out.returncode == 2
+    _one_line(out.stderr, f"data.prepared_dir {data} holds documents of up to 41 sentences",
+              "data.max_sentences 40", "max_seq_len 36", "set model.overrides.max_seq_len 41",
+              "data.max_sentences 35")  # fmt: skip
+
+
+def test_a_model_too_large_for_memory_is_refused_before_allocating(tmp_path, prepared):
+    """model_dim 2**20: trillions of parameters, hundreds of TiB of model state (never allocated)."""
+    out = train(tmp_path / "run", prepared, "--model.overrides.model_dim", str(2**20), check=False)
+    assert out.returncode == 2
+    line = _one_line(out.stderr, "model.preset 'toy' with model.overrides {'model_dim': 1048576}",
+                     "trainable parameters; training it needs at least", "16 bytes per parameter in fp32",
+                     "available on this machine", "system.zero_stage 3")  # fmt: skip
+    assert "ZeRO stage 2" not in line  # one process: nothing is sharded
+
+
+def _start(run_dir, prepared, *args, env=None):
+    return subprocess.Popen(_command(run_dir, prepared, *args), cwd=REPO, env=env or _env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def test_a_second_signal_interrupts_in_one_line(tmp_path, prepared):
+    """SIGTERM asks for a stop at the end of the step; a second one, 0.1 s later (during the step
+    or the checkpoint), interrupts at once: one line naming the last checkpoint, exit 130."""
+    import signal
+    import time
+
+    proc = _start(tmp_path / "run", prepared, "--loop.max_steps", "100000")
+    try:
+        for line in proc.stdout:
+            if line.startswith("first step done"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    if proc.returncode == -signal.SIGTERM:  # the second signal came during the shutdown: ended silently
+        return
+    assert proc.returncode == 130
+    _one_line(err, "interrupted; ")
+
+
+def test_sigterm_during_first_use_preparation_leaves_no_scratch(tmp_path):
+    """The first run prepares data.prepared_dir (a toy SONAR built in a scratch folder): SIGTERM
+    then ends it in one line, exit 130, and the scratch folder is removed."""
+    import signal
+    import time
+
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    proc = _start(tmp_path / "run", tmp_path / "data", "--data.source", EXAMPLE_CORPUS,
+                  env=_env() | {"TMPDIR": str(scratch_root)})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not list(scratch_root.glob("sonarllm-toy-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(scratch_root.glob("sonarllm-toy-*")), "no toy SONAR scratch folder appeared"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    _one_line(err, "interrupted; no checkpoint was written")
+    assert not list(scratch_root.glob("sonarllm-toy-*"))
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total capacity)"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 4398046511104 bytes. Error code 12 (Cannot allocate memory)"),
+])  # fmt: skip
+def test_an_allocation_failure_ends_in_one_line(tmp_path, prepared, capsys, monkeypatch, error):
+    """What the estimate cannot foresee (activations, fragmentation) fails in one line, exit 1;
+    another RuntimeError is not disguised as one."""
+    import training.train as train_module
+
+    def build(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(train_module, "Trainer", build)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from tests.training.test_train import _port
+
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(_port()), "OMP_NUM_THREADS": "1"}.items():  # a world of one, undone after
+        monkeypatch.setenv(key, value)
+    argv = ["--run.output_dir", str(tmp_path / "run"), "--data.prepared_dir", str(prepared), "--system.progress", "false"]
+    assert train_module.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"train.py: error: out of memory: {str(error).splitlines()[0]}")
+
+    monkeypatch.setattr(train_module, "Trainer", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        train_module.main(argv)
