@@ -18,7 +18,7 @@ from training import prepare_data
 from training.checkpoint import read_only_problem
 from training.ownership import RUN_MARKER, check_run_dir
 from training.shards import ShardError, read_manifest, sha256_file, verify_sonar
-from training.train import changed_corpus_note
+from training.startup import changed_corpus_note
 
 
 def _overwrite_1k(path):
