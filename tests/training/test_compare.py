@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from training import compare
+from training import compare, compare_runs
 from training.config import EXAMPLE_CORPUS
 
 METRICS = {  # results.json name -> path in sonarllm.evaluate's result
@@ -147,7 +147,7 @@ def test_tiny_comparison_resumes_reports_and_reuses(tmp_path, prepared, test_cor
     def refuse_eval(*args, **kwargs):
         raise AssertionError("a finished evaluation was run again")
 
-    monkeypatch.setattr(compare.subprocess, "Popen", refuse)
+    monkeypatch.setattr(compare_runs.subprocess, "Popen", refuse)
     monkeypatch.setattr("sonarllm.evaluate.evaluate", refuse_eval)
     assert compare.main(argv) == 0
     again = json.loads((out / "per_seed.json").read_text())
@@ -167,7 +167,7 @@ def test_a_diverging_sweep_rate_loses_and_is_not_trained_again(tmp_path, prepare
     assert runs[1e-3]["role"] == "seed" and json.loads((out / "results.json").read_text())["chosen_lr"] == {"sonar": 1e-3}
     assert "| sonar | **" in (out / "results.md").read_text() and " | diverged |" in (out / "results.md").read_text()
 
-    monkeypatch.setattr(compare.subprocess, "Popen", lambda *a, **k: pytest.fail("a diverged run was trained again"))
+    monkeypatch.setattr(compare_runs.subprocess, "Popen", lambda *a, **k: pytest.fail("a diverged run was trained again"))
     assert compare.main(argv) == 0
     assert {r["lr"]: r["status"] for r in json.loads((out / "per_seed.json").read_text())} == {1e-3: "reused", 1e30: "diverged"}
 
@@ -177,7 +177,7 @@ def test_every_rate_diverging_fails(tmp_path, prepared, test_corpus, capsys, mon
         log_path.write_text("train.py: error: the training loss became inf at step 2; stopped\n")
         return 1, False, None
 
-    monkeypatch.setattr(compare, "_child", diverge)
+    monkeypatch.setattr(compare_runs, "_child", diverge)
     argv = _argv(prepared, tmp_path / "out", test_corpus, "--objectives", "sonar", "--seeds", "1", "--steps", "2",
                  "--lr", "sonar=1e20,1e30")  # fmt: skip
     assert compare.main(argv) == 1
@@ -376,7 +376,7 @@ def test_stop_after_from_a_config_file_is_overridden(tmp_path, prepared, test_co
 
 
 def test_a_run_that_stops_early_says_so(tmp_path, prepared, test_corpus, capsys, monkeypatch):
-    monkeypatch.setattr(compare, "_child", lambda cmd, log_path: (log_path.write_text("stopped\n"), (0, False, None))[1])
+    monkeypatch.setattr(compare_runs, "_child", lambda cmd, log_path: (log_path.write_text("stopped\n"), (0, False, None))[1])
     argv = _argv(prepared, tmp_path / "out", test_corpus, "--objectives", "sonar", "--seeds", "1", "--steps", "2", "--lr", "1e-3")
     assert compare.main(argv) == 1
     err = capsys.readouterr().err
