@@ -58,46 +58,59 @@ if __package__ in (None, ""):  # run as a script: import this repository's packa
 
 import argparse
 import contextlib
-import dataclasses
 import fcntl
-import hashlib
-import itertools
-import json
 import logging
 import os
 import shlex
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
-from datetime import timedelta
-from typing import NamedTuple
 
 import torch
 
-from sonarllm.corpus import read_documents, read_embedded_documents
-from sonarllm.files import cached_sha256
-from sonarllm.sonar.checkpoint import checkpoint_config
-from sonarllm.sonar.config import SONAR_CONFIGS
 from sonarllm.sonar.pipeline import SonarPipeline, SonarSpec
-from sonarllm.sonar.tokenizer import SonarTokenizer
-from sonarllm.sonar.toy import build_toy_sonar, train_toy_sonar, train_toy_tokenizer
-from sonarllm.text import EOS_SENTENCE, document_sentences
+from sonarllm.text import EOS_SENTENCE
+from training.prepare_corpus import (  # noqa: F401 (load_documents, corpus_digest, source_stat: for callers of this module)
+    _split_document,
+    _stream,
+    _toy_sentences,
+    corpus_digest,
+    load_documents,
+    source_stat,
+)
+from training.prepare_ranks import (
+    PROGRESS,
+    PlannedShard,
+    Ranks,
+    _options_digest,
+    _progress_entries,
+    plan_shards,
+)
+from training.prepare_sonar import (  # noqa: F401 (decoder_positions: also for callers of this module)
+    BASIC_SONAR,
+    TOY_FLAGS,
+    _identity,
+    _install_toy_sonar,
+    _read_toy_marker,
+    _toy_options,
+    decoder_positions,
+    encoder_dim,
+    named_sonar,
+    resolve_sonar,
+)
+from training.runlock import describe_holder, read_holder, write_holder
 from training.shards import (
     FORMAT_VERSION,
     MANIFEST,
-    SONAR_FIELDS,
     ShardError,
     read_manifest,
     sha256_file,
     write_json_atomic,
     write_shard,
 )
-from training.runlock import describe_holder, read_holder, write_holder
 
 log = logging.getLogger("sonarllm.prepare")
 DEFAULT_SOURCE = Path(__file__).resolve().parent / "example" / "stories.jsonl.gz"
 LOCK_NAME = "prepare.lock"
-BASIC_SONAR = SonarSpec("sonar_tokenizer", "text_sonar_basic_encoder", "text_sonar_basic_decoder")
 
 
 class ForeignOutError(ValueError):
@@ -154,198 +167,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def corpus_digest(source: Path) -> str:
-    """SHA-256 over the corpus file(s), so a changed corpus is noticed."""
-    if source.is_file():
-        return sha256_file(source)
-    h = hashlib.sha256()
-    for f in sorted(p for p in source.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(source)).encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
-
-
-def source_stat(source: Path) -> dict:
-    """Size and newest modification time of the corpus file(s): recorded in the manifest, so that
-    a corpus edited after its preparation is noticed cheaply (the trainer says so)."""
-    files = [source] if source.is_file() else [p for p in source.rglob("*") if p.is_file()]
-    stats = [f.stat() for f in files]
-    return {"bytes": sum(s.st_size for s in stats), "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
-
-
-def load_documents(source: Path, max_sentences: int, max_docs: int | None, *, progress: bool = False,
-                   text_field: str = "text", split: str = "train") -> list[list[str]]:  # fmt: skip
-    """Sentence lists (with the end sentence) of every document with at least two items (all
-    in memory: preparation itself streams, see ``_stream``)."""
-    from tqdm.auto import tqdm
-
-    docs = []
-    for text in tqdm(read_documents(source, text_field=text_field, split=split), desc="split", unit="doc",
-                     disable=not progress, dynamic_ncols=True):  # fmt: skip
-        sentences = document_sentences(text, max_sentences=max_sentences)
-        if len(sentences) >= 2:
-            docs.append(sentences)
-        if max_docs is not None and len(docs) >= max_docs:
-            break
-    if not docs:
-        raise ValueError(f"{source} holds no document with at least one sentence")
-    return docs
-
-
-def _stream(args, dim: int | None = None) -> Iterator:
-    """The corpus documents, in order and at most ``--max-docs``: texts, or (sentences,
-    embeddings_SD) pairs with ``--embedding-field`` (checked against the encoder's ``dim``).
-    Read anew by every pass, so that memory does not grow with the corpus."""
-    source = Path(args.source)
-    if args.embedding_field:
-        docs = read_embedded_documents(source, text_field=args.text_field, embedding_field=args.embedding_field,
-                                       dim=dim, split=args.split)  # fmt: skip
-    else:
-        docs = read_documents(source, text_field=args.text_field, split=args.split)
-    return itertools.islice(docs, args.max_docs)
-
-
-def _split_document(doc, max_sentences: int, index: int):
-    """What a shard stores of one corpus document: its sentences (first ``max_sentences``, then
-    the end sentence), with their given embeddings for a pre-embedded document."""
-    if isinstance(doc, str):
-        sentences = document_sentences(doc, max_sentences=max_sentences)
-        if len(sentences) < 2:  # read_documents yields only non-blank texts, which have a sentence
-            raise ValueError(f"document {index} of the corpus has no sentence")
-        return sentences
-    sentences, emb_SD = doc
-    return sentences[:max_sentences] + [EOS_SENTENCE], emb_SD[:max_sentences]
-
-
-TOY_SENTENCES = 200_000
-"""Training sentences (the first ones) the toy SONAR's tokenizer and autoencoder learn from."""
-
-
-def _toy_sentences(args, n_train: int) -> list[str]:
-    """The first ``TOY_SENTENCES`` sentences (end sentences included) of the training documents."""
-    sentences: list[str] = []
-    for k, doc in enumerate(_stream(args)):
-        if k >= n_train or len(sentences) >= TOY_SENTENCES:
-            break
-        sentences += _split_document(doc, args.max_sentences, k)
-    return sentences[:TOY_SENTENCES]
-
-
-TOY_FILES = ("toy_spm.model", "toy_encoder.pt", "toy_decoder.pt")
-TOY_MARKER = "toy.json"
-TOY_FLAGS = {"vocab_size": "--toy-vocab-size", "seed": "--toy-seed", "train_steps": "--toy-train-steps",
-             "lang": "--lang", "source_sha256": "a corpus of SHA-256"}  # fmt: skip
-
-
-def _toy_options(args, source_digest: str) -> dict:
-    """What a toy SONAR is built from (recorded in its ``toy.json``)."""
-    return {"vocab_size": args.toy_vocab_size, "seed": args.toy_seed, "train_steps": args.toy_train_steps,
-            "lang": args.lang, "source_sha256": source_digest}  # fmt: skip
-
-
-def _read_toy_marker(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / TOY_MARKER).read_text())
-    except (OSError, ValueError):
-        return None  # absent or half-written
-
-
-def _toy_files_match(folder: Path, recorded: dict | None) -> bool:
-    """Whether the toy SONAR files in ``folder`` have the SHA-256 the manifest recorded
-    (``recorded``: its options' ``sonar``; None when there is no manifest yet)."""
-    if recorded is None:
-        return True
-    return all(cached_sha256(folder / f) == recorded.get(field) for field, f in zip(SONAR_FIELDS, TOY_FILES, strict=True))
-
-
-def _build_toy_sonar(args, folder: Path, scratch: Path, toy_sentences: Callable[[], list[str]], source_digest: str,
-                     recorded: dict | None = None) -> Path:  # fmt: skip
-    """Where the toy SONAR of these options is: ``folder`` if its ``toy.json`` says it was built
-    with them and its files match the SHA-256 the manifest recorded (``recorded``), else
-    ``scratch``, where it is built (and trained) now, deterministically from the seed and the
-    ``toy_sentences()`` (read only then); ``_install_toy_sonar`` moves it into place once the
-    options check has passed."""
-    wanted = _toy_options(args, source_digest)
-    if _read_toy_marker(folder) == wanted and all((folder / f).is_file() for f in TOY_FILES):
-        if _toy_files_match(folder, recorded):
-            return folder
-        log.warning("the toy SONAR in %s does not match the SHA-256 recorded in %s (a file changed or is corrupted); "
-                    "rebuilding it", folder, MANIFEST)  # fmt: skip
-    folder = scratch
-    marker = folder / TOY_MARKER
-    sentences = toy_sentences()
-    spm_path = train_toy_tokenizer(sentences, folder / "toy_spm.model", vocab_size=args.toy_vocab_size)
-    tokenizer = SonarTokenizer(spm_path)
-    enc, dec = build_toy_sonar(tokenizer, folder, seed=args.toy_seed)
-    if args.toy_train_steps:
-        losses = train_toy_sonar(tokenizer, enc, dec, sentences, steps=args.toy_train_steps, seed=args.toy_seed,
-                                 lang=args.lang, progress=not args.quiet)  # fmt: skip
-        log.info("toy SONAR trained as an autoencoder: loss %.3f -> %.4f", losses[0], losses[-1])
-    write_json_atomic(marker, wanted)
-    return folder
-
-
-def _install_toy_sonar(built: Path, folder: Path) -> None:
-    """Copy a toy SONAR built in scratch space into ``folder``, each file atomically and the
-    marker last (an interrupted install is rebuilt by the next run)."""
-    if built.resolve() == folder.resolve():  # already in place (``built`` is a resolved path)
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / TOY_MARKER).unlink(missing_ok=True)
-    for name in TOY_FILES + (TOY_MARKER,):
-        tmp = folder / (name + ".tmp")
-        shutil.copyfile(built / name, tmp)
-        os.replace(tmp, folder / name)
-
-
-def resolve_sonar(args, out: Path, scratch: Path, toy_sentences: Callable[[], list[str]],
-                  source_digest: str, recorded: dict | None = None) -> tuple[SonarSpec, SonarSpec]:  # fmt: skip
-    """The SONAR to use: (where its files are now, what ``sonar.json`` in ``out`` will say).
-    A toy SONAR that is not built yet, or whose files do not match the SHA-256 the manifest
-    recorded (``recorded``), is built (deterministically) in ``scratch``; nothing is written to
-    ``out``."""
-    if args.sonar == "toy":
-        built = _build_toy_sonar(args, out / "sonar", scratch, toy_sentences, source_digest, recorded)
-        now = SonarSpec(*(str((built / f).resolve()) for f in TOY_FILES), args.lang)
-        return now, SonarSpec(*(f"sonar/{f}" for f in TOY_FILES), args.lang)
-    spec = named_sonar(args)
-    return spec, spec
-
-
-def named_sonar(args) -> SonarSpec:
-    """The SONAR ``--sonar basic`` or ``--sonar path/sonar.json`` names (not the toy)."""
-    if args.sonar == "basic":
-        return SonarSpec(BASIC_SONAR.tokenizer, BASIC_SONAR.encoder, BASIC_SONAR.decoder, args.lang)
-    return dataclasses.replace(SonarSpec.load(args.sonar), lang=args.lang)  # its encoder/decoder configs kept
-
-
-def decoder_positions(spec: SonarSpec) -> int:
-    """How many positions the SONAR decoder named by ``spec`` has, resolved as the trainer will
-    load it (``spec.decoder_config``, the config the file records, a sonar.json beside it, the
-    released architecture's sizes; else CheckpointError, before any encoding); an asset name
-    (not a local file) is the released decoder, 512."""
-    if spec.decoder and os.path.isfile(spec.decoder):
-        return checkpoint_config(spec.decoder, "decoder", config=spec.decoder_config).max_seq_len
-    return SONAR_CONFIGS["basic"].max_seq_len
-
-
-def encoder_dim(spec: SonarSpec) -> int:
-    """The embedding dimension of the SONAR encoder ``spec`` names (resolved as loading does);
-    an asset name is the released encoder, 1024."""
-    if spec.encoder and os.path.isfile(spec.encoder):
-        return checkpoint_config(spec.encoder, "encoder", config=spec.encoder_config).model_dim
-    return SONAR_CONFIGS["basic"].model_dim
-
-
-def _identity(spec: SonarSpec) -> dict:
-    """What identifies the SONAR that made the data: file digests, or asset names."""
-    ident = {}
-    for field in SONAR_FIELDS:
-        value = getattr(spec, field)
-        ident[field] = cached_sha256(value) if value and os.path.isfile(value) else value
-    return ident
-
-
 def _encode_shard(pipe: SonarPipeline, docs: list, lang: str, max_target: int, dtype, max_tokens, progress,
                   eos_emb_1D: torch.Tensor | None = None):  # fmt: skip
     """The tensors of one shard. Text documents (sentence lists) are encoded here, in one call
@@ -371,98 +192,6 @@ def _encode_shard(pipe: SonarPipeline, docs: list, lang: str, max_target: int, d
     for s in seqs:
         token_offsets.append(token_offsets[-1] + len(s))
     return emb, sentence_offsets, [t for s in seqs for t in s], token_offsets
-
-
-class Ranks:
-    """The processes that prepare one directory together (``torchrun --nproc_per_node N``, over
-    one or several nodes), or this process alone. Every collective step runs through ``run``, so
-    that an error on one rank stops the others with a line naming it instead of leaving them
-    waiting."""
-
-    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, group=None):
-        self.rank, self.world, self.local_rank, self.group = rank, world, local_rank, group
-
-    @classmethod
-    def from_env(cls) -> Ranks:
-        """The ranks torchrun describes in the environment (gloo: only flags travel between
-        them, the shards go through the shared filesystem). Waits have no practical timeout:
-        a rank may encode for hours before the others need it; a rank that dies ends the job."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls()
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo", timeout=timedelta(days=7))
-        return cls(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")), dist.group.WORLD)
-
-    def run(self, fn: Callable, *, rank0_only: bool = False):
-        """``fn()`` on every rank (or rank 0 only), then agree: if any rank failed, every other
-        one raises a ShardError naming it (the failing rank raises its own error)."""
-        error, result = None, None
-        if self.rank == 0 or not rank0_only:
-            try:
-                result = fn()
-            except Exception as exc:  # noqa: BLE001 - re-raised below, after the others learnt of it
-                error = exc
-        if self.world > 1:
-            import torch.distributed as dist
-
-            failed = torch.tensor([0 if error is None else self.rank + 1])
-            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
-            if error is None and failed.item():
-                raise ShardError(f"rank {failed.item() - 1} failed (its error is in its output); rank {self.rank} stops too")
-        if error is not None:
-            raise error
-        return result
-
-    def close(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-class PlannedShard(NamedTuple):
-    """One shard of the plan: documents ``[start, start + documents)`` of the corpus."""
-
-    index: int
-    name: str
-    split: str
-    start: int
-    documents: int
-
-
-def plan_shards(n_train: int, n_eval: int, shard_documents: int) -> list[PlannedShard]:
-    """Training shards, then eval shards, each of ``shard_documents`` consecutive documents."""
-    plan = []
-    for split, first, total in (("train", 0, n_train), ("eval", n_train, n_eval)):
-        for i, start in enumerate(range(0, total, shard_documents)):
-            plan.append(PlannedShard(len(plan), f"{split}-{i:05d}.safetensors", split, first + start,
-                                     min(shard_documents, total - start)))  # fmt: skip
-    return plan
-
-
-PROGRESS = "prepare.progress"
-"""Directory of one record per shard written by an unfinished preparation (every rank writes
-its own shards' records; rank 0 folds them into the manifest and removes the directory)."""
-
-
-def _options_digest(options: dict) -> str:
-    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
-
-
-def _progress_entries(out: Path, options: dict) -> dict[str, dict]:
-    """The shard entries an unfinished preparation with these options recorded."""
-    found, want = {}, _options_digest(options)
-    folder = out / PROGRESS
-    for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            record = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue  # half-written: the shard is verified or rebuilt like a missing one
-        if isinstance(record, dict) and record.get("options_sha256") == want:
-            found[record["entry"]["name"]] = record["entry"]
-    return found
 
 
 def _is_preparation(out: Path) -> bool:
