@@ -3,13 +3,22 @@ rows, by fused_linear_cross_entropy_triton.py; the math of alpha, beta, gamma is
 fused_linear_cross_entropy_function.py).
 
 Shared by both schedules:
-- ``_flce_lse_kernel`` merges per-(row, block) softmax statistics into the row log-sum-exp and
+- ``_flce_lse_kernel`` merges per-(row, block) softmax statistics into the row max ``m``, the
+  shifted log-sum-exp ``lse' = log(sum exp(z - m))``, the shifted target logit and smoothing sum,
   the gradient coefficients, and optionally the per-block gradient scale
-  ``alpha * exp(block_max - lse)``.
+  ``alpha * exp((block_max - m) - lse')``.
+
+Precision: the loss and the softmax are formed in the frame shifted by the row max (see
+fused_linear_cross_entropy_function.py): ``exp((z - m) - lse')``, never ``exp(z - lse)`` with
+``lse = m + lse'`` rounded at the size of the logits. The smoothing sums are kept relative to the
+running block max as well (``sum_j w_j * (z_j - frame)``; a change of frame adds
+``(old frame - new frame) * sum_j w_j``, a sum of terms of one sign), so no sum of logits of 1e4
+is ever subtracted from another.
 
 "hybrid" schedule (cuBLAS writes the logits and multiplies the logit gradient by W):
-- ``_flce_row_stats_kernel``: per (row, segment of the vocabulary), the max and the sum of
-  exp(logit - max), the target logit and the smoothing sum, from logits stored in the input dtype.
+- ``_flce_row_stats_kernel``: per (row, segment of the vocabulary), the max, the sum of
+  exp(logit - max), the target logit and the smoothing sum relative to the max, from logits
+  stored in the input dtype.
 - ``_flce_row_dz_kernel``: overwrites those logits with the logit gradient dz, in place.
 
 "fused" schedule (both GEMMs in Triton, the logits never leave in any other form):
@@ -63,11 +72,13 @@ def _softcap(x, softcap):
 # Counts that vary between calls are not specialised (no recompile for a ragged last chunk).
 @triton.jit(do_not_specialize=["C", "NB", "stride_bc"])
 def _flce_lse_kernel(
-    blk_max_ptr, blk_sum_ptr, blk_zsum_ptr,  # in: per (row, block) stats [C, NB]
+    blk_max_ptr, blk_sum_ptr, blk_zsum_ptr,  # in: per (row, block) stats [C, NB]; zsum relative to the block max
+    blk_weight_ptr,  # in (HAS_SMOOTHING): the (class-)weight sum of each block's columns [NB]
     loss_scale_ptr, lse_scale_ptr,  # in: per-row weights of the loss and of lse [C] (optional)
     row_weight_ptr, weight_sum_ptr,  # in: class weight of each row's target [C], sum of the class weights [1]
-    lse_ptr, zsum_ptr, alpha_ptr, beta_ptr, gamma_ptr,  # out [C]
-    scale_ptr,  # out (WRITE_SCALE): alpha * exp(block max - lse) [C, NB]; may alias blk_sum_ptr
+    target_ptr,  # in/out: the target logit [C], overwritten with target - m
+    max_ptr, lse_ptr, zsum_ptr, alpha_ptr, beta_ptr, gamma_ptr,  # out [C]: m, lse', sum_j w_j (z_j - m), ...
+    scale_ptr,  # out (WRITE_SCALE): alpha * exp((block max - m) - lse') [C, NB]; may alias blk_sum_ptr
     C, NB, stride_bc, V,
     z_loss, smoothing,
     HAS_SMOOTHING: tl.constexpr, HAS_LOSS_SCALE: tl.constexpr, HAS_LSE_SCALE: tl.constexpr,
@@ -91,11 +102,19 @@ def _flce_lse_kernel(
         bm = tl.load(blk_max_ptr + offs, mask=mask, other=float("-inf"))
         bs = tl.load(blk_sum_ptr + offs, mask=mask, other=0.0)
         s += tl.sum(tl.where(mask, bs * tl.exp2((bm - m[:, None]) * LOG2E), 0.0), axis=1)
-        if HAS_SMOOTHING:
-            zs += tl.sum(tl.load(blk_zsum_ptr + offs, mask=mask, other=0.0), axis=1)
-    lse = m + tl.log(tl.where(mask_r, s, 1.0))
-    lse = tl.where((lse == lse) & (tl.abs(lse) < float("inf")), lse, float("nan"))
-    tl.store(lse_ptr + offs_r, lse, mask=mask_r)
+        if HAS_SMOOTHING:  # move each block's sum from its frame (its max, 0 if all -inf) to m
+            bz = tl.load(blk_zsum_ptr + offs, mask=mask, other=0.0)
+            bw = tl.load(blk_weight_ptr + t0 + offs_t, mask=t0 + offs_t < NB, other=0.0)
+            frame = tl.where(bm == float("-inf"), 0.0, bm)
+            zs += tl.sum(tl.where(mask, bz + (frame - m[:, None]) * bw[None, :], 0.0), axis=1)
+    lse_s = tl.log(tl.where(mask_r, s, 1.0))  # lse', of the size of the loss
+    lse = m + lse_s  # the log-sum-exp itself: only the z-loss uses it
+    ok = (lse == lse) & (tl.abs(lse) < float("inf"))
+    lse = tl.where(ok, lse, float("nan"))
+    lse_s = tl.where(ok, lse_s, float("nan"))
+    tl.store(max_ptr + offs_r, m, mask=mask_r)
+    tl.store(lse_ptr + offs_r, lse_s, mask=mask_r)
+    tl.store(target_ptr + offs_r, tl.load(target_ptr + offs_r, mask=mask_r, other=0.0) - m, mask=mask_r)
     if HAS_SMOOTHING:
         tl.store(zsum_ptr + offs_r, zs, mask=mask_r)
     # --- gradient coefficients
@@ -120,7 +139,8 @@ def _flce_lse_kernel(
             mask = mask_r[:, None] & (t0 + offs_t < NB)[None, :]
             offs = offs_r[:, None] * stride_bc + t0 + offs_t[None, :]
             bm = tl.load(blk_max_ptr + offs, mask=mask, other=float("-inf"))
-            tl.store(scale_ptr + offs, alpha[:, None] * tl.exp2((bm - lse[:, None]) * LOG2E), mask=mask)
+            p_max = tl.exp2(((bm - m[:, None]) - lse_s[:, None]) * LOG2E)  # softmax of the block max
+            tl.store(scale_ptr + offs, alpha[:, None] * p_max, mask=mask)
 
 
 # --- "hybrid" schedule: row passes over logits that cuBLAS wrote --------------------------------
@@ -131,6 +151,7 @@ def _flce_row_stats_kernel(
     z_ptr,  # in: logits [C, V] (row stride stride_zc), input dtype, bias already added
     cw_ptr, y_ptr,  # in: class weights [V] (HAS_CLASS_WEIGHT), targets [C]
     max_ptr, sum_ptr, zsum_ptr,  # out: per (row, segment) max, sum of exp(logit - max), smoothing sum [C, S]
+    # (the smoothing sum is sum_j w_j * (logit_j - max), w = class weight or 1; max -> 0 if it is -inf)
     target_ptr,  # out: target logit [C] (written by the segment holding it)
     V, seg_len, n_iter, stride_zc, stride_sc,
     softcap,
@@ -144,7 +165,9 @@ def _flce_row_stats_kernel(
     offs = tl.arange(0, BLOCK_V)
     m = float("-inf")
     s = 0.0
-    zs = tl.zeros((BLOCK_V,), tl.float32)
+    frame = 0.0  # the smoothing sums' frame: the running max (0 while it is -inf)
+    zs = tl.zeros((BLOCK_V,), tl.float32)  # per lane: sum_j w_j * (z_j - frame)
+    cnt = tl.zeros((BLOCK_V,), tl.float32)  # per lane: sum_j w_j
     for i in range(0, n_iter):  # same trip count in every program (seg_len = n_iter * BLOCK_V)
         offs_v = v_first + i * BLOCK_V + offs
         mask = offs_v < V
@@ -156,11 +179,14 @@ def _flce_row_stats_kernel(
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all -inf block has no mass
         s = s * tl.exp2((m - shift) * LOG2E) + tl.sum(tl.exp2((x - shift) * LOG2E), axis=0)
         m = m_new
-        if HAS_SMOOTHING:
-            if HAS_CLASS_WEIGHT:  # the smoothing term sums cw[j] * z[j]
-                zs += tl.where(mask, x, 0.0) * tl.load(cw_ptr + offs_v, mask=mask, other=0.0)
+        if HAS_SMOOTHING:  # the smoothing term sums cw[j] * z[j], kept relative to the running max
+            if HAS_CLASS_WEIGHT:
+                w = tl.load(cw_ptr + offs_v, mask=mask, other=0.0)
             else:
-                zs += tl.where(mask, x, 0.0)
+                w = tl.where(mask, 1.0, 0.0)
+            zs += (frame - shift) * cnt + tl.where(mask, x - shift, 0.0) * w
+            cnt += w
+            frame = shift
     out = row * stride_sc + seg
     tl.store(max_ptr + out, m)
     tl.store(sum_ptr + out, s)
@@ -177,7 +203,7 @@ def _flce_row_stats_kernel(
 @triton.jit(do_not_specialize=["n_iter"])
 def _flce_row_dz_kernel(
     z_ptr,  # in/out: logits [C, V] -> dz, in place, input dtype
-    cw_ptr, y_ptr, lse_ptr, alpha_ptr, beta_ptr, gamma_ptr,  # in: [V], [C] x 5
+    cw_ptr, y_ptr, max_ptr, lse_ptr, alpha_ptr, beta_ptr, gamma_ptr,  # in: [V], [C] x 6 (lse: lse' = lse - max)
     V, seg_len, n_iter, stride_zc,
     softcap,
     HAS_SOFTCAP: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
@@ -189,6 +215,7 @@ def _flce_row_dz_kernel(
     v_first = seg * seg_len
     offs = tl.arange(0, BLOCK_V)
     y = tl.load(y_ptr + row)
+    m = tl.load(max_ptr + row)
     lse = tl.load(lse_ptr + row)
     alpha = tl.load(alpha_ptr + row)
     beta = tl.load(beta_ptr + row)
@@ -201,7 +228,7 @@ def _flce_row_dz_kernel(
         if HAS_SOFTCAP:
             t = _tanh(x / softcap)
             x = softcap * t
-        dz = alpha * tl.exp2((x - lse) * LOG2E) - tl.where(offs_v == y, beta, 0.0)
+        dz = alpha * tl.exp2(((x - m) - lse) * LOG2E) - tl.where(offs_v == y, beta, 0.0)
         if HAS_GAMMA:
             if HAS_CLASS_WEIGHT:
                 dz -= gamma * tl.load(cw_ptr + offs_v, mask=mask, other=0.0)
@@ -219,7 +246,7 @@ def _flce_row_dz_kernel(
 def _flce_logits_kernel(
     h_ptr, w_ptr, b_ptr, cw_ptr, y_ptr,  # in: h [C, D], w [V, D], bias [V], class weights [V], target [C]
     e_ptr,  # out (STORE): exp(logit - tile max) [C, V], or with softcap logit - tile max; input dtype
-    tile_max_ptr, tile_sum_ptr, tile_zsum_ptr,  # out: per (row, V-tile) stats [C, NT], fp32
+    tile_max_ptr, tile_sum_ptr, tile_zsum_ptr,  # out: per (row, V-tile) stats [C, NT], fp32 (zsum: relative to the max)
     target_ptr,  # out: target logit [C], fp32
     C, V, D,
     stride_hc, stride_hd, stride_wv, stride_wd, stride_ec, stride_tc,
@@ -272,15 +299,15 @@ def _flce_logits_kernel(
     in_tile = (y >= v0) & (y < v0 + BLOCK_V)
     tl.store(target_ptr + offs_c, tl.sum(tl.where(offs_v[None, :] == y[:, None], acc, 0.0), axis=1),
              mask=mask_c & in_tile)  # fmt: skip
-    if HAS_SMOOTHING:
-        zs = tl.where(mask_v[None, :], acc, 0.0)
-        if HAS_CLASS_WEIGHT:  # the smoothing term sums cw[j] * z[j]
-            zs *= tl.load(cw_ptr + offs_v, mask=mask_v, other=0.0)[None, :]
-        tl.store(tile_zsum_ptr + t_offs, tl.sum(zs, axis=1), mask=mask_c)
     tile_max = tl.max(acc, axis=1)
     tl.store(tile_max_ptr + t_offs, tile_max, mask=mask_c)  # -inf for an all -inf tile: no mass in the merge
     # A tile whose logits are all -inf has no mass: shift by 0 there (its exp terms are 0).
     acc -= tl.where(tile_max == float("-inf"), 0.0, tile_max)[:, None]
+    if HAS_SMOOTHING:  # the smoothing term sums cw[j] * z[j]: here relative to the tile max
+        zs = tl.where(mask_v[None, :], acc, 0.0)
+        if HAS_CLASS_WEIGHT:
+            zs *= tl.load(cw_ptr + offs_v, mask=mask_v, other=0.0)[None, :]
+        tl.store(tile_zsum_ptr + t_offs, tl.sum(zs, axis=1), mask=mask_c)
     e = tl.exp2(acc * LOG2E)
     tl.store(tile_sum_ptr + t_offs, tl.sum(e, axis=1), mask=mask_c)
     if STORE:
@@ -293,10 +320,10 @@ def _flce_logits_kernel(
 @triton.jit
 def _fused_dz(e, sc, tmax, y, beta, gamma, cw, offs_v, softcap, HAS_SOFTCAP: tl.constexpr, HAS_GAMMA: tl.constexpr):
     """dz of a tile from what ``_flce_logits_kernel`` stored (float32 in and out). Per-row
-    values (sc = alpha * exp(tile max - lse), tmax, y, beta, gamma) and per-column values (cw:
+    values (sc = alpha * exp((tile max - m) - lse'), tmax, y, beta, gamma) and per-column values (cw:
     class weight or 1, offs_v: column index) come broadcastable against ``e``."""
     if HAS_SOFTCAP:
-        dz = sc * tl.exp2(e * LOG2E)  # alpha * exp(z - lse), e = z - tile max
+        dz = sc * tl.exp2(e * LOG2E)  # alpha * exp((z - m) - lse'), e = z - tile max
     else:
         dz = sc * e
     dz -= tl.where(offs_v == y, beta, 0.0)
