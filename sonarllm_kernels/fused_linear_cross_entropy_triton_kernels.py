@@ -4,12 +4,13 @@ fused_linear_cross_entropy_function.py).
 
 Shared by both schedules:
 - ``_flce_lse_kernel`` merges per-(row, block) softmax statistics into the row max ``m``, the
-  shifted log-sum-exp ``lse' = log(sum exp(z - m))``, the shifted target logit and smoothing sum,
-  the gradient coefficients, and optionally the per-block gradient scale
-  ``alpha * exp((block_max - m) - lse')``.
+  shifted log-sum-exp ``lse' = log(s)`` with ``s = sum exp(z - m)``, the shifted target logit and
+  smoothing sum, the gradient coefficients (the softmax's as ``alpha / s``), and optionally the
+  per-block gradient scale ``(alpha / s) * exp(block_max - m)``.
 
 Precision: the loss and the softmax are formed in the frame shifted by the row max (see
-fused_linear_cross_entropy_function.py): ``exp((z - m) - lse')``, never ``exp(z - lse)`` with
+fused_linear_cross_entropy_function.py): the softmax is ``exp(z - m) / s`` (as in the "torch"
+path; one rounding of ``alpha / s`` shared by the whole row), never ``exp(z - lse)`` with
 ``lse = m + lse'`` rounded at the size of the logits. The smoothing sums are kept relative to the
 running block max as well (``sum_j w_j * (z_j - frame)``; a change of frame adds
 ``(old frame - new frame) * sum_j w_j``, a sum of terms of one sign), so no sum of logits of 1e4
@@ -44,6 +45,33 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
+# log2(e) = LOG2E_HI + LOG2E_LO + LOG2E_TAIL: HI and LO have 12 significant bits each (their sum is
+# log2(e) rounded to float32), so a 12-bit number times either is exact (see _exp).
+LOG2E_HI = tl.constexpr(1.44287109375)
+LOG2E_LO = tl.constexpr(-0.0001760721206665039)
+LOG2E_TAIL = tl.constexpr(1.92596298909109e-08)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _exp(a):
+    """exp(a) in float32 whose error does not grow with |a|.
+
+    ``exp2(a * LOG2E)`` rounds the product, an error of about |a| * 2^-24 relative in the result
+    (5e-7 at a = -8, five times torch.exp's): a softmax gradient at logits of 1e4 is multiplied
+    by weights of that size, so this error is what remains of its precision. Here the rounding
+    ``r = a * log2(e) - t`` of ``t = fl(a * log2(e))`` is recovered exactly (Dekker's product: a
+    split into 12-bit halves, each product with LOG2E_HI/LO exact) and applied to first order,
+    ``exp2(t) * (1 + r * ln 2)`` (|r| <= 2^-24 |t|, so the second-order term is negligible).
+    ±inf and NaN behave as exp2: 0, inf, NaN.
+    """
+    t = a * LOG2E
+    f = tl.where(tl.abs(a) < float("inf"), a, 0.0)  # ±inf, NaN: no correction (exp2(t) is 0, inf, NaN)
+    tf = f * LOG2E
+    f_hi = (f.to(tl.int32, bitcast=True) & -4096).to(tl.float32, bitcast=True)  # top 12 significant bits
+    f_lo = f - f_hi
+    r = ((f_hi * LOG2E_HI - tf) + f_hi * LOG2E_LO + f_lo * LOG2E_HI) + f_lo * LOG2E_LO + f * LOG2E_TAIL
+    return tl.exp2(t) * (1.0 + r * LN2)
 
 
 @triton.jit
@@ -77,8 +105,8 @@ def _flce_lse_kernel(
     loss_scale_ptr, lse_scale_ptr,  # in: per-row weights of the loss and of lse [C] (optional)
     row_weight_ptr, weight_sum_ptr,  # in: class weight of each row's target [C], sum of the class weights [1]
     target_ptr,  # in/out: the target logit [C], overwritten with target - m
-    max_ptr, lse_ptr, zsum_ptr, alpha_ptr, beta_ptr, gamma_ptr,  # out [C]: m, lse', sum_j w_j (z_j - m), ...
-    scale_ptr,  # out (WRITE_SCALE): alpha * exp((block max - m) - lse') [C, NB]; may alias blk_sum_ptr
+    max_ptr, lse_ptr, zsum_ptr, pscale_ptr, beta_ptr, gamma_ptr,  # out [C]: m, lse', sum_j w_j (z_j - m), alpha / s, ...
+    scale_ptr,  # out (WRITE_SCALE): (alpha / s) * exp(block max - m) [C, NB]; may alias blk_sum_ptr
     C, NB, stride_bc, V,
     z_loss, smoothing,
     HAS_SMOOTHING: tl.constexpr, HAS_LOSS_SCALE: tl.constexpr, HAS_LSE_SCALE: tl.constexpr,
@@ -101,7 +129,7 @@ def _flce_lse_kernel(
         offs = offs_r[:, None] * stride_bc + t0 + offs_t[None, :]
         bm = tl.load(blk_max_ptr + offs, mask=mask, other=float("-inf"))
         bs = tl.load(blk_sum_ptr + offs, mask=mask, other=0.0)
-        s += tl.sum(tl.where(mask, bs * tl.exp2((bm - m[:, None]) * LOG2E), 0.0), axis=1)
+        s += tl.sum(tl.where(mask, bs * _exp(bm - m[:, None]), 0.0), axis=1)
         if HAS_SMOOTHING:  # move each block's sum from its frame (its max, 0 if all -inf) to m
             bz = tl.load(blk_zsum_ptr + offs, mask=mask, other=0.0)
             bw = tl.load(blk_weight_ptr + t0 + offs_t, mask=t0 + offs_t < NB, other=0.0)
@@ -131,7 +159,8 @@ def _flce_lse_kernel(
         beta = c * (1.0 - smoothing)
     if HAS_LSE_SCALE:
         alpha += tl.load(lse_scale_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
-    tl.store(alpha_ptr + offs_r, alpha, mask=mask_r)
+    pscale = tl.where(ok, alpha / tl.where(mask_r, s, 1.0), float("nan"))  # dz = pscale * exp(z - m) - ...
+    tl.store(pscale_ptr + offs_r, pscale, mask=mask_r)
     tl.store(beta_ptr + offs_r, beta, mask=mask_r)
     tl.store(gamma_ptr + offs_r, c * (smoothing / V), mask=mask_r)
     if WRITE_SCALE:  # pass 3: the softmax scale of every block (0 for an all -inf block)
@@ -139,8 +168,7 @@ def _flce_lse_kernel(
             mask = mask_r[:, None] & (t0 + offs_t < NB)[None, :]
             offs = offs_r[:, None] * stride_bc + t0 + offs_t[None, :]
             bm = tl.load(blk_max_ptr + offs, mask=mask, other=float("-inf"))
-            p_max = tl.exp2(((bm - m[:, None]) - lse_s[:, None]) * LOG2E)  # softmax of the block max
-            tl.store(scale_ptr + offs, alpha[:, None] * p_max, mask=mask)
+            tl.store(scale_ptr + offs, pscale[:, None] * _exp(bm - m[:, None]), mask=mask)
 
 
 # --- "hybrid" schedule: row passes over logits that cuBLAS wrote --------------------------------
@@ -177,7 +205,7 @@ def _flce_row_stats_kernel(
         x = tl.where(mask, x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all -inf block has no mass
-        s = s * tl.exp2((m - shift) * LOG2E) + tl.sum(tl.exp2((x - shift) * LOG2E), axis=0)
+        s = s * _exp(m - shift) + tl.sum(_exp(x - shift), axis=0)
         m = m_new
         if HAS_SMOOTHING:  # the smoothing term sums cw[j] * z[j], kept relative to the running max
             if HAS_CLASS_WEIGHT:
@@ -203,7 +231,7 @@ def _flce_row_stats_kernel(
 @triton.jit(do_not_specialize=["n_iter"])
 def _flce_row_dz_kernel(
     z_ptr,  # in/out: logits [C, V] -> dz, in place, input dtype
-    cw_ptr, y_ptr, max_ptr, lse_ptr, alpha_ptr, beta_ptr, gamma_ptr,  # in: [V], [C] x 6 (lse: lse' = lse - max)
+    cw_ptr, y_ptr, max_ptr, pscale_ptr, beta_ptr, gamma_ptr,  # in: [V], [C] x 5 (pscale: alpha / sum exp(z - max))
     V, seg_len, n_iter, stride_zc,
     softcap,
     HAS_SOFTCAP: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
@@ -216,8 +244,7 @@ def _flce_row_dz_kernel(
     offs = tl.arange(0, BLOCK_V)
     y = tl.load(y_ptr + row)
     m = tl.load(max_ptr + row)
-    lse = tl.load(lse_ptr + row)
-    alpha = tl.load(alpha_ptr + row)
+    pscale = tl.load(pscale_ptr + row)
     beta = tl.load(beta_ptr + row)
     gamma = tl.load(gamma_ptr + row)
     for i in range(0, n_iter):
@@ -228,7 +255,7 @@ def _flce_row_dz_kernel(
         if HAS_SOFTCAP:
             t = _tanh(x / softcap)
             x = softcap * t
-        dz = alpha * tl.exp2(((x - m) - lse) * LOG2E) - tl.where(offs_v == y, beta, 0.0)
+        dz = pscale * _exp(x - m) - tl.where(offs_v == y, beta, 0.0)
         if HAS_GAMMA:
             if HAS_CLASS_WEIGHT:
                 dz -= gamma * tl.load(cw_ptr + offs_v, mask=mask, other=0.0)
@@ -253,6 +280,7 @@ def _flce_logits_kernel(
     softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_CLASS_WEIGHT: tl.constexpr, STORE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EXACT_EXP: tl.constexpr,  # float32 inputs: _exp (16-bit stores round far more than exp2 errs)
     BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_C: tl.constexpr,
 ):  # fmt: skip
     # --- map the program to a (C-block, V-block) tile, grouped so W tiles are reused from L2
@@ -308,7 +336,10 @@ def _flce_logits_kernel(
         if HAS_CLASS_WEIGHT:
             zs *= tl.load(cw_ptr + offs_v, mask=mask_v, other=0.0)[None, :]
         tl.store(tile_zsum_ptr + t_offs, tl.sum(zs, axis=1), mask=mask_c)
-    e = tl.exp2(acc * LOG2E)
+    if EXACT_EXP:
+        e = _exp(acc)
+    else:
+        e = tl.exp2(acc * LOG2E)
     tl.store(tile_sum_ptr + t_offs, tl.sum(e, axis=1), mask=mask_c)
     if STORE:
         if HAS_SOFTCAP:  # the softcap derivative needs the logit itself
@@ -318,12 +349,16 @@ def _flce_logits_kernel(
 
 
 @triton.jit
-def _fused_dz(e, sc, tmax, y, beta, gamma, cw, offs_v, softcap, HAS_SOFTCAP: tl.constexpr, HAS_GAMMA: tl.constexpr):
+def _fused_dz(e, sc, tmax, y, beta, gamma, cw, offs_v, softcap, HAS_SOFTCAP: tl.constexpr, HAS_GAMMA: tl.constexpr,
+              EXACT_EXP: tl.constexpr):  # fmt: skip
     """dz of a tile from what ``_flce_logits_kernel`` stored (float32 in and out). Per-row
-    values (sc = alpha * exp((tile max - m) - lse'), tmax, y, beta, gamma) and per-column values (cw:
+    values (sc = (alpha / s) * exp(tile max - m), tmax, y, beta, gamma) and per-column values (cw:
     class weight or 1, offs_v: column index) come broadcastable against ``e``."""
     if HAS_SOFTCAP:
-        dz = sc * tl.exp2(e * LOG2E)  # alpha * exp((z - m) - lse'), e = z - tile max
+        if EXACT_EXP:  # (alpha / s) * exp(z - m), e = z - tile max
+            dz = sc * _exp(e)
+        else:
+            dz = sc * tl.exp2(e * LOG2E)
     else:
         dz = sc * e
     dz -= tl.where(offs_v == y, beta, 0.0)
@@ -343,7 +378,7 @@ def _flce_grad_hidden_kernel(
     stride_ec, stride_tc, stride_wv, stride_wd,
     softcap,
     HAS_SOFTCAP: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EXACT_EXP: tl.constexpr,
     TILE_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -384,7 +419,7 @@ def _flce_grad_hidden_kernel(
         else:
             cw = tl.full((BLOCK_K,), 1.0, tl.float32)
         dz = _fused_dz(e, sc[:, None], tmax[:, None], y[:, None], beta[:, None], gamma[:, None], cw[None, :],
-                       offs_v[None, :], softcap, HAS_SOFTCAP, HAS_GAMMA)  # fmt: skip
+                       offs_v[None, :], softcap, HAS_SOFTCAP, HAS_GAMMA, EXACT_EXP)  # fmt: skip
         dz = tl.where(mask_v[None, :], dz, 0.0)
         w = tl.load(w_tile + v0.to(tl.int64) * stride_wv, mask=mask_v[:, None] & mask_d[None, :], other=0.0)
         if UPCAST:
@@ -404,7 +439,7 @@ def _flce_grad_weight_kernel(
     softcap,
     HAS_SOFTCAP: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
     HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EXACT_EXP: tl.constexpr,
     TILE_V: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -447,7 +482,7 @@ def _flce_grad_weight_kernel(
         e = tl.load(e_tile + c0.to(tl.int64) * stride_ec, mask=(offs_v < stride_ec)[:, None] & mask_c[None, :],
                     other=0.0)  # fmt: skip
         dz = _fused_dz(e.to(tl.float32), sc[None, :], tmax[None, :], y[None, :], beta[None, :], gamma[None, :],
-                       cw[:, None], offs_v[:, None], softcap, HAS_SOFTCAP, HAS_GAMMA)  # fmt: skip
+                       cw[:, None], offs_v[:, None], softcap, HAS_SOFTCAP, HAS_GAMMA, EXACT_EXP)  # fmt: skip
         dz = tl.where(mask_v[:, None] & mask_c[None, :], dz, 0.0)
         if HAS_DW:
             h = tl.load(h_tile + c0.to(tl.int64) * stride_hc, mask=mask_c[:, None] & mask_d[None, :], other=0.0)
