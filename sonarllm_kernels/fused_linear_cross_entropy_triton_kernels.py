@@ -63,10 +63,12 @@ def _exp(a):
     ``r = a * log2(e) - t`` of ``t = fl(a * log2(e))`` is recovered exactly (Dekker's product: a
     split into 12-bit halves, each product with LOG2E_HI/LO exact) and applied to first order,
     ``exp2(t) * (1 + r * ln 2)`` (|r| <= 2^-24 |t|, so the second-order term is negligible).
-    ±inf and NaN behave as exp2: 0, inf, NaN.
+    ±inf, NaN and huge |a| behave as exp2: 0, inf, NaN.
     """
     t = a * LOG2E
-    f = tl.where(tl.abs(a) < float("inf"), a, 0.0)  # ±inf, NaN: no correction (exp2(t) is 0, inf, NaN)
+    # |a| >= 128 (exp under- or overflows: 0 or inf; -3.4e38 from a finfo.min mask must not
+    # overflow the products below into a NaN), ±inf, NaN: no correction needed
+    f = tl.where(tl.abs(a) < 128.0, a, 0.0)
     tf = f * LOG2E
     f_hi = (f.to(tl.int32, bitcast=True) & -4096).to(tl.float32, bitcast=True)  # top 12 significant bits
     f_lo = f - f_hi
