@@ -192,7 +192,10 @@ def fused_linear_cross_entropy(
 
     Raises:
         TypeError, ValueError: on bad input, naming the argument.
-        RuntimeError: when the requested ``impl`` cannot run here.
+        RuntimeError: when the requested ``impl`` cannot run here; and, on the "torch" and
+            "triton" paths, from the backward when a graph of the gradient is requested
+            (``create_graph=True``): their gradient is computed in the forward, so they cannot
+            differentiate twice ("reference" can).
     """
     _check_args(hidden, weight, target, bias, class_weight, reduction, label_smoothing, z_loss, softcap, shift,
                 num_items)  # fmt: skip

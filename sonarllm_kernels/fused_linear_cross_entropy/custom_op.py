@@ -13,9 +13,13 @@ logits exist (the two-GEMM schedule) leaves it as outputs (``dh``, ``dw``, ``db`
 tensors where not computed) that autograd saves for the backward, which only scales them (and
 recomputes where the schedule needs it). Which inputs get a gradient is decided by the caller
 (``want_dh``, ``want_dw``, ``want_db``: grad mode and ``requires_grad``), so a frozen weight
-costs no weight-gradient work in a compiled graph either. The backward op has no autograd
-formula: the gradient is precomputed, so a gradient of it would be wrong (a double backward
-raises; torch.compile does not support one anyway).
+costs no weight-gradient work in a compiled graph either.
+
+No double backward: the gradient is precomputed (a constant to autograd), so a gradient of it
+would be silently wrong. The backward therefore raises a RuntimeError as soon as a graph of the
+gradient is requested — autograd runs a backward with grad mode on exactly then
+(``create_graph=True``, e.g. a gradient penalty) — on the eager and the custom-op path alike;
+impl="reference" differentiates twice.
 
 Outside a compiled graph the same forward, saved context and backward run through a plain
 autograd Function instead (``_EagerFunction``): the dispatcher's per-call cost would buy nothing
@@ -26,7 +30,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from sonarllm_kernels.fused_linear_cross_entropy.function import (
     FLCEParams,
@@ -208,7 +211,20 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*saved)
 
 
+def _refuse_double_backward(backend: str) -> None:
+    """Raise when autograd asks for a graph of the gradient (grad mode is on in a backward
+    exactly when ``create_graph=True``): ours would be a constant, so second derivatives (and
+    a gradient penalty's weight gradient) would be wrong without a word."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f'fused_linear_cross_entropy (impl="{backend}") cannot differentiate twice: its gradient is '
+            "computed in the forward, so a graph of it (create_graph=True, e.g. for a gradient penalty) "
+            'would be wrong. Use impl="reference" for higher-order gradients.'
+        )
+
+
 def _backward(ctx, g_loss, g_lse, g_zl, *_unused, backward_grads=_backward_op):
+    _refuse_double_backward(ctx.options[0])
     want_dh, want_dw, want_db = ctx.wants
     return_lse, return_z_loss = ctx.options[-2:]
     dh, dw, db = backward_grads(
@@ -234,8 +250,7 @@ class _EagerFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable  # the gradient is precomputed in the forward: a double backward raises
-    def backward(ctx, *grads):
+    def backward(ctx, *grads):  # a double backward raises (_refuse_double_backward)
         return _backward(ctx, *grads, backward_grads=_backward_grads)
 
 

@@ -23,6 +23,12 @@ not given; r_i = cw[y_i] is the row's weight and S = sum_j cw[j]), the logit gra
 with ``return_z_loss`` is differentiable too: its gradient is a log-sum-exp weight
 d_i = g_i * 2 * z_loss * r_i * lse_i.
 
+Precision at large logits: backends work in the frame shifted by the row's largest logit m_i
+(ChunkResult). The loss is ``lse'_i - (z_iy - m_i)`` with ``lse'_i = log(sum_j exp(z_ij - m_i))``
+and the softmax ``p_ij = exp((z_ij - m_i) - lse'_i)``, never ``lse_i - z_iy`` or
+``exp(z_ij - lse_i)``: ``lse_i = m_i + lse'_i`` is rounded at the size of m_i (an error of 1e-3 at
+logits of 1e4 in float32), which would pass into a loss and a softmax that are much smaller.
+
 Backends implement ``chunk_rows(n_rows, vocab, dtype, device)`` and ``chunk(...)`` (ChunkBackend).
 """
 
@@ -53,10 +59,17 @@ class FLCEParams:
 
 @dataclass
 class ChunkResult:
-    """Per-row outputs of one chunk: lse, target logit, and the sum of logits over the vocabulary
-    (only with label smoothing; weighted by the class weights when given) — all float32 or
-    float64 — plus the hidden gradient when asked."""
+    """Per-row outputs of one chunk, all float32 (float64 for float64 inputs), in the frame
+    shifted by the row's largest logit ``m``: ``m`` itself, the shifted log-sum-exp
+    ``log(sum_j exp(z_j - m))`` (NaN where the row's loss is NaN), the shifted target logit
+    ``z_y - m``, and the shifted sum ``sum_j cw[j] * (z_j - m)`` over the vocabulary (only with
+    label smoothing; cw all 1 without class weights) — plus the hidden gradient when asked.
 
+    Why shifted: the loss ``lse - z_y`` is small next to logits of 1e4, and a log-sum-exp
+    rounded at the size of the top logit before the subtraction would carry an error of that
+    size; every shifted value is of the size of the loss, so the loss's error is too."""
+
+    max_C: torch.Tensor
     lse_C: torch.Tensor
     target_logit_C: torch.Tensor
     sum_logit_C: torch.Tensor | None
@@ -82,7 +95,7 @@ class ChunkBackend(Protocol):
         dw_acc_VD: torch.Tensor | None,
         db_acc_V: torch.Tensor | None,
     ) -> ChunkResult:
-        """Log-sum-exp of one chunk; with ``loss_scale_C`` or ``lse_scale_C`` also the gradient:
+        """Statistics of one chunk; with ``loss_scale_C`` or ``lse_scale_C`` also the gradient:
         returned for hidden (``want_dh``), added into the float32 accumulators for weight/bias.
         ``cw_V``: class weights (float32, float64 for float64 inputs, contiguous) or None."""
 
@@ -115,10 +128,12 @@ def _run_chunks(
     want_dw: bool,
     want_db: bool,
 ):
-    """Run every chunk; return per-valid-row stats and the gradients (dh over all N rows)."""
+    """Run every chunk; return the per-valid-row stats ``(max_M, lse_M, target_M, sum_M)`` (the
+    shifted frame of ChunkResult) and the gradients (dh over all N rows)."""
     acc_dtype = torch.promote_types(h_ND.dtype, torch.float32)
     device = h_ND.device
-    lse_M = torch.empty(n_valid, dtype=acc_dtype, device=device)
+    max_M = torch.empty(n_valid, dtype=acc_dtype, device=device)
+    lse_M = torch.empty_like(max_M)
     target_M = torch.empty_like(lse_M)
     sum_M = torch.empty_like(lse_M) if params.label_smoothing > 0 else None
     grad = loss_scale_N is not None or lse_scale_N is not None
@@ -141,6 +156,7 @@ def _run_chunks(
             dw_acc_VD=dw_VD,
             db_acc_V=db_V,
         )
+        max_M[start:stop] = res.max_C
         lse_M[start:stop] = res.lse_C
         target_M[start:stop] = res.target_logit_C
         if sum_M is not None:
@@ -150,7 +166,7 @@ def _run_chunks(
                 dh_ND[start:stop] = res.dh_CD
             else:
                 dh_ND.index_copy_(0, rows_N[start:stop], res.dh_CD.to(dh_ND.dtype))
-    return lse_M, target_M, sum_M, dh_ND, dw_VD, db_V
+    return (max_M, lse_M, target_M, sum_M), dh_ND, dw_VD, db_V
 
 
 def _scale_rows(x_ND: torch.Tensor, scale: torch.Tensor, block: int = 8192) -> torch.Tensor:
@@ -181,22 +197,30 @@ def _row_weights(cw_V: torch.Tensor | None, y_N: torch.Tensor, rows_N: torch.Ten
     return cw_V[y_N if rows_N is None else y_N.index_select(0, rows_N)]
 
 
-def _token_losses(lse_M, target_M, sum_M, r_M, cw_V, vocab: int, params: FLCEParams):
-    """Per-valid-row loss and its z-loss part from the chunk statistics (NaN where lse is)."""
+def _token_losses(stats, r_M, cw_V, vocab: int, params: FLCEParams):
+    """Per-valid-row loss, its z-loss part and the log-sum-exp ``m + lse'`` from the chunk
+    statistics (NaN where lse is).
+
+    The cross-entropy is shift-invariant, so it is computed from the shifted values alone
+    (``lse - z_y = lse' - (z_y - m)``; the smoothing sum likewise): its error scales with the
+    loss, not with the logits. Only the z-loss needs the log-sum-exp itself."""
+    max_M, lse_M, target_M, sum_M = stats
     ls = params.label_smoothing
+    full_lse_M = max_M + lse_M
     if r_M is None:
         ce_M = lse_M - (1.0 - ls) * target_M
         if sum_M is not None:
             ce_M = ce_M - ls * sum_M / vocab
-        zl_M = params.z_loss * lse_M.square()
+        zl_M = params.z_loss * full_lse_M.square()
     else:
         ce_M = (1.0 - ls) * r_M * (lse_M - target_M)
         if sum_M is not None:
             ce_M = ce_M + (ls / vocab) * (cw_V.sum() * lse_M - sum_M)
-        zl_M = params.z_loss * r_M * lse_M.square()
-    finite_M = torch.isfinite(lse_M)
+        zl_M = params.z_loss * r_M * full_lse_M.square()
+    finite_M = torch.isfinite(full_lse_M)
     nan = torch.tensor(float("nan"), dtype=lse_M.dtype, device=lse_M.device)
-    return torch.where(finite_M, ce_M + zl_M, nan), torch.where(finite_M, zl_M, nan)
+    full_lse_M = torch.where(finite_M, full_lse_M, nan)
+    return torch.where(finite_M, ce_M + zl_M, nan), torch.where(finite_M, zl_M, nan), full_lse_M
 
 
 def grad_in_forward(reduction: str, want_dh: bool, want_dw: bool, want_db: bool) -> bool:
@@ -294,13 +318,13 @@ def flce_forward(
     # gradient (a loss scale of 2^16 under fp16 training, say) are applied together in the
     # backward, in float32, so a low-precision gradient never underflows before it is scaled.
     loss_scale_N = torch.ones(n_valid, dtype=acc_dtype, device=h_ND.device) if in_forward else None
-    lse_M, target_M, sum_M, dh_ND, dw_VD, db_V = _run_chunks(
+    stats, dh_ND, dw_VD, db_V = _run_chunks(
         backend, h_ND, w_VD, b_V, y_N, rows_N, n_valid, params, cw_V,
         loss_scale_N=loss_scale_N, lse_scale_N=None,
         want_dh=want_dh, want_dw=want_dw, want_db=want_db,
     )  # fmt: skip
 
-    loss_M, zl_M = _token_losses(lse_M, target_M, sum_M, _row_weights(cw_V, y_N, rows_N), cw_V, vocab, params)
+    loss_M, zl_M, lse_M = _token_losses(stats, _row_weights(cw_V, y_N, rows_N), cw_V, vocab, params)
 
     def reduce(x_M):
         if per_token:
@@ -382,7 +406,7 @@ def flce_backward(
             zl_lse_M = g_zl_M * (2.0 * params.z_loss) * lse_M * (1.0 if r_M is None else r_M)
             rec_lse = zl_lse_M if rec_lse is None else rec_lse + zl_lse_M
         if n_valid > 0 and (rec_loss is not None or rec_lse is not None):
-            _, _, _, dh2, dw2, db2 = _run_chunks(
+            _, dh2, dw2, db2 = _run_chunks(
                 backend, h_ND, w_VD, b_V, y_N, rows_N, n_valid, params, cw_V,
                 loss_scale_N=rec_loss, lse_scale_N=rec_lse,
                 want_dh=want_dh, want_dw=want_dw, want_db=want_db,

@@ -7,8 +7,10 @@ own buffer beside it; with softcap one more buffer holds its derivative). Every 
 GEMM is a single in-place or into-buffer pass, so the memory high-water mark is independent of
 the number of tokens:
 
-- stats: row max, ``exp(z - max)`` written once into the float32 buffer (on CUDA, for 16-bit
-  inputs, the subtraction reads the 16-bit logits: no separate upcast pass), its row sum;
+- stats: row max, ``z - max`` written once into the float32 buffer (on CUDA, for 16-bit
+  inputs, the subtraction reads the 16-bit logits: no separate upcast pass) — the shifted target
+  logit (and smoothing sum) are read from it, so the loss never subtracts two numbers of the size
+  of the logits — then ``exp(z - max)`` in place, its row sum;
 - gradient: ``dz = (alpha / sum) * exp(z - max) - beta * onehot`` — for 16-bit inputs without
   softcap, class-weighted smoothing or a weight/bias gradient, written straight into the 16-bit
   logits buffer (one multiply-and-round pass; the target column is recomputed in float32, so
@@ -79,31 +81,36 @@ class TorchChunkBackend:
             f_CV = z_CV if not low else torch.empty(z_CV.shape, dtype=acc_dtype, device=z_CV.device)
             src_CV = z_CV
 
-        target_C = src_CV[rows_C, y_C].to(acc_dtype)
-        sum_C = None
-        if ls > 0:  # the smoothing term's (class-weighted) sum of logits
-            sum_C = src_CV.sum(dim=1, dtype=acc_dtype) if cw_V is None else torch.mv(src_CV, cw_V)
-        # log-sum-exp: exp(z - max) written once into the float32 buffer (in place for float32
-        # inputs), the unnormalised softmax the gradient needs. A non-finite max makes the row NaN.
+        # Everything in the frame shifted by the row max (see ChunkResult): z - max written once
+        # into the float32 buffer (in place for float32 inputs), the shifted target logit and
+        # smoothing sum read from it, then exp(z - max) in place, the unnormalised softmax the
+        # gradient needs. A non-finite max makes the row NaN.
         max_C = src_CV.amax(dim=1).to(acc_dtype)
-        e_CV = torch.sub(src_CV, max_C[:, None], out=f_CV).exp_()
+        shifted_CV = torch.sub(src_CV, max_C[:, None], out=f_CV)
+        target_C = shifted_CV[rows_C, y_C]
+        sum_C = None
+        if ls > 0:  # the smoothing term's (class-weighted) sum of shifted logits
+            sum_C = shifted_CV.sum(dim=1) if cw_V is None else torch.mv(shifted_CV, cw_V)
+        e_CV = shifted_CV.exp_()
         sumexp_C = e_CV.sum(dim=1)
-        lse_C = max_C + sumexp_C.log()
-        bad_C = ~torch.isfinite(lse_C)
+        lse_C = sumexp_C.log()
+        full_lse_C = max_C + lse_C  # for the z-loss only
+        bad_C = ~torch.isfinite(full_lse_C)
         if finite_C is not None:
             bad_C |= ~finite_C
         lse_C = lse_C.masked_fill(bad_C, float("nan"))
+        full_lse_C = full_lse_C.masked_fill(bad_C, float("nan"))
 
         dh_CD = None
         if grad:
             # alpha, beta, gamma of function.py
             c_C = loss_scale_C if loss_scale_C is not None else torch.zeros_like(lse_C)
             if cw_V is None:
-                alpha_C = c_C * (1.0 + 2.0 * params.z_loss * lse_C)
+                alpha_C = c_C * (1.0 + 2.0 * params.z_loss * full_lse_C)
                 beta_C = c_C * (1.0 - ls)
             else:
                 r_C = cw_V[y_C]
-                alpha_C = c_C * (r_C * (1.0 - ls + 2.0 * params.z_loss * lse_C) + ls / vocab * cw_V.sum())
+                alpha_C = c_C * (r_C * (1.0 - ls + 2.0 * params.z_loss * full_lse_C) + ls / vocab * cw_V.sum())
                 beta_C = c_C * r_C * (1.0 - ls)
             if lse_scale_C is not None:
                 alpha_C = alpha_C + lse_scale_C
@@ -137,4 +144,4 @@ class TorchChunkBackend:
                     dz_CV = z_CV.copy_(dz_CV)  # round once, into the 16-bit logits buffer
             if want_dh:
                 dh_CD = torch.mm(dz_CV, w_VD)
-        return ChunkResult(lse_C, target_C, sum_C, dh_CD)
+        return ChunkResult(max_C, lse_C, target_C, sum_C, dh_CD)

@@ -57,9 +57,13 @@ def linear_cross_entropy(
         * Negative or non-finite class weights, and target values outside [0, C), raise
           ValueError; input may have any number of leading dimensions; ``weight`` may be any
           floating dtype; any integer target dtype is accepted.
-        * Not supported (TypeError/ValueError): class-probability targets, K-dimensional loss
-          (``linear_weight`` of shape [C, d1, ..., D]), gradients of gradients, class weights
-          that require a gradient.
+        * Not supported (TypeError/ValueError when called): class-probability targets,
+          K-dimensional loss (``linear_weight`` of shape [C, d1, ..., D]), class weights that
+          require a gradient.
+        * Gradients of gradients: on the "torch" and "triton" paths the backward raises
+          RuntimeError as soon as a graph of the gradient is requested (``create_graph=True``,
+          e.g. a gradient penalty; under torch.compile, torch's own RuntimeError); the gradient
+          is computed in the forward, so it would be wrong. impl="reference" supports them.
         * Bad arguments raise ValueError (shapes, values, a negative ``label_smoothing``, which
           torch accepts) or TypeError (dtypes) naming the argument, where torch raises
           RuntimeError (or IndexError for targets out of range): ``except RuntimeError``

@@ -15,7 +15,8 @@ triton_kernels.py.
   write). The logits are rounded to the input dtype, as in the reference and Liger-Kernel.
 - "fused": both GEMMs in Triton. ``_flce_logits_kernel`` writes per-tile statistics and stores
   ``exp(logit - tile max)``; the hidden-gradient GEMM forms dz from it as its A operand is loaded,
-  with one multiply (the scale ``alpha * exp(tile max - lse)`` per row and tile) instead of an exp.
+  with one multiply (the scale ``alpha * exp(tile max - lse)`` per row and tile, formed in the
+  frame of the row max as ``(alpha / s) * exp(tile max - max)``) instead of an exp.
   No extra pass over the logits, and the softmax is computed from float32 logits; its speed
   depends on Triton's GEMMs. On a GPU it runs 16-bit inputs (float32 always takes "hybrid":
   cuBLAS's float32 GEMMs are faster than Triton's full-precision float32 dot).
@@ -162,6 +163,16 @@ def _addmm_float32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc[r : r + step].addmm_(a[r : r + step].to(acc.dtype), b32)
 
 
+def _block_weights(cw_V: torch.Tensor | None, vocab: int, blk_len: int, n_blocks: int, device) -> torch.Tensor:
+    """The weight of each block of ``blk_len`` columns in the smoothing sum: the sum of its class
+    weights, or its number of columns (float32 [n_blocks]). The merge moves each block's
+    smoothing sum, kept relative to the block's max, to the row max with it."""
+    w_V = cw_V.float() if cw_V is not None else torch.ones(vocab, dtype=torch.float32, device=device)
+    padded = torch.zeros(n_blocks * blk_len, dtype=torch.float32, device=device)
+    padded[:vocab] = w_V
+    return padded.view(n_blocks, blk_len).sum(dim=1)
+
+
 class TritonChunkBackend:
     """Per-chunk math in Triton and cuBLAS (see ChunkBackend in function).
 
@@ -225,32 +236,37 @@ class TritonChunkBackend:
 
     # --- shared -------------------------------------------------------------------------------
 
-    def _merge(self, blk_max, blk_sum, blk_zsum, y_C, V, params, cw_V, loss_scale_C, lse_scale_C, write_scale):
-        """Row lse, smoothing sum and gradient coefficients from per-(row, block) statistics;
-        with ``write_scale`` blk_sum is overwritten with alpha * exp(block max - lse)."""
+    def _merge(self, blk_max, blk_sum, blk_zsum, blk_len, target, y_C, V, params, cw_V, loss_scale_C, lse_scale_C,
+               write_scale):  # fmt: skip
+        """Row max m, shifted lse' and smoothing sum, and the gradient coefficients from
+        per-(row, block) statistics of blocks of ``blk_len`` columns; ``target`` (the target
+        logit) is overwritten with target - m. The softmax's coefficient comes back as
+        ``pscale = alpha / s`` (s = sum_j exp(z_j - m)); with ``write_scale`` blk_sum is
+        overwritten with pscale * exp(block max - m)."""
         C, NB = blk_max.shape
         f32 = dict(dtype=torch.float32, device=blk_max.device)
-        lse = torch.empty(C, **f32)
+        row_max, lse = torch.empty(C, **f32), torch.empty(C, **f32)
         smoothing = blk_zsum is not None
         zsum = torch.empty(C, **f32) if smoothing else lse
-        alpha, beta, gamma = (torch.empty(C, **f32) for _ in range(3))
+        blk_weight = _block_weights(cw_V, V, blk_len, NB, blk_max.device) if smoothing else lse
+        pscale, beta, gamma = (torch.empty(C, **f32) for _ in range(3))
         has_cw = cw_V is not None
         row_weight_C = cw_V[y_C].contiguous() if has_cw else lse
         weight_sum = cw_V.sum().reshape(1) if has_cw else lse
         BLOCK_R = 16
         block_t = triton.next_power_of_2(NB) if self.interpret else min(256, triton.next_power_of_2(NB))
         K._flce_lse_kernel[(triton.cdiv(C, BLOCK_R),)](
-            blk_max, blk_sum, blk_zsum if smoothing else blk_sum,
+            blk_max, blk_sum, blk_zsum if smoothing else blk_sum, blk_weight,
             loss_scale_C if loss_scale_C is not None else lse, lse_scale_C if lse_scale_C is not None else lse,
-            row_weight_C, weight_sum,
-            lse, zsum, alpha, beta, gamma, blk_sum,
+            row_weight_C, weight_sum, target,
+            row_max, lse, zsum, pscale, beta, gamma, blk_sum,
             C, NB, blk_max.stride(0), V,
             params.z_loss, params.label_smoothing,
             HAS_SMOOTHING=smoothing, HAS_LOSS_SCALE=loss_scale_C is not None,
             HAS_LSE_SCALE=lse_scale_C is not None, HAS_CLASS_WEIGHT=has_cw, WRITE_SCALE=write_scale,
             BLOCK_R=BLOCK_R, BLOCK_T=block_t,
         )  # fmt: skip
-        return lse, (zsum if smoothing else None), alpha, beta, gamma
+        return row_max, lse, (zsum if smoothing else None), pscale, beta, gamma
 
     # --- "hybrid": cuBLAS GEMMs, Triton row passes --------------------------------------------
 
@@ -285,12 +301,13 @@ class TritonChunkBackend:
             z_CV, cw_arg, y_C, blk_max, blk_sum, blk_zsum if smoothing else blk_sum, target,
             V, seg_len, n_iter, z_CV.stride(0), n_seg, softcap, HAS_SMOOTHING=smoothing, **flags,
         )  # fmt: skip
-        lse, zsum, alpha, beta, gamma = self._merge(blk_max, blk_sum, blk_zsum, y_C, V, params, cw_V, loss_scale_C,
-                                                    lse_scale_C, write_scale=False)  # fmt: skip
+        row_max, lse, zsum, pscale, beta, gamma = self._merge(blk_max, blk_sum, blk_zsum, seg_len, target, y_C, V,
+                                                              params, cw_V, loss_scale_C, lse_scale_C,
+                                                              write_scale=False)  # fmt: skip
         dh_CD = None
         if grad:
             K._flce_row_dz_kernel[(C, n_seg)](
-                z_CV, cw_arg, y_C, lse, alpha, beta, gamma,
+                z_CV, cw_arg, y_C, row_max, pscale, beta, gamma,
                 V, seg_len, n_iter, z_CV.stride(0), softcap, HAS_GAMMA=smoothing, **flags,
             )  # fmt: skip
             if want_dh:
@@ -299,7 +316,7 @@ class TritonChunkBackend:
                 _addmm_float32(dw_acc_VD, z_CV.t(), h_CD)
             if db_acc_V is not None and gemms:
                 db_acc_V += z_CV.sum(dim=0, dtype=db_acc_V.dtype)
-        return ChunkResult(lse, target, zsum, dh_CD)
+        return ChunkResult(row_max, lse, target, zsum, dh_CD)
 
     # --- "fused": both GEMMs in Triton ---------------------------------------------------------
 
@@ -313,6 +330,7 @@ class TritonChunkBackend:
         cw_smoothing = cw_V is not None and smoothing
         softcap = params.softcap if params.softcap is not None else 1.0
         precision = _dot_precision(h_CD.dtype)
+        exact_exp = h_CD.dtype == torch.float32  # a 16-bit store of exp(z - tile max) rounds more than exp2 errs
         f32 = dict(dtype=torch.float32, device=dev)
         lc = cfg["logits"]
         tile_v = lc["BLOCK_V"]
@@ -330,15 +348,17 @@ class TritonChunkBackend:
             h_CD.stride(0), h_CD.stride(1), w_VD.stride(0), w_VD.stride(1), e_CV.stride(0) if grad else 0, NT,
             softcap,
             HAS_BIAS=b_V is not None, HAS_SOFTCAP=params.softcap is not None, HAS_SMOOTHING=smoothing,
-            HAS_CLASS_WEIGHT=cw_smoothing, STORE=grad, UPCAST=self.interpret, DOT_PRECISION=precision, **lc,
+            HAS_CLASS_WEIGHT=cw_smoothing, STORE=grad, UPCAST=self.interpret, DOT_PRECISION=precision,
+            EXACT_EXP=exact_exp, **lc,
         )  # fmt: skip
-        lse, zsum, alpha, beta, gamma = self._merge(tile_max, tile_sum, tile_zsum, y_C, V, params, cw_V,
-                                                    loss_scale_C, lse_scale_C, write_scale=grad)  # fmt: skip
-        scale = tile_sum  # alpha * exp(tile max - lse), written by the merge
+        row_max, lse, zsum, _, beta, gamma = self._merge(tile_max, tile_sum, tile_zsum, tile_v, target, y_C, V, params,
+                                                         cw_V, loss_scale_C, lse_scale_C, write_scale=grad)  # fmt: skip
+        scale = tile_sum  # (alpha / s) * exp(tile max - m), written by the merge
         dh_CD = None
         if grad:
             common = dict(HAS_SOFTCAP=params.softcap is not None, HAS_GAMMA=smoothing, HAS_CLASS_WEIGHT=cw_smoothing,
-                          UPCAST=self.interpret, DOT_PRECISION=precision, TILE_V=tile_v)  # fmt: skip
+                          UPCAST=self.interpret, DOT_PRECISION=precision, EXACT_EXP=exact_exp,
+                          TILE_V=tile_v)  # fmt: skip
             if want_dh:
                 gc = dict(cfg["grad"])
                 waves = gc.pop("waves")
@@ -367,4 +387,4 @@ class TritonChunkBackend:
                     e_CV.stride(0), NT, h_CD.stride(0), h_CD.stride(1),
                     softcap, HAS_DW=dw_acc_VD is not None, HAS_DB=db_acc_V is not None, **common, **wc,
                 )  # fmt: skip
-        return ChunkResult(lse, target, zsum, dh_CD)
+        return ChunkResult(row_max, lse, target, zsum, dh_CD)
