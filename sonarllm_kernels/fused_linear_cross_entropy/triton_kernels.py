@@ -9,7 +9,7 @@ Shared by both schedules:
   per-block gradient scale ``(alpha / s) * exp(block_max - m)``.
 
 Precision: the loss and the softmax are formed in the frame shifted by the row max (see
-fused_linear_cross_entropy_function.py): the softmax is ``exp(z - m) / s`` (as in the "torch"
+function.py): the softmax is ``exp(z - m) / s`` (as in the "torch"
 path; one rounding of ``alpha / s`` shared by the whole row), never ``exp(z - lse)`` with
 ``lse = m + lse'`` rounded at the size of the logits. The smoothing sums are kept relative to the
 running block max as well (``sum_j w_j * (z_j - frame)``; a change of frame adds

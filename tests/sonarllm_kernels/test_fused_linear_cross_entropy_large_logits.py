@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sonarllm_kernels.fused_linear_cross_entropy_op as flce_op
+from sonarllm_kernels.fused_linear_cross_entropy import custom_op as flce_op
 from sonarllm_kernels import fused_linear_cross_entropy, linear_cross_entropy
 from tests._cases import needs_triton
 from tests._numerics import assert_parity
