@@ -16,6 +16,9 @@ it spent compiling.
     bash bench/gpu_suite.sh --only compile        # the training step eager vs torch.compile'd (minutes)
     bash bench/gpu_suite.sh --full                # the whole parity matrix (no time target)
     python -m bench.gpu_suite --dry-run [...]     # the plan, without running anything
+
+Size: about 460 lines, one script (the suite's stages, limits and report); a GPU-only tool,
+not reshaped until it has run on one.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ Times are ``triton.testing.do_bench`` medians (p20-p80 in brackets) in ms. Print
 ``--json`` keeps every row; ``--table-out`` receives the tile table with the winner (default:
 the one beside the kernel). With ``--time-limit`` whatever does not fit is skipped and listed.
 Without CUDA it says so and exits with status 2.
+
+Size: about 450 lines, one script (tune, choose, compare); a GPU-only tool, not reshaped until
+it has run on one.
 """
 
 from __future__ import annotations

@@ -46,6 +46,10 @@ shards. Sentence splitting reads only what ``--max-sentences`` needs of each doc
 (sonarllm/text.py), so preparation time is linear in the corpus size. SIGINT or SIGTERM ends a
 preparation in one line (exit status 130) after removing its scratch directory; re-running
 resumes it.
+
+Size: about 470 lines, the preparation's command line and its one pipeline (set-up, encoding
+pass, manifest), kept together so that it reads in order; what it reads, the SONAR it encodes
+with and its ranks are in prepare_corpus.py, prepare_sonar.py and prepare_ranks.py.
 """
 
 from __future__ import annotations

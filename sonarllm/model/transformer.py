@@ -33,6 +33,9 @@ The package splits the model into rope.py (positions), blocks.py (layers), kv_ca
 
 Shape legend: B documents, S sentences per document, E SONAR dim, D model dim, H heads,
 K head dim, F FFN dim, T packed positions, C cache capacity (sentences per document).
+
+Size: about 460 lines, the one ``SonarLLM`` class (its input checks, forward, incremental
+generation and the checkpoint methods' entry points); its parts that stand alone are the other modules.
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ and the softmax ``p_ij = exp((z_ij - m_i) - lse'_i)``, never ``lse_i - z_iy`` or
 logits of 1e4 in float32), which would pass into a loss and a softmax that are much smaller.
 
 Backends implement ``chunk_rows(n_rows, vocab, dtype, device)`` and ``chunk(...)`` (ChunkBackend).
+
+Size: a little over 400 lines, one idea (the chunk schedule, its per-token math in the
+max-shifted frame and the autograd glue); split, its halves would each need the other to read.
 """
 
 from __future__ import annotations

@@ -37,6 +37,9 @@ then marks stride and bound divisible by 16, and loads and stores of the chunk a
 vectors (asynchronous copies in the GEMMs' K loops) even though V = 256,206 is not. Under ``TRITON_INTERPRET=1`` the kernels
 run on the CPU in float32 (``UPCAST`` casts dot operands to float32; the interpreter cannot
 multiply bf16).
+
+Size: about 500 lines, the kernels of both schedules ("hybrid" and "fused") and their shared
+helpers; the H200 sweep (issue 26) keeps one schedule and this file then loses the other's kernels.
 """
 
 from __future__ import annotations
