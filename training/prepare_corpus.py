@@ -14,21 +14,7 @@ from pathlib import Path
 
 from sonarllm.corpus import read_documents, read_embedded_documents
 from sonarllm.text import EOS_SENTENCE, document_sentences
-from training.prepare_sonar import (  # noqa: F401 (decoder_positions: also for callers of this module)
-    BASIC_SONAR,
-    TOY_FLAGS,
-    _identity,
-    _install_toy_sonar,
-    _read_toy_marker,
-    _toy_options,
-    decoder_positions,
-    encoder_dim,
-    named_sonar,
-    resolve_sonar,
-)
-from training.shards import (
-    sha256_file,
-)
+from training.shards import sha256_file
 
 
 def corpus_digest(source: Path) -> str:
