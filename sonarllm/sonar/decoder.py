@@ -13,8 +13,6 @@ V = vocabulary, L = layers, B = hypotheses, S = steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -30,20 +28,65 @@ class _Stack(nn.Module):
         self.layer_norm = nn.LayerNorm(cfg.model_dim, eps=cfg.layer_norm_eps)
 
 
-@dataclass
 class DecoderState:
-    """KV cache and per-layer cross terms of B hypotheses being decoded."""
+    """KV caches and per-layer cross terms of B hypotheses being decoded.
 
-    cross_LBD: torch.Tensor
-    k_cache: list[torch.Tensor]  # L x [B, S, H, K]
-    v_cache: list[torch.Tensor]
-    pos: int = 0
+    The caches of all layers live in one flat buffer, time-major: ``[S, 2, L, B, H, K]`` (step,
+    key/value, layer, hypothesis, head, head dim). A step appends one contiguous ``[2, L, B, H, K]``
+    slab, and ``reorder`` (beam search's survivors, every step) is a single ``index_select`` of
+    the ``pos`` filled steps into a second, preallocated buffer — it never touches unfilled
+    capacity and allocates nothing, where a per-layer ``[B, max_len, H, K]`` cache copies all
+    ``max_len`` steps of every layer per reorder.
+    """
+
+    def __init__(self, cross_LBD: torch.Tensor, max_len: int, num_heads: int, max_rows: int | None = None):
+        self.cross_LBD = cross_LBD
+        self.max_len = max_len
+        self.pos = 0
+        num_layers, rows, dim = cross_LBD.shape
+        self._slab = (2, num_layers, num_heads, dim // num_heads)  # per step and hypothesis: [2, L, H, K]
+        self._row_numel = 2 * num_layers * dim
+        self._capacity = max(rows, max_rows or 0)
+        self._buf = self._new_buffer()
+        self._spare: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        """Hypotheses B decoded now."""
+        return self.cross_LBD.shape[1]
+
+    def _new_buffer(self) -> torch.Tensor:
+        ref = self.cross_LBD
+        return torch.empty(self.max_len * self._capacity * self._row_numel, dtype=ref.dtype, device=ref.device)
+
+    def _steps(self, buf: torch.Tensor, steps: int, rows: int) -> torch.Tensor:
+        """The first ``steps`` steps of ``buf`` for ``rows`` hypotheses: [S, 2, L, B, H, K]."""
+        two, layers, heads, head_dim = self._slab
+        return buf[: steps * rows * self._row_numel].view(steps, two, layers, rows, heads, head_dim)
+
+    def layer_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``layer`` for steps ``0..pos`` (``pos`` not yet written):
+        two strided views [pos + 1, B, H, K] of the buffer."""
+        kv = self._steps(self._buf, self.pos + 1, self.rows)
+        return kv[:, 0, layer], kv[:, 1, layer]
 
     def reorder(self, index_B: torch.Tensor) -> None:
         """Keep the hypotheses at ``index_B`` (beam search's survivors), in that order."""
+        rows, new_rows = self.rows, index_B.numel()
+        if new_rows > self._capacity:  # more hypotheses than the buffers were sized for
+            self._capacity = new_rows
+            self._spare = None
+            old, self._buf = self._buf, self._new_buffer()
+            self._buf[: old.numel()] = old  # same layout: the filled steps keep their offsets
+        if self._spare is None:
+            self._spare = self._new_buffer()
+        two, layers, heads, head_dim = self._slab
+        planes = self.pos * two * layers  # [S, 2, L] planes of [B, H * K] each
+        src = self._buf[: self.pos * rows * self._row_numel].view(planes, rows, heads * head_dim)
+        dst = self._spare[: self.pos * new_rows * self._row_numel].view(planes, new_rows, heads * head_dim)
+        torch.index_select(src, 1, index_B, out=dst)
+        self._buf, self._spare = self._spare, self._buf
         self.cross_LBD = self.cross_LBD.index_select(1, index_B)
-        self.k_cache = [k.index_select(0, index_B) for k in self.k_cache]
-        self.v_cache = [v.index_select(0, index_B) for v in self.v_cache]
 
 
 class SonarDecoder(nn.Module):
@@ -120,25 +163,25 @@ class SonarDecoder(nn.Module):
 
     # --- incremental decoding -----------------------------------------------------------------
 
-    def start(self, emb_BD: torch.Tensor, max_len: int) -> DecoderState:
-        """Empty KV caches for ``max_len`` steps of B hypotheses decoding from ``emb_BD``."""
+    def start(self, emb_BD: torch.Tensor, max_len: int, *, max_rows: int | None = None) -> DecoderState:
+        """Empty KV caches for ``max_len`` steps of B hypotheses decoding from ``emb_BD``;
+        ``max_rows`` sizes them for the most hypotheses a later ``reorder`` keeps (beam search:
+        B x beam), so that no reorder reallocates."""
         self._check_embeddings(emb_BD, emb_BD.shape[0])
         if max_len > self.config.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the decoder's max_seq_len {self.config.max_seq_len}")
-        cfg = self.config
         emb_BD = emb_BD.to(self.output_weight.dtype)
         cross = torch.stack([layer.cross_terms(emb_BD) for layer in self.decoder.layers])
-        shape = (emb_BD.shape[0], max_len, cfg.num_heads, cfg.head_dim)
-        new = lambda: torch.empty(shape, dtype=emb_BD.dtype, device=emb_BD.device)
-        return DecoderState(cross, [new() for _ in self.decoder.layers], [new() for _ in self.decoder.layers])
+        return DecoderState(cross, max_len, self.config.num_heads, max_rows)
 
     def step(self, tokens_B: torch.Tensor, state: DecoderState) -> torch.Tensor:
         """Feed one token per hypothesis; returns the next-token logits [B, V] (float32)."""
-        if state.pos >= state.k_cache[0].shape[1]:
-            raise ValueError(f"the KV cache holds {state.k_cache[0].shape[1]} steps; cannot take another")
+        if state.pos >= state.max_len:
+            raise ValueError(f"the KV cache holds {state.max_len} steps; cannot take another")
         positions = torch.full_like(tokens_B, state.pos)
         x_BD = self.decoder_frontend(tokens_B, positions)
         for i, layer in enumerate(self.decoder.layers):
-            x_BD = layer.step(x_BD, state.cross_LBD[i], state.k_cache[i], state.v_cache[i], state.pos, impl=self.kernel_impl)
+            k_SBHK, v_SBHK = state.layer_cache(i)
+            x_BD = layer.step(x_BD, state.cross_LBD[i], k_SBHK, v_SBHK, impl=self.kernel_impl)
         state.pos += 1
         return self.logits(self.decoder.layer_norm(x_BD)).float()

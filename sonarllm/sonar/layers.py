@@ -160,15 +160,17 @@ class DecoderLayer(_Layer):
             x = self.full_cross_attention(x, emb_ND, seq_ids_T)
         return self._ffn(x)
 
-    def step(self, x_BD, cross_BD, k_cache, v_cache, pos: int, impl="auto"):
+    def step(self, x_BD, cross_BD, k_SBHK, v_SBHK, impl="auto"):
         """One incremental decoding step: x_BD is the newest token of each hypothesis; its key and
-        value are written at ``pos`` of the caches [B, S, H, K]; returns the new states [B, D]."""
+        value are written at the last step of the caches [S, B, H, K] (views; earlier steps hold
+        the previous tokens'); returns the new states [B, D]. Every cached key is visible to the
+        one query, so the attention needs no causal mask."""
         attn = self.self_attn
         h_BD = self.self_attn_layer_norm(x_BD)
-        k_cache[:, pos] = attn.heads(attn.k_proj(h_BD))
-        v_cache[:, pos] = attn.heads(attn.v_proj(h_BD))
+        k_SBHK[-1] = attn.heads(attn.k_proj(h_BD))
+        v_SBHK[-1] = attn.heads(attn.v_proj(h_BD))
         q_B1HK = attn.heads(attn.q_proj(h_BD)).unsqueeze(1)
-        o_B1HK = attention(q_B1HK, k_cache[:, : pos + 1], v_cache[:, : pos + 1], causal=True, impl=impl)
+        o_B1HK = attention(q_B1HK, k_SBHK.transpose(0, 1), v_SBHK.transpose(0, 1), causal=False, impl=impl)
         x_BD = x_BD + attn.output_proj(o_B1HK[:, 0].flatten(-2))
         x_BD = x_BD + cross_BD
         return self._ffn(x_BD)
