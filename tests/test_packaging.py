@@ -68,7 +68,8 @@ from sonarllm.loss import SonarTokenLoss
 from sonarllm.sonar.decoder import SonarDecoder
 
 assert "site-packages" in kernels.__file__ and hasattr(kernels, "get_kernel"), kernels.__file__
-assert sonarllm_kernels.__file__.startswith(sys.argv[1]) and sonarllm.__file__.startswith(sys.argv[1])
+for module in (sonarllm_kernels, sonarllm):  # this checkout's, through its editable install from elsewhere
+    assert module.__file__.startswith(sys.argv[1]), f"{module.__name__} from {module.__file__}, not {sys.argv[1]} (pip install -e . there)"
 
 torch.manual_seed(0)
 cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
