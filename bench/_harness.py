@@ -4,8 +4,11 @@ peer discovery (:func:`optional_peer`), synchronised timing, peak memory, machin
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import platform
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -61,6 +64,12 @@ def machine_info(device: torch.device | str) -> dict:
     return info
 
 
+def has_peer(*modules: str) -> bool:
+    """Whether every one of ``modules`` is installed (found, not imported: a peer such as
+    sonar-space is slow to import and lives in its own environment)."""
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
 def optional_peer(module: str, attr: str) -> Callable | None:
     """``module.attr`` of a peer implementation (Liger-Kernel, cut-cross-entropy, ...), or None
     where its package is not installed (the benchmark then skips, naming it)."""
@@ -100,3 +109,27 @@ def measure(benchmark, step: Callable[[], object], *, device: torch.device | str
     benchmark.extra_info.update(extra)
     benchmark.pedantic(step, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
     return benchmark.stats.stats.median
+
+
+def measure_interleaved(benchmark, step: Callable[[], object], peer_step: Callable[[], object] | None, *,
+                        device: torch.device | str, rounds: int, peer: str) -> dict:  # fmt: skip
+    """Time ``step`` with pytest-benchmark and, before each of its rounds, ``peer_step`` (when
+    given), so that both sides see the same machine load, round by round: the way to compare
+    with a peer on a shared machine. No warm-up round: the callers first call both sides once to
+    compare their outputs. Records the machine in ``extra_info``; returns the peer's median, its
+    rounds and ``{peer}_over_ours`` (empty without a peer or under ``--benchmark-disable``)."""
+    peer_times: list[float] = []
+
+    def setup():
+        if peer_step is not None:
+            t = time.perf_counter()
+            peer_step()
+            peer_times.append(time.perf_counter() - t)
+
+    benchmark.extra_info.update(machine_info(device))
+    benchmark.pedantic(step, setup=setup, rounds=rounds, warmup_rounds=0, iterations=1)
+    if peer_step is None or not benchmark.stats:
+        return {}
+    peer_median = statistics.median(peer_times)
+    return {f"{peer}_median_s": peer_median, f"{peer}_rounds": len(peer_times),
+            f"{peer}_over_ours": round(peer_median / benchmark.stats.stats.median, 3)}  # fmt: skip

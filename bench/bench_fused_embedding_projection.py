@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from bench._harness import measure, sync
-from sonarllm_kernels.embedding_projection import fused_embedding_projection
 from sonarllm.config import SonarLLMConfig
+from sonarllm_kernels.embedding_projection import fused_embedding_projection
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # model_dim D = 512, 1024, 2048; on CUDA the widths the goal names (300M and 1.3B).

@@ -1,7 +1,7 @@
 """SONAR inference and the training loss, ours against sonar-space / fairseq2 (issue 28).
 
 Ours is timed everywhere. When ``sonar`` is importable (the separate reference venv of
-docs/environment.md §3: sonar-space 0.5.0, fairseq2 0.8.1, torch 2.9.1), the fairseq2 side runs
+the shared environment notes, §3: sonar-space 0.5.0, fairseq2 0.8.1, torch 2.9.1), the fairseq2 side runs
 in the same test, interleaved with ours round by round (pytest-benchmark's ``setup`` hook times
 it), on the same random-weight model (ours wraps the fairseq2 modules' weights without copying),
 with the same threads; outputs are compared (beam search: token-identical; encoder: embeddings;
@@ -31,21 +31,17 @@ sentences (1 round).
 
 from __future__ import annotations
 
-import importlib.util
-import statistics
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bench._harness import machine_info, peak_memory_mb
+from bench._harness import has_peer, measure_interleaved, peak_memory_mb
 from bench.bench_sonar_loss import story_lengths
 from sonarllm.loss import SonarTargets, SonarTokenLoss
 from sonarllm.sonar import SonarDecoder, SonarEncoder, SonarTextConfig
 from sonarllm.sonar.generation import BeamSearchOptions, beam_search
 
-LIVE = importlib.util.find_spec("sonar") is not None and importlib.util.find_spec("fairseq2") is not None
+LIVE = has_peer("sonar", "fairseq2")
 EOS, UNK, PAD, LANG = 3, 1, 0, 9  # the tokenizer's ids (SONAR pipelines pass the tokenizer's vocab info)
 ROUNDS = 5
 
@@ -119,28 +115,6 @@ def _models(kind: str, sizes: dict):
     return ours, fs2
 
 
-def _interleaved(benchmark, ours_fn, fs2_fn, rounds: int = ROUNDS, warmup_rounds: int = 0) -> dict:
-    """Time ours with pytest-benchmark and, before each of its rounds, fairseq2's (when given);
-    ``warmup_rounds`` rounds of each first (none by default: every test first calls both sides
-    once to compare their outputs, which warms them up). Returns fairseq2's stats for extra_info."""
-    fs2_times: list[float] = []
-
-    def setup():
-        if fs2_fn is not None:
-            t = time.perf_counter()
-            fs2_fn()
-            fs2_times.append(time.perf_counter() - t)
-
-    benchmark.extra_info.update(machine_info("cpu"))
-    benchmark.pedantic(ours_fn, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
-    if fs2_fn is None or not benchmark.stats:
-        return {}
-    fs2_median = statistics.median(fs2_times[warmup_rounds:])
-    ours_median = benchmark.stats.stats.median
-    return {"fairseq2_median_s": fs2_median, "fairseq2_rounds": len(fs2_times) - warmup_rounds,
-            "fairseq2_over_ours": round(fs2_median / ours_median, 3)}  # fmt: skip
-
-
 # --- beam search --------------------------------------------------------------------------------
 
 
@@ -170,7 +144,7 @@ def test_sonar_beam_search(benchmark, request, beam_case):
     benchmark.group = f"sonar-beam-{request.config.getoption('--bench-size')}-beam{beam}-n{n}"
     benchmark.extra_info.update(sentences=n, beam=beam, mean_hypothesis_tokens=round(sum(lengths) / len(lengths), 1),
                                 identical_to_fairseq2=fs2 is not None, vocab=ours.config.vocab_size)  # fmt: skip
-    benchmark.extra_info.update(_interleaved(benchmark, run_ours, run_fs2))
+    benchmark.extra_info.update(measure_interleaved(benchmark, run_ours, run_fs2, device="cpu", rounds=ROUNDS, peer="fairseq2"))
     if benchmark.stats:
         benchmark.extra_info["sentences_per_s"] = round(n / benchmark.stats.stats.median, 2)
 
@@ -220,7 +194,7 @@ def test_sonar_encoder_vs_fairseq2(benchmark, request, encoder_pair, fs2_batch):
     benchmark.group = f"sonar-encoder-{request.config.getoption('--bench-size')}-d{ours.config.model_dim}-fs2batch{fs2_batch}"
     benchmark.extra_info.update(sentences=n, tokens=sum(map(len, seqs)), fairseq2_batch=fs2_batch,
                                 threads=torch.get_num_threads())  # fmt: skip
-    benchmark.extra_info.update(_interleaved(benchmark, run_ours, run_fs2))
+    benchmark.extra_info.update(measure_interleaved(benchmark, run_ours, run_fs2, device="cpu", rounds=ROUNDS, peer="fairseq2"))
     if benchmark.stats:
         per_s = n / benchmark.stats.stats.median
         benchmark.extra_info.update(sentences_per_s=round(per_s, 2), sentences_per_s_per_core=round(per_s / torch.get_num_threads(), 2))
@@ -303,6 +277,6 @@ def test_sonar_loss_vs_official(benchmark, request, loss_pair, loss_sentences):
         benchmark.extra_info["official_peak_mem_mib"] = round(peak_memory_mb(run_fs2, "cpu"), 1)
     # the largest problems take minutes per call on a CPU: fewer rounds (ours alone there)
     rounds = ROUNDS if n <= 64 else 1
-    benchmark.extra_info.update(_interleaved(benchmark, run_ours, run_fs2, rounds=rounds))
+    benchmark.extra_info.update(measure_interleaved(benchmark, run_ours, run_fs2, device="cpu", rounds=rounds, peer="fairseq2"))
     if benchmark.stats:
         benchmark.extra_info["target_tokens_per_s"] = round(targets.num_tokens / benchmark.stats.stats.median)

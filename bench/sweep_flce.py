@@ -46,9 +46,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sonarllm_kernels.fused_linear_cross_entropy import triton_backend as ft  # noqa: E402
 from bench._harness import flce_peers  # noqa: E402
 from sonarllm_kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_ref  # noqa: E402
+from sonarllm_kernels.fused_linear_cross_entropy import triton_backend as ft  # noqa: E402
 
 D = 1024
 TUNE_SHAPE = (2048, D, 256_206)

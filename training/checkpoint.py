@@ -44,7 +44,7 @@ STAGING = ".staging"
 REJECTED = "rejected"
 SUPERSEDED = "superseded"  # checkpoints of a later step than the one a run was explicitly resumed from
 MANIFEST = "checkpoint.json"
-# Why a checkpoint of an older sonarllm (before checksums) does not verify; train.py resumes one
+# Why a checkpoint of an older sonarllm (before checksums) does not verify; resume.py resumes one
 # only when run.resume names it.
 NO_MANIFEST = f"it has no {MANIFEST} (incomplete, or written by an older sonarllm)"
 FORMAT_VERSION = 1

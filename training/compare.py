@@ -92,7 +92,7 @@ from training.compare_runs import (  # noqa: F401
 from training.held_out import NoTestDocuments, held_out_documents
 
 # ---------------------------------------------------------------------------------------------
-# Training runs
+# The learning rate each objective keeps
 
 
 def choose_lr(grid: dict[float, float | None]) -> float:

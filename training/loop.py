@@ -102,7 +102,7 @@ class Trainer(StartupChecks, Resume):
         self.metrics = MetricsLog(self.run_dir, enabled=self.rank == 0)
         self.stop_requested = False
 
-    # --- set-up -------------------------------------------------------------------------------
+    # --- one optimizer step ---------------------------------------------------------------------
 
     def _loss(self, batch, labels, sentences) -> torch.Tensor:
         """The objective of one micro-batch, each mean over the step's global count (labels for

@@ -38,9 +38,9 @@ directory must be on a filesystem every rank sees.
 Re-running resumes (with any number of processes): shards already written are verified against
 their SHA-256 and kept (each rank records the shards it finished in ``prepare.progress/`` until
 the manifest is written); a missing or corrupted shard (reported by name) is rebuilt, and so
-is a toy SONAR whose files no longer match the manifest. Changing an option that alters the data of an existing directory is refused before anything is written (a
-toy SONAR that must be rebuilt is built in a scratch directory and installed only once the
-options check passed). Two preparations of one directory run one after the other: the second
+is a toy SONAR whose files no longer match the manifest. Changing an option that alters the
+data of an existing directory is refused before anything is written (a toy SONAR that must be
+rebuilt is built in a scratch directory and installed only once the options check passed). Two preparations of one directory run one after the other: the second
 waits for the first's lock (``prepare.lock``, named holder, held by rank 0) and then reuses its
 shards. Sentence splitting reads only what ``--max-sentences`` needs of each document
 (sonarllm/text.py), so preparation time is linear in the corpus size. SIGINT or SIGTERM ends a
@@ -90,7 +90,6 @@ from training.prepare_ranks import (
     plan_shards,
 )
 from training.prepare_sonar import (  # noqa: F401 (decoder_positions: also for callers of this module)
-    BASIC_SONAR,
     TOY_FLAGS,
     _identity,
     _install_toy_sonar,

@@ -1,4 +1,4 @@
-"""Which checkpoint a run resumes from, and resuming it (part of ``Trainer``, training/train.py):
+"""Which checkpoint a run resumes from, and resuming it (part of ``Trainer``, training/loop.py):
 the newest checkpoint that verifies (corrupted ones moved to ``checkpoints/rejected/``), or the
 one ``run.resume`` names (later ones moved to ``checkpoints/superseded/``); its run identity
 compared with this run's (a change of process count or ZeRO stage converted through a universal
@@ -152,4 +152,3 @@ class Resume:
                 print(f"train.py: note: resuming with optim.{name} {now:g} (checkpoint had {was:g})",
                       file=sys.stderr, flush=True)  # fmt: skip
 
-    # --- one optimizer step -----------------------------------------------------------------------

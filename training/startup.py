@@ -1,4 +1,4 @@
-"""The trainer's start-up checks on its data (part of ``Trainer``, training/train.py): the prepared
+"""The trainer's start-up checks on its data (part of ``Trainer``, training/loop.py): the prepared
 directory is made or verified (shards, SONAR files, options against the configuration, an edited
 corpus noted), the splits opened, one optimizer step and the longest document checked to fit,
 and the SONAR normalizer read or fitted. Each refusal is one line naming the key to change.

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 def _set_keys(path: str | None, overrides: dict[str, str]) -> frozenset[str]:
     """The configuration keys the config file (already read once by load_config) and the command
     line set, as opposed to defaults."""
-    import tomllib
+    from training.config import tomllib  # tomli before Python 3.11
 
     keys = set(overrides)
     if path:
