@@ -14,6 +14,9 @@ loss: the loss value) and each test records fairseq2's median and the ratio in `
   SONAR's ``TextToEmbeddingModelPipeline.predict`` (sentences sorted by length, batches of
   ``batch_size``, right-padded, ``model(seqs, layout)``) at several batch sizes; tokenisation is
   left out on both sides.
+* ``step_linear``: one wide projection of a decoding step (``sonarllm.sonar.step_linear``,
+  sliced into 1,024 output features) against the plain ``F.linear``, interleaved, at the row
+  counts of beam search (peer ``plain``; the ratio is plain ÷ sliced).
 * ``loss``: forward + backward to the predicted embeddings of the SONAR-LLM loss, ours
   (``SonarTokenLoss``: packed, closed-form cross-attention, fused cross-entropy) against the
   official recipe (fairseq2 ``decode`` + ``project`` + materialised logits + ``cross_entropy``);
@@ -40,6 +43,7 @@ from bench.bench_sonar_loss import story_lengths
 from sonarllm.loss import SonarTargets, SonarTokenLoss
 from sonarllm.sonar import SonarDecoder, SonarEncoder, SonarTextConfig
 from sonarllm.sonar.generation import BeamSearchOptions, beam_search
+from sonarllm.sonar.step_linear import sliced, step_linear
 
 LIVE = has_peer("sonar", "fairseq2")
 EOS, UNK, PAD, LANG = 3, 1, 0, 9  # the tokenizer's ids (SONAR pipelines pass the tokenizer's vocab info)
@@ -51,6 +55,7 @@ SIZES = {
         "decoder": _TINY, "beam_batches": (1, 5), "max_gen_len": (0, 8),
         "encoder": _TINY, "encoder_sentences": 32, "encoder_batches": (5, 32),
         "loss_decoder": _TINY | {"vocab_size": 2000}, "loss_sentences": (16,),
+        "step_linear": [(4096, 64, 5)],
     },
     "full": {
         "decoder": dict(model_dim=512, num_layers=6, num_heads=8, ffn_dim=2048, vocab_size=32_000, max_seq_len=512),
@@ -59,6 +64,10 @@ SIZES = {
         "encoder_sentences": 24, "encoder_batches": (5, 24),
         "loss_decoder": dict(model_dim=512, num_layers=6, num_heads=8, ffn_dim=2048, vocab_size=256_206, max_seq_len=512),
         "loss_sentences": (64, 512, 2048),
+        # (output features, input features, rows): the vocabulary projections of the issue's and
+        # the released decoder, and the released FFN's inner projection, at beam search's rows
+        "step_linear": [(32_000, 512, b) for b in (1, 5, 25, 64, 128, 256, 320)]
+        + [(256_206, 1024, b) for b in (1, 5, 25, 64)] + [(8192, 1024, b) for b in (5, 25, 64)],
     },
 }  # fmt: skip
 
@@ -74,6 +83,8 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("beam_case", cases, ids=lambda c: f"beam{c[0]}-n{c[1]}")
     if "fs2_batch" in metafunc.fixturenames:
         metafunc.parametrize("fs2_batch", size["encoder_batches"], ids=lambda b: f"fs2batch{b}")
+    if "linear_case" in metafunc.fixturenames:
+        metafunc.parametrize("linear_case", size["step_linear"], ids=lambda c: f"O{c[0]}-D{c[1]}-B{c[2]}")
     if "loss_sentences" in metafunc.fixturenames:
         metafunc.parametrize("loss_sentences", size["loss_sentences"], ids=lambda n: f"{n}sent")
 
@@ -147,6 +158,26 @@ def test_sonar_beam_search(benchmark, request, beam_case):
     benchmark.extra_info.update(measure_interleaved(benchmark, run_ours, run_fs2, device="cpu", rounds=ROUNDS, peer="fairseq2"))
     if benchmark.stats:
         benchmark.extra_info["sentences_per_s"] = round(n / benchmark.stats.stats.median, 2)
+
+
+# --- the sliced projections of a decoding step ------------------------------------------------------
+
+
+def test_step_linear_vs_plain(benchmark, request, linear_case):
+    features, dim, rows = linear_case
+    g = torch.Generator().manual_seed(rows)
+    weight_OD = 0.2 * torch.randn(features, dim, generator=g)
+    x_BD = torch.randn(rows, dim, generator=g)
+    run_ours = lambda: step_linear(x_BD, weight_OD)
+    run_plain = lambda: F.linear(x_BD, weight_OD)
+    got = run_ours() if benchmark.enabled else benchmark.pedantic(run_ours, rounds=1, iterations=1)
+    torch.testing.assert_close(got, run_plain(), rtol=1e-5, atol=1e-5)
+    if not benchmark.enabled:
+        return
+    benchmark.group = f"sonar-step-linear-O{features}-D{dim}-B{rows}"
+    benchmark.extra_info.update(rows=rows, features=features, dim=dim, sliced=sliced(x_BD, weight_OD),
+                                threads=torch.get_num_threads())  # fmt: skip
+    benchmark.extra_info.update(measure_interleaved(benchmark, run_ours, run_plain, device="cpu", rounds=15, peer="plain"))
 
 
 # --- encoder ------------------------------------------------------------------------------------

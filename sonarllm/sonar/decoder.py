@@ -19,6 +19,7 @@ from torch import nn
 from sonarllm.sonar.config import SonarTextConfig, sonar_config
 from sonarllm.sonar.layers import DecoderLayer, Frontend
 from sonarllm.sonar.packing import PackedBatch
+from sonarllm.sonar.step_linear import step_linear
 
 
 class _Stack(nn.Module):
@@ -175,7 +176,8 @@ class SonarDecoder(nn.Module):
         return DecoderState(cross, max_len, self.config.num_heads, max_rows)
 
     def step(self, tokens_B: torch.Tensor, state: DecoderState) -> torch.Tensor:
-        """Feed one token per hypothesis; returns the next-token logits [B, V] (float32)."""
+        """Feed one token per hypothesis; returns the next-token logits [B, V] (float32). The wide
+        projections of the step go through ``step_linear`` (sliced on CPU, where that is faster)."""
         if state.pos >= state.max_len:
             raise ValueError(f"the KV cache holds {state.max_len} steps; cannot take another")
         positions = torch.full_like(tokens_B, state.pos)
@@ -184,4 +186,4 @@ class SonarDecoder(nn.Module):
             k_SBHK, v_SBHK = state.layer_cache(i)
             x_BD = layer.step(x_BD, state.cross_LBD[i], k_SBHK, v_SBHK, impl=self.kernel_impl)
         state.pos += 1
-        return self.logits(self.decoder.layer_norm(x_BD)).float()
+        return step_linear(self.decoder.layer_norm(x_BD), self.output_weight).float()

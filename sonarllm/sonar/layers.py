@@ -20,6 +20,7 @@ from torch import nn
 
 from sonarllm_kernels.attention import attention
 from sonarllm.sonar.config import SonarTextConfig
+from sonarllm.sonar.step_linear import step_linear
 
 
 def sinusoidal_table(num_steps: int, dim: int, first_step: int, device=None) -> torch.Tensor:
@@ -173,7 +174,11 @@ class DecoderLayer(_Layer):
         o_B1HK = attention(q_B1HK, k_SBHK.transpose(0, 1), v_SBHK.transpose(0, 1), causal=False, impl=impl)
         x_BD = x_BD + attn.output_proj(o_B1HK[:, 0].flatten(-2))
         x_BD = x_BD + cross_BD
-        return self._ffn(x_BD)
+        if self.training:  # train-mode dropout reproduction: the plain path
+            return self._ffn(x_BD)
+        ffn = self.ffn
+        h_BF = F.relu(step_linear(self.ffn_layer_norm(x_BD), ffn.inner_proj.weight, ffn.inner_proj.bias))
+        return x_BD + ffn.output_proj(h_BF)
 
 
 class Frontend(nn.Module):

@@ -1,0 +1,55 @@
+"""The wide linear layers of an incremental decoding step, in output-feature chunks on CPU.
+
+A decoding step multiplies a few rows (B hypotheses: 1 to a few hundred) by a wide weight: the
+vocabulary projection ([V, D], 256,206 x 1,024 for the released decoder) and the FFN's inner
+projection ([8,192, 1,024]). On CPU, one ``x @ W.T`` over the whole weight is slow at these row
+counts: measured with torch's MKL sgemm on a 2-core AMD EPYC, one or two threads, float32,
+splitting the output features into 1,024-wide slices, each written into its slice of the output,
+made the released vocabulary projection 1.6-1.75x faster at B = 5-64, the 32,000 x 512 one
+1.2-1.4x faster at B = 5-128, and the released FFN's inner projection 1.4-1.7x faster at B = 5-64;
+it was neutral at B = 1 and at B >= 320, and for weights of fewer than 4,096 rows
+(bench/RESULTS.md, "Beam search"; the sweep is ``python -m bench.step_linear_sweep``).
+
+Each output element is the same dot product over the same row of W, so the result is the full
+product's up to the BLAS's choice of kernel per shape (bitwise equal on the machines measured);
+tests/sonarllm/test_step_linear.py checks it against the plain product at float32 rounding.
+Other devices and dtypes take the plain product: nothing else was measured.
+
+Shape legend: B = rows (hypotheses), D = input features, O = output features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK = 1024  # output features per slice
+MIN_FEATURES = 4096  # narrower weights gain nothing from slicing
+ROWS = (2, 256)  # row counts where slicing was faster (inclusive)
+
+
+def sliced(x_BD: torch.Tensor, weight_OD: torch.Tensor) -> bool:
+    """Whether ``step_linear`` slices this product (CPU, float32, rows and width as measured)."""
+    rows, features = x_BD.shape[0], weight_OD.shape[0]
+    return (
+        x_BD.device.type == "cpu"
+        and x_BD.dtype == weight_OD.dtype == torch.float32
+        and x_BD.dim() == 2
+        and ROWS[0] <= rows <= ROWS[1]
+        and features >= MIN_FEATURES
+    )
+
+
+def step_linear(x_BD: torch.Tensor, weight_OD: torch.Tensor, bias_O: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x_BD, weight_OD, bias_O)`` [B, O], computed in 1,024-feature slices where
+    that was measured to be faster (see the module docstring), plainly elsewhere."""
+    if not sliced(x_BD, weight_OD):
+        return F.linear(x_BD, weight_OD, bias_O)
+    out_BO = x_BD.new_empty(x_BD.shape[0], weight_OD.shape[0])
+    for start in range(0, weight_OD.shape[0], CHUNK):
+        stop = start + CHUNK
+        if bias_O is None:
+            torch.mm(x_BD, weight_OD[start:stop].t(), out=out_BO[:, start:stop])
+        else:
+            torch.addmm(bias_O[start:stop], x_BD, weight_OD[start:stop].t(), out=out_BO[:, start:stop])
+    return out_BO

@@ -1,0 +1,109 @@
+"""The sliced projections of an incremental decoding step (sonarllm/sonar/step_linear.py):
+against a float64 product, inside the decoder's ``step`` (logits equal to teacher forcing), in
+beam search (the same hypotheses and scores as with the plain product), and, in the reference
+environment, token-identical to fairseq2's generator at a vocabulary wide enough to be sliced."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sonarllm.sonar import PackedBatch, SonarDecoder, SonarTextConfig
+from sonarllm.sonar import step_linear as step_linear_module
+from sonarllm.sonar.generation import BeamSearchOptions, beam_search
+from sonarllm.sonar.step_linear import sliced, step_linear
+from tests.sonarllm.sonar_fixtures import live_only, reference
+
+
+@pytest.mark.parametrize("rows", [2, 5, 64, 256])
+@pytest.mark.parametrize("features", [4096, 5000, 9217])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_sliced_product_is_the_product(rows, features, with_bias):
+    g = torch.Generator().manual_seed(rows * features)
+    x_BD = torch.randn(rows, 48, generator=g)
+    weight_OD = torch.randn(features, 48, generator=g)
+    bias_O = torch.randn(features, generator=g) if with_bias else None
+    assert sliced(x_BD, weight_OD)
+    got = step_linear(x_BD, weight_OD, bias_O)
+    plain = F.linear(x_BD, weight_OD, bias_O)
+    exact = F.linear(x_BD.double(), weight_OD.double(), None if bias_O is None else bias_O.double())
+    assert got.shape == (rows, features) and got.dtype == torch.float32
+    assert (got.double() - exact).abs().max() <= 2 * (plain.double() - exact).abs().max() + 1e-5
+
+
+@pytest.mark.parametrize(
+    ("rows", "features", "dtype", "why"),
+    [
+        (1, 8192, torch.float32, "one row: slicing was not faster"),
+        (257, 8192, torch.float32, "more rows than measured faster"),
+        (5, 4095, torch.float32, "too narrow"),
+        (5, 8192, torch.float64, "float64 not measured"),
+        (5, 8192, torch.bfloat16, "bfloat16 not measured"),
+    ],
+)
+def test_other_shapes_and_dtypes_take_the_plain_product(rows, features, dtype, why):
+    x_BD = torch.randn(rows, 16, dtype=dtype)
+    weight_OD = torch.randn(features, 16, dtype=dtype)
+    assert not sliced(x_BD, weight_OD), why
+    torch.testing.assert_close(step_linear(x_BD, weight_OD), F.linear(x_BD, weight_OD), rtol=0, atol=0)
+
+
+def _wide_decoder(seed: int = 0) -> SonarDecoder:
+    """A tiny decoder whose vocabulary and FFN are wide enough for the sliced path."""
+    torch.manual_seed(seed)
+    cfg = SonarTextConfig(model_dim=32, num_layers=2, num_heads=4, ffn_dim=4096, vocab_size=5000, max_seq_len=24)
+    dec = SonarDecoder(cfg, kernel_impl="torch")
+    with torch.no_grad():
+        for name, p in dec.named_parameters():
+            if "layer_norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p)) if name.endswith("weight") else p.normal_(0, 0.1)
+            else:
+                p.normal_(0, 0.3 if p.dim() >= 2 else 0.1)
+    return dec
+
+
+def test_decoding_steps_equal_teacher_forcing_on_the_sliced_path():
+    dec = _wide_decoder()
+    n, steps = 5, 6
+    emb_ND = torch.randn(n, 32, generator=torch.Generator().manual_seed(1))
+    tokens_NS = torch.randint(4, 5000, (n, steps), generator=torch.Generator().manual_seed(2))
+    assert sliced(emb_ND, dec.output_weight) and sliced(emb_ND, dec.decoder.layers[0].ffn.inner_proj.weight)
+    state = dec.start(emb_ND, steps)
+    got_NSV = torch.stack([dec.step(tokens_NS[:, t], state) for t in range(steps)], dim=1)
+    batch = PackedBatch.from_sequences(tokens_NS.tolist())
+    want_NSV = dec.logits(dec.hidden_states(emb_ND, batch)).view(n, steps, -1)
+    torch.testing.assert_close(got_NSV, want_NSV, rtol=1e-5, atol=1e-5)
+
+
+def test_beam_search_is_the_same_with_the_plain_product(monkeypatch):
+    dec = _wide_decoder(seed=3)
+    with torch.no_grad():
+        dec.output_weight[3] *= 3  # </s> wins at varied steps
+    emb_ND = torch.randn(4, 32, generator=torch.Generator().manual_seed(4))
+    opts = BeamSearchOptions(beam_size=5, max_gen_len=(0, 14))
+    got = beam_search(dec, emb_ND, [3, 9], options=opts)
+    monkeypatch.setattr(step_linear_module, "MIN_FEATURES", 10**9)  # every product plain
+    assert not sliced(emb_ND, dec.output_weight)
+    want = beam_search(dec, emb_ND, [3, 9], options=opts)
+    assert [[h.seq for h in row] for row in got] == [[h.seq for h in row] for row in want]
+    for g_row, w_row in zip(got, want, strict=True):
+        assert [h.score for h in g_row] == pytest.approx([h.score for h in w_row], abs=1e-5)
+    assert len({len(h.seq) for row in got for h in row}) > 1, "the case should finish hypotheses at different steps"
+
+
+@live_only
+def test_live_beam_search_matches_fairseq2_on_the_sliced_path():
+    from sonarllm.sonar import decoder_from_fairseq2
+
+    cfg = reference.tiny_decoder_config(vocab_size=5000, model_dim=32, num_layers=2, num_heads=4, ffn_inner_dim=4096, max_seq_len=24)
+    fs2 = reference.build_decoder(cfg)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in fs2.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    ours = decoder_from_fairseq2(fs2)
+    emb_ND = torch.randn(4, 32, generator=g)
+    assert sliced(emb_ND.repeat(5, 1), ours.output_weight)
+    vocab = {"size": 5000, "unk_idx": 1, "bos_idx": 2, "eos_idx": 3, "pad_idx": 0}
+    want = reference.beam_search(fs2, emb_ND, [3, 9], vocab, beam_size=5, max_gen_len=(0, 12))
+    got = beam_search(ours, emb_ND, [3, 9], options=BeamSearchOptions(beam_size=5, max_gen_len=(0, 12)))
+    assert [[h.seq for h in row] for row in got] == [[[int(t) for t in w["seq"]] for w in row] for row in want]
