@@ -9,7 +9,8 @@ loss: the loss value) and each test records fairseq2's median and the ratio in `
 
 * ``beam``: beam-5 search (and greedy at 64 embeddings) from N sentence embeddings, ours
   ``beam_search`` against fairseq2's ``BeamSearchSeq2SeqGenerator`` as SONAR's
-  ``EmbeddingToTextModelPipeline`` builds it, both given the same N embeddings in one call.
+  ``EmbeddingToTextModelPipeline`` builds it, both given the same N embeddings in one call;
+  also beam 5 at 1 and 5 embeddings with the released decoder's shape.
 * ``encoder``: sentences/s of ``SonarEncoder.encode_tokens`` (packed) against the model part of
   SONAR's ``TextToEmbeddingModelPipeline.predict`` (sentences sorted by length, batches of
   ``batch_size``, right-padded, ``model(seqs, layout)``) at several batch sizes; tokenisation is
@@ -26,7 +27,7 @@ loss: the loss value) and each test records fairseq2's median and the ratio in `
     PYTHONPATH=. /path/to/.venv-sonar/bin/python -m pytest bench/bench_sonar_inference.py --benchmark ...
 
 Sizes: "ci" is a 64-d toy (seconds); "full" is the issue's decoder (512-d, 6 layers, 8 heads,
-FFN 2,048, V = 32,000), the released encoder shape (1024-d, 24 layers, 16 heads, FFN 8,192,
+FFN 2,048, V = 32,000), the released decoder and encoder shapes (1024-d, 24 layers, 16 heads, FFN 8,192,
 V = 256,206) and the loss at the released vocabulary (V = 256,206) with the 512-d decoder, at 64
 (where the official recipe's logits fit in memory; 5 rounds), 512 and 2,048 target
 sentences (1 round).
@@ -55,7 +56,7 @@ SIZES = {
         "decoder": _TINY, "beam_batches": (1, 5), "max_gen_len": (0, 8),
         "encoder": _TINY, "encoder_sentences": 32, "encoder_batches": (5, 32),
         "loss_decoder": _TINY | {"vocab_size": 2000}, "loss_sentences": (16,),
-        "step_linear": [(4096, 64, 5)],
+        "step_linear": [(4096, 64, 5)], "released_decoder": _TINY | {"vocab_size": 5000, "ffn_dim": 4096},
     },
     "full": {
         "decoder": dict(model_dim=512, num_layers=6, num_heads=8, ffn_dim=2048, vocab_size=32_000, max_seq_len=512),
@@ -63,6 +64,7 @@ SIZES = {
         "encoder": dict(model_dim=1024, num_layers=24, num_heads=16, ffn_dim=8192, vocab_size=256_206, max_seq_len=512),
         "encoder_sentences": 24, "encoder_batches": (5, 24),
         "loss_decoder": dict(model_dim=512, num_layers=6, num_heads=8, ffn_dim=2048, vocab_size=256_206, max_seq_len=512),
+        "released_decoder": dict(model_dim=1024, num_layers=24, num_heads=16, ffn_dim=8192, vocab_size=256_206, max_seq_len=512),
         "loss_sentences": (64, 512, 2048),
         # (output features, input features, rows): the vocabulary projections of the issue's and
         # the released decoder, and the released FFN's inner projection, at beam search's rows
@@ -137,10 +139,10 @@ def _fs2_beam(fs2, emb_ND, options: BeamSearchOptions, vocab: int):
                            max_gen_len=options.max_gen_len)  # fmt: skip
 
 
-def test_sonar_beam_search(benchmark, request, beam_case):
+def _beam_benchmark(benchmark, request, decoder_sizes: dict, beam: int, n: int, label: str) -> None:
+    """Beam search (greedy at beam 1) from n random embeddings, ours and fairseq2's interleaved."""
     size = _size(request)
-    beam, n = beam_case
-    ours, fs2 = _models("decoder", size["decoder"])
+    ours, fs2 = _models("decoder", decoder_sizes)
     emb_ND = torch.randn(n, ours.config.model_dim, generator=torch.Generator().manual_seed(n))
     options = BeamSearchOptions(beam_size=beam, max_gen_len=size["max_gen_len"])
     run_ours = lambda: beam_search(ours, emb_ND, [EOS, LANG], eos_idx=EOS, unk_idx=UNK, pad_idx=PAD, options=options)
@@ -152,12 +154,24 @@ def test_sonar_beam_search(benchmark, request, beam_case):
         assert [[h.seq for h in row] for row in got] == [[w["seq"].tolist() for w in row] for row in want]
     if not benchmark.enabled:  # --benchmark-disable (CI): the call above was the smoke test
         return
-    benchmark.group = f"sonar-beam-{request.config.getoption('--bench-size')}-beam{beam}-n{n}"
+    benchmark.group = f"sonar-beam-{request.config.getoption('--bench-size')}-{label}beam{beam}-n{n}"
     benchmark.extra_info.update(sentences=n, beam=beam, mean_hypothesis_tokens=round(sum(lengths) / len(lengths), 1),
-                                identical_to_fairseq2=fs2 is not None, vocab=ours.config.vocab_size)  # fmt: skip
+                                identical_to_fairseq2=fs2 is not None, vocab=ours.config.vocab_size,
+                                model_dim=ours.config.model_dim, layers=ours.config.num_layers)  # fmt: skip
     benchmark.extra_info.update(measure_interleaved(benchmark, run_ours, run_fs2, device="cpu", rounds=ROUNDS, peer="fairseq2"))
     if benchmark.stats:
         benchmark.extra_info["sentences_per_s"] = round(n / benchmark.stats.stats.median, 2)
+
+
+def test_sonar_beam_search(benchmark, request, beam_case):
+    beam, n = beam_case
+    _beam_benchmark(benchmark, request, _size(request)["decoder"], beam, n, "")
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_sonar_beam_search_released_decoder(benchmark, request, n):
+    """Beam 5 with the released decoder's shape (``released_decoder``: 1024-d, 24 layers, V = 256,206)."""
+    _beam_benchmark(benchmark, request, _size(request)["released_decoder"], 5, n, "released-")
 
 
 # --- the sliced projections of a decoding step ------------------------------------------------------

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sonarllm_kernels.attention import attention
 from sonarllm.sonar.config import SonarTextConfig
 from sonarllm.sonar.step_linear import step_linear
+from sonarllm_kernels.attention import attention
 
 
 def sinusoidal_table(num_steps: int, dim: int, first_step: int, device=None) -> torch.Tensor:

@@ -29,10 +29,13 @@ ROWS = (2, 256)  # row counts where slicing was faster (inclusive)
 
 
 def sliced(x_BD: torch.Tensor, weight_OD: torch.Tensor) -> bool:
-    """Whether ``step_linear`` slices this product (CPU, float32, rows and width as measured)."""
+    """Whether ``step_linear`` slices this product: CPU, float32, rows and width as measured, and
+    no gradient to record (the slices are written in place, which autograd does not follow)."""
     rows, features = x_BD.shape[0], weight_OD.shape[0]
+    records_grad = torch.is_grad_enabled() and (x_BD.requires_grad or weight_OD.requires_grad)
     return (
-        x_BD.device.type == "cpu"
+        not records_grad
+        and x_BD.device.type == "cpu"
         and x_BD.dtype == weight_OD.dtype == torch.float32
         and x_BD.dim() == 2
         and ROWS[0] <= rows <= ROWS[1]
@@ -40,7 +43,8 @@ def sliced(x_BD: torch.Tensor, weight_OD: torch.Tensor) -> bool:
     )
 
 
-def step_linear(x_BD: torch.Tensor, weight_OD: torch.Tensor, bias_O: torch.Tensor | None = None) -> torch.Tensor:
+def step_linear(x_BD: torch.Tensor, weight_OD: torch.Tensor,
+                bias_O: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """``F.linear(x_BD, weight_OD, bias_O)`` [B, O], computed in 1,024-feature slices where
     that was measured to be faster (see the module docstring), plainly elsewhere."""
     if not sliced(x_BD, weight_OD):

@@ -47,6 +47,16 @@ def test_other_shapes_and_dtypes_take_the_plain_product(rows, features, dtype, w
     torch.testing.assert_close(step_linear(x_BD, weight_OD), F.linear(x_BD, weight_OD), rtol=0, atol=0)
 
 
+def test_a_product_that_records_a_gradient_is_plain_and_differentiable():
+    x_BD = torch.randn(5, 16, requires_grad=True)
+    weight_OD = torch.randn(4096, 16)
+    assert not sliced(x_BD, weight_OD)
+    step_linear(x_BD, weight_OD).square().sum().backward()
+    torch.testing.assert_close(x_BD.grad, 2 * (x_BD @ weight_OD.t()) @ weight_OD)
+    with torch.no_grad():
+        assert sliced(x_BD, weight_OD)
+
+
 def _wide_decoder(seed: int = 0) -> SonarDecoder:
     """A tiny decoder whose vocabulary and FFN are wide enough for the sliced path."""
     torch.manual_seed(seed)
