@@ -21,7 +21,9 @@ loss: the loss value) and each test records fairseq2's median and the ratio in `
 * ``loss``: forward + backward to the predicted embeddings of the SONAR-LLM loss, ours
   (``SonarTokenLoss``: packed, closed-form cross-attention, fused cross-entropy) against the
   official recipe (fairseq2 ``decode`` + ``project`` + materialised logits + ``cross_entropy``);
-  time and peak memory. An official problem whose logits cannot fit is skipped with its size.
+  time and peak memory. An official problem whose logits cannot fit is skipped with its size;
+  ``loss_accumulated`` runs the official recipe where it does not fit in micro-batches with
+  gradient accumulation (same loss and gradient, compared), against ours in one batch.
 
     pytest bench/bench_sonar_inference.py --benchmark [--bench-size full] [--bench-jsonl FILE]
     PYTHONPATH=. /path/to/.venv-sonar/bin/python -m pytest bench/bench_sonar_inference.py --benchmark ...
@@ -55,7 +57,7 @@ SIZES = {
     "ci": {
         "decoder": _TINY, "beam_batches": (1, 5), "max_gen_len": (0, 8),
         "encoder": _TINY, "encoder_sentences": 32, "encoder_batches": (5, 32),
-        "loss_decoder": _TINY | {"vocab_size": 2000}, "loss_sentences": (16,),
+        "loss_decoder": _TINY | {"vocab_size": 2000}, "loss_sentences": (16,), "loss_accumulated": ((16, 4),),
         "step_linear": [(4096, 64, 5)], "released_decoder": _TINY | {"vocab_size": 5000, "ffn_dim": 4096},
     },
     "full": {
@@ -65,7 +67,7 @@ SIZES = {
         "encoder_sentences": 24, "encoder_batches": (5, 24),
         "loss_decoder": dict(model_dim=512, num_layers=6, num_heads=8, ffn_dim=2048, vocab_size=256_206, max_seq_len=512),
         "released_decoder": dict(model_dim=1024, num_layers=24, num_heads=16, ffn_dim=8192, vocab_size=256_206, max_seq_len=512),
-        "loss_sentences": (64, 512, 2048),
+        "loss_sentences": (64, 512, 2048), "loss_accumulated": ((512, 64),),
         # (output features, input features, rows): the vocabulary projections of the issue's and
         # the released decoder, and the released FFN's inner projection, at beam search's rows
         "step_linear": [(32_000, 512, b) for b in (1, 5, 25, 64, 128, 256, 320)]
@@ -87,6 +89,8 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("fs2_batch", size["encoder_batches"], ids=lambda b: f"fs2batch{b}")
     if "linear_case" in metafunc.fixturenames:
         metafunc.parametrize("linear_case", size["step_linear"], ids=lambda c: f"O{c[0]}-D{c[1]}-B{c[2]}")
+    if "accumulated_case" in metafunc.fixturenames:
+        metafunc.parametrize("accumulated_case", size["loss_accumulated"], ids=lambda c: f"{c[0]}sent-micro{c[1]}")
     if "loss_sentences" in metafunc.fixturenames:
         metafunc.parametrize("loss_sentences", size["loss_sentences"], ids=lambda n: f"{n}sent")
 
@@ -281,14 +285,22 @@ def loss_pair(request):
     return ours, fs2
 
 
+def _loss_problem(ours, n: int):
+    """n story-length target sentences (token lists), predicted embeddings [n, D] to
+    differentiate, and our loss's targets."""
+    lengths = story_lengths(n, seed=1)
+    g = torch.Generator().manual_seed(1)
+    vocab = ours.config.vocab_size
+    seqs = [[EOS, LANG] + torch.randint(10, vocab, (length - 3,), generator=g).tolist() + [EOS] for length in lengths]
+    pred_ND = torch.randn(n, ours.config.model_dim, generator=g).requires_grad_(True)
+    return seqs, pred_ND, SonarTargets.from_target_sequences(seqs, EOS)
+
+
 def test_sonar_loss_vs_official(benchmark, request, loss_pair, loss_sentences):
     ours, fs2 = loss_pair
     n, vocab = loss_sentences, ours.config.vocab_size
-    lengths = story_lengths(n, seed=1)
-    g = torch.Generator().manual_seed(1)
-    seqs = [[EOS, LANG] + torch.randint(10, vocab, (length - 3,), generator=g).tolist() + [EOS] for length in lengths]
-    pred_ND = torch.randn(n, ours.config.model_dim, generator=g).requires_grad_(True)
-    targets = SonarTargets.from_target_sequences(seqs, EOS)
+    seqs, pred_ND, targets = _loss_problem(ours, n)
+    lengths = [len(s) for s in seqs]
     loss_fn = SonarTokenLoss(ours)
     need = official_logits_bytes(n, max(lengths), vocab)
     fits = need < 0.8 * _available_bytes()
@@ -325,3 +337,43 @@ def test_sonar_loss_vs_official(benchmark, request, loss_pair, loss_sentences):
     benchmark.extra_info.update(measure_interleaved(benchmark, run_ours, run_fs2, device="cpu", rounds=rounds, peer="fairseq2"))
     if benchmark.stats:
         benchmark.extra_info["target_tokens_per_s"] = round(targets.num_tokens / benchmark.stats.stats.median)
+
+
+def test_sonar_loss_vs_official_accumulated(benchmark, request, loss_pair, accumulated_case):
+    """The official recipe made to fit: micro-batches of ``micro`` sentences, each one's summed
+    token cross-entropy over the whole problem's target tokens, gradients accumulated: the same
+    loss and gradient as one batch. Ours takes all n sentences at once."""
+    ours, fs2 = loss_pair
+    n, micro = accumulated_case
+    seqs, pred_ND, targets = _loss_problem(ours, n)
+    loss_fn = SonarTokenLoss(ours)
+
+    def run_ours():
+        pred_ND.grad = None
+        loss = loss_fn(pred_ND, targets)
+        loss.backward()
+        return loss.detach(), pred_ND.grad.clone()
+
+    def run_official():
+        pred_ND.grad = None
+        total = 0.0
+        for start in range(0, n, micro):
+            chunk = seqs[start : start + micro]
+            tokens = sum(map(len, chunk))
+            loss = _official_loss(fs2, pred_ND[start : start + micro], chunk) * (tokens / targets.num_tokens)
+            loss.backward()
+            total += float(loss)
+        return torch.tensor(total), pred_ND.grad.clone()
+
+    run_fs2 = run_official if fs2 is not None else None
+    got = run_ours() if benchmark.enabled else benchmark.pedantic(run_ours, rounds=1, iterations=1)
+    if run_fs2 is not None:
+        want = run_fs2()
+        torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-3)
+    if not benchmark.enabled:
+        return
+    benchmark.group = f"sonar-loss-accumulated-{request.config.getoption('--bench-size')}-{n}sent-micro{micro}"
+    benchmark.extra_info.update(sentences=n, official_micro_batch=micro, target_tokens=targets.num_tokens)
+    rounds = ROUNDS if n <= 64 else 1
+    benchmark.extra_info.update(measure_interleaved(benchmark, run_ours, run_fs2, device="cpu", rounds=rounds, peer="fairseq2"))
