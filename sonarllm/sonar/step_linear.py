@@ -3,15 +3,16 @@
 A decoding step multiplies a few rows (B hypotheses: 1 to a few hundred) by a wide weight: the
 vocabulary projection ([V, D], 256,206 x 1,024 for the released decoder) and the FFN's inner
 projection ([8,192, 1,024]). On CPU, one ``x @ W.T`` over the whole weight is slow at these row
-counts: measured with torch's MKL sgemm on a 2-core AMD EPYC, one or two threads, float32,
-splitting the output features into 1,024-wide slices, each written into its slice of the output,
-made the released vocabulary projection 1.6-1.75x faster at B = 5-64, the 32,000 x 512 one
-1.2-1.4x faster at B = 5-128, and the released FFN's inner projection 1.4-1.7x faster at B = 5-64;
-it was neutral at B = 1 and at B >= 320, and for weights of fewer than 4,096 rows
-(bench/RESULTS.md, "Beam search"; the sweep is ``python -m bench.step_linear_sweep``).
+counts: measured with torch's MKL sgemm on a 2-core AMD EPYC, one thread, float32, splitting the
+output features into 1,024-wide slices, each written into its slice of the output, made the
+released vocabulary projection 1.6-1.7x faster at B = 5-64, the 32,000 x 512 one 1.1-1.25x faster
+at B = 5-128 (1.04x at 256), and the released FFN's inner projection 1.26-1.45x faster at
+B = 5-64; it was neutral at B = 1, and slower at B = 320 with two threads, and gained nothing for
+weights of fewer than 4,096 rows (bench/RESULTS.md, issue 28;
+``pytest bench/bench_sonar_inference.py --benchmark --bench-size full -k step_linear``).
 
 Each output element is the same dot product over the same row of W, so the result is the full
-product's up to the BLAS's choice of kernel per shape (bitwise equal on the machines measured);
+product's up to the BLAS's choice of kernel per shape (bitwise equal on the machine measured);
 tests/sonarllm/test_step_linear.py checks it against the plain product at float32 rounding.
 Other devices and dtypes take the plain product: nothing else was measured.
 
