@@ -7,8 +7,10 @@ counts: measured with torch's MKL sgemm on a 2-core AMD EPYC, one thread, float3
 output features into 1,024-wide slices, each written into its slice of the output, made the
 released vocabulary projection 1.6-1.7x faster at B = 5-64, the 32,000 x 512 one 1.1-1.25x faster
 at B = 5-128 (1.04x at 256), and the released FFN's inner projection 1.26-1.45x faster at
-B = 5-64; it was neutral at B = 1, and slower at B = 320 with two threads, and gained nothing for
-weights of fewer than 4,096 rows (bench/RESULTS.md, issue 28;
+B = 5-64; it was neutral at B = 1, gained nothing for weights of fewer than 4,096 rows, and
+stopped paying at B = 256-320 for the 32,000 x 512 weight (7% slower at 320 rows with two
+threads) but not for the released 1 GiB one (1.31x at 320 rows, 1.09x at 1,280). Hence the
+row limit: 256, or 1,280 for a weight of at least 256 MiB (bench/RESULTS.md, issue 28;
 ``pytest bench/bench_sonar_inference.py --benchmark --bench-size full -k step_linear``).
 
 Each output element is the same dot product over the same row of W, so the result is the full
@@ -27,19 +29,22 @@ import torch.nn.functional as F
 CHUNK = 1024  # output features per slice
 MIN_FEATURES = 4096  # narrower weights gain nothing from slicing
 ROWS = (2, 256)  # row counts where slicing was faster (inclusive)
+LARGE_WEIGHT_BYTES = 256 * 2**20  # a weight this large (the released vocabulary projection) ...
+LARGE_WEIGHT_MAX_ROWS = 1280  # ... was faster sliced up to this many rows
 
 
 def sliced(x_BD: torch.Tensor, weight_OD: torch.Tensor) -> bool:
     """Whether ``step_linear`` slices this product: CPU, float32, rows and width as measured, and
     no gradient to record (the slices are written in place, which autograd does not follow)."""
     rows, features = x_BD.shape[0], weight_OD.shape[0]
+    large = weight_OD.numel() * weight_OD.element_size() >= LARGE_WEIGHT_BYTES
     records_grad = torch.is_grad_enabled() and (x_BD.requires_grad or weight_OD.requires_grad)
     return (
         not records_grad
         and x_BD.device.type == "cpu"
         and x_BD.dtype == weight_OD.dtype == torch.float32
         and x_BD.dim() == 2
-        and ROWS[0] <= rows <= ROWS[1]
+        and ROWS[0] <= rows <= (LARGE_WEIGHT_MAX_ROWS if large else ROWS[1])
         and features >= MIN_FEATURES
     )
 

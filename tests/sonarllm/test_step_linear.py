@@ -47,6 +47,14 @@ def test_other_shapes_and_dtypes_take_the_plain_product(rows, features, dtype, w
     torch.testing.assert_close(step_linear(x_BD, weight_OD), F.linear(x_BD, weight_OD), rtol=0, atol=0)
 
 
+def test_a_large_weight_is_sliced_up_to_more_rows():
+    weight_OD = torch.empty(65_536, 1024)  # 256 MiB, never touched
+    assert sliced(torch.empty(1280, 1024), weight_OD)
+    assert not sliced(torch.empty(1281, 1024), weight_OD)
+    assert not sliced(torch.empty(1, 1024), weight_OD)
+    assert not sliced(torch.empty(300, 1024), weight_OD[:-1])  # just under 256 MiB: at most 256 rows
+
+
 def test_a_product_that_records_a_gradient_is_plain_and_differentiable():
     x_BD = torch.randn(5, 16, requires_grad=True)
     weight_OD = torch.randn(4096, 16)
