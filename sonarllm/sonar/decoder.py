@@ -159,8 +159,9 @@ class SonarDecoder(nn.Module):
         return self.decoder.layer_norm(x_NLD)
 
     def logits(self, h_TD: torch.Tensor) -> torch.Tensor:
-        """Materialised logits [T, V] (for generation and references; training uses the fused loss)."""
-        return h_TD @ self.output_weight.t()
+        """Materialised logits [T, V] (for generation and references; training uses the fused loss),
+        through ``step_linear``: sliced at a decoding step's row counts on CPU, plain otherwise."""
+        return step_linear(h_TD, self.output_weight)
 
     # --- incremental decoding -----------------------------------------------------------------
 
@@ -186,4 +187,4 @@ class SonarDecoder(nn.Module):
             k_SBHK, v_SBHK = state.layer_cache(i)
             x_BD = layer.step(x_BD, state.cross_LBD[i], k_SBHK, v_SBHK, impl=self.kernel_impl)
         state.pos += 1
-        return step_linear(self.decoder.layer_norm(x_BD), self.output_weight).float()
+        return self.logits(self.decoder.layer_norm(x_BD)).float()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 CHUNK = 1024  # output features per slice
 MIN_FEATURES = 4096  # narrower weights gain nothing from slicing
@@ -33,27 +34,30 @@ LARGE_WEIGHT_BYTES = 256 * 2**20  # a weight this large (the released vocabulary
 LARGE_WEIGHT_MAX_ROWS = 1280  # ... was faster sliced up to this many rows
 
 
-def sliced(x_BD: torch.Tensor, weight_OD: torch.Tensor) -> bool:
-    """Whether ``step_linear`` slices this product: CPU, float32, rows and width as measured, and
-    no gradient to record (the slices are written in place, which autograd does not follow)."""
+def sliced(x_BD: torch.Tensor, weight_OD: torch.Tensor, bias_O: torch.Tensor | None = None) -> bool:
+    """Whether ``step_linear`` slices this product: a [B, D] input, a [O, D] weight and a [O]
+    bias (or none), all float32 on CPU, rows and width as measured, and nothing that an in-place
+    write into the output would break: no gradient to record, no forward-mode tangent, no CPU
+    autocast (which would have cast ``F.linear``'s result)."""
+    if x_BD.dim() != 2 or weight_OD.dim() != 2 or (bias_O is not None and bias_O.shape != weight_OD.shape[:1]):
+        return False
+    tensors = [t for t in (x_BD, weight_OD, bias_O) if t is not None]
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if torch.is_autocast_enabled("cpu") or any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return False
     rows, features = x_BD.shape[0], weight_OD.shape[0]
     large = weight_OD.numel() * weight_OD.element_size() >= LARGE_WEIGHT_BYTES
-    records_grad = torch.is_grad_enabled() and (x_BD.requires_grad or weight_OD.requires_grad)
-    return (
-        not records_grad
-        and x_BD.device.type == "cpu"
-        and x_BD.dtype == weight_OD.dtype == torch.float32
-        and x_BD.dim() == 2
-        and ROWS[0] <= rows <= (LARGE_WEIGHT_MAX_ROWS if large else ROWS[1])
-        and features >= MIN_FEATURES
-    )
+    return ROWS[0] <= rows <= (LARGE_WEIGHT_MAX_ROWS if large else ROWS[1]) and features >= MIN_FEATURES
 
 
 def step_linear(x_BD: torch.Tensor, weight_OD: torch.Tensor,
                 bias_O: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """``F.linear(x_BD, weight_OD, bias_O)`` [B, O], computed in 1,024-feature slices where
     that was measured to be faster (see the module docstring), plainly elsewhere."""
-    if not sliced(x_BD, weight_OD):
+    if not sliced(x_BD, weight_OD, bias_O):
         return F.linear(x_BD, weight_OD, bias_O)
     out_BO = x_BD.new_empty(x_BD.shape[0], weight_OD.shape[0])
     for start in range(0, weight_OD.shape[0], CHUNK):

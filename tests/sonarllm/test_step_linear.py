@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from sonarllm.sonar import PackedBatch, SonarDecoder, SonarTextConfig
+from sonarllm.sonar import decoder as decoder_module
+from sonarllm.sonar import layers as layers_module
 from sonarllm.sonar import step_linear as step_linear_module
 from sonarllm.sonar.generation import BeamSearchOptions, beam_search
 from sonarllm.sonar.step_linear import sliced, step_linear
@@ -55,14 +57,36 @@ def test_a_large_weight_is_sliced_up_to_more_rows():
     assert not sliced(torch.empty(300, 1024), weight_OD[:-1])  # just under 256 MiB: at most 256 rows
 
 
-def test_a_product_that_records_a_gradient_is_plain_and_differentiable():
-    x_BD = torch.randn(5, 16, requires_grad=True)
-    weight_OD = torch.randn(4096, 16)
-    assert not sliced(x_BD, weight_OD)
-    step_linear(x_BD, weight_OD).square().sum().backward()
-    torch.testing.assert_close(x_BD.grad, 2 * (x_BD @ weight_OD.t()) @ weight_OD)
+@pytest.mark.parametrize("grad", ["x", "weight", "bias"])
+def test_a_product_that_records_a_gradient_is_plain_and_differentiable(grad):
+    x_BD, weight_OD, bias_O = torch.randn(5, 16), torch.randn(4096, 16), torch.randn(4096)
+    leaf = {"x": x_BD, "weight": weight_OD, "bias": bias_O}[grad].requires_grad_(True)
+    assert not sliced(x_BD, weight_OD, bias_O)
+    step_linear(x_BD, weight_OD, bias_O).square().sum().backward()
+    out_BO = 2 * (x_BD @ weight_OD.t() + bias_O).detach()
+    want = {"x": out_BO @ weight_OD, "weight": out_BO.t() @ x_BD, "bias": out_BO.sum(0)}[grad]
+    torch.testing.assert_close(leaf.grad, want.detach())
     with torch.no_grad():
-        assert sliced(x_BD, weight_OD)
+        assert sliced(x_BD, weight_OD, bias_O)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's forward-AD import
+def test_autocast_forward_ad_and_unusual_shapes_take_the_plain_product():
+    x_BD, weight_OD = torch.randn(5, 16), torch.randn(4096, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not sliced(x_BD, weight_OD)
+        assert step_linear(x_BD, weight_OD).dtype == F.linear(x_BD, weight_OD).dtype == torch.bfloat16
+    with torch.autograd.forward_ad.dual_level():
+        dual_BD = torch.autograd.forward_ad.make_dual(x_BD, torch.ones_like(x_BD))
+        assert not sliced(dual_BD, weight_OD)
+        tangent = torch.autograd.forward_ad.unpack_dual(step_linear(dual_BD, weight_OD)).tangent
+        torch.testing.assert_close(tangent, torch.ones_like(x_BD) @ weight_OD.t())
+    bias_1 = torch.randn(1)  # broadcast by F.linear
+    assert not sliced(x_BD, weight_OD, bias_1)
+    torch.testing.assert_close(step_linear(x_BD, weight_OD, bias_1), F.linear(x_BD, weight_OD, bias_1))
+    weight_D = torch.randn(16)
+    assert not sliced(torch.randn(5, 4096), torch.randn(4096))
+    assert step_linear(x_BD, weight_D).shape == (5,)
 
 
 def _wide_decoder(seed: int = 0) -> SonarDecoder:
@@ -79,8 +103,11 @@ def _wide_decoder(seed: int = 0) -> SonarDecoder:
     return dec
 
 
-def test_decoding_steps_equal_teacher_forcing_on_the_sliced_path():
+def test_decoding_steps_equal_teacher_forcing_on_the_sliced_path(monkeypatch):
     dec = _wide_decoder()
+    calls = []  # (module, sliced) of every step_linear call the decoder makes
+    for module in (decoder_module, layers_module):
+        monkeypatch.setattr(module, "step_linear", lambda *a, _m=module.__name__: calls.append((_m, sliced(*a))) or step_linear(*a))
     n, steps = 5, 6
     emb_ND = torch.randn(n, 32, generator=torch.Generator().manual_seed(1))
     tokens_NS = torch.randint(4, 5000, (n, steps), generator=torch.Generator().manual_seed(2))
@@ -90,6 +117,7 @@ def test_decoding_steps_equal_teacher_forcing_on_the_sliced_path():
     batch = PackedBatch.from_sequences(tokens_NS.tolist())
     want_NSV = dec.logits(dec.hidden_states(emb_ND, batch)).view(n, steps, -1)
     torch.testing.assert_close(got_NSV, want_NSV, rtol=1e-5, atol=1e-5)
+    assert ("sonarllm.sonar.decoder", True) in calls and ("sonarllm.sonar.layers", True) in calls
 
 
 def test_beam_search_is_the_same_with_the_plain_product(monkeypatch):
