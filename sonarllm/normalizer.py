@@ -131,15 +131,19 @@ class SonarNormalizer(nn.Module):
 
     # -- values ----------------------------------------------------------------------------
 
+    def _check_vector(self, name: str, t: torch.Tensor) -> None:
+        """Raise naming ``name`` unless ``t`` is a float tensor of shape [E]."""
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != (self.dim,):
+            raise ValueError(f"{name} must have shape ({self.dim},), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
+
     def _check_values(self, center: torch.Tensor, scale: torch.Tensor, prefix: str = "") -> None:
         """Raise naming ``{prefix}center`` / ``{prefix}scale`` unless both are valid [E] tensors."""
         for name, t in ((prefix + "center", center), (prefix + "scale", scale)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.shape != (self.dim,):
-                raise ValueError(f"{name} must have shape ({self.dim},), got {tuple(t.shape)}")
-            if not t.is_floating_point():
-                raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
+            self._check_vector(name, t)
         if center.device.type == "meta":
             return
         if not bool(torch.isfinite(center).all()):
@@ -163,12 +167,7 @@ class SonarNormalizer(nn.Module):
         """Raise naming ``{prefix}clip_min`` / ``{prefix}clip_max`` unless both are valid [E]
         float tensors, finite, with clip_min <= clip_max."""
         for name, t in ((prefix + "clip_min", clip_min), (prefix + "clip_max", clip_max)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.shape != (self.dim,):
-                raise ValueError(f"{name} must have shape ({self.dim},), got {tuple(t.shape)}")
-            if not t.is_floating_point():
-                raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
+            self._check_vector(name, t)
             if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} must be finite in every dimension")
         if clip_min.device.type != "meta" and bool((clip_min > clip_max.to(clip_min.device)).any()):
