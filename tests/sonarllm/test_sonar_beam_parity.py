@@ -10,10 +10,10 @@ from sonarllm.sonar.generation import BeamSearchOptions, beam_search
 from tests.sonarllm.beam_search_reference import reference_beam_search
 
 
-def _random_decoder(vocab: int, seed: int, scale: float = 0.5) -> SonarDecoder:
+def _random_decoder(vocab: int, seed: int, scale: float = 0.5, *, ffn_dim: int = 64, max_seq_len: int = 40) -> SonarDecoder:
     """A tiny decoder with weights large enough that </s> wins at varied steps."""
     torch.manual_seed(seed)
-    cfg = SonarTextConfig(model_dim=32, num_layers=2, num_heads=4, ffn_dim=64, vocab_size=vocab, max_seq_len=40)
+    cfg = SonarTextConfig(model_dim=32, num_layers=2, num_heads=4, ffn_dim=ffn_dim, vocab_size=vocab, max_seq_len=max_seq_len)
     dec = SonarDecoder(cfg, kernel_impl="torch")
     with torch.no_grad():
         for name, p in dec.named_parameters():

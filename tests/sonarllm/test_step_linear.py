@@ -7,13 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sonarllm.sonar import PackedBatch, SonarDecoder, SonarTextConfig
+from sonarllm.sonar import PackedBatch, SonarDecoder
 from sonarllm.sonar import decoder as decoder_module
 from sonarllm.sonar import layers as layers_module
 from sonarllm.sonar import step_linear as step_linear_module
 from sonarllm.sonar.generation import BeamSearchOptions, beam_search
 from sonarllm.sonar.step_linear import sliced, step_linear
 from tests.sonarllm.sonar_fixtures import live_only, reference
+from tests.sonarllm.test_sonar_beam_parity import _random_decoder
 
 
 @pytest.mark.parametrize("rows", [2, 5, 64, 256])
@@ -91,16 +92,7 @@ def test_autocast_forward_ad_and_unusual_shapes_take_the_plain_product():
 
 def _wide_decoder(seed: int = 0) -> SonarDecoder:
     """A tiny decoder whose vocabulary and FFN are wide enough for the sliced path."""
-    torch.manual_seed(seed)
-    cfg = SonarTextConfig(model_dim=32, num_layers=2, num_heads=4, ffn_dim=4096, vocab_size=5000, max_seq_len=24)
-    dec = SonarDecoder(cfg, kernel_impl="torch")
-    with torch.no_grad():
-        for name, p in dec.named_parameters():
-            if "layer_norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p)) if name.endswith("weight") else p.normal_(0, 0.1)
-            else:
-                p.normal_(0, 0.3 if p.dim() >= 2 else 0.1)
-    return dec
+    return _random_decoder(5000, seed, scale=0.3, ffn_dim=4096, max_seq_len=24)
 
 
 def test_decoding_steps_equal_teacher_forcing_on_the_sliced_path(monkeypatch):
